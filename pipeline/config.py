@@ -1,0 +1,136 @@
+"""Typed, frozen mirrors of params.yaml: unknown keys and wrong types are errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+
+class ConfigError(PipelineError):
+    """A value in params.yaml is wrong; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    seed: int = 0
+    # Fractions of each class's usable images; used when the data root has no train/val/test folders.
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+
+
+@dataclass(frozen=True)
+class ExtractParams:
+    backbone: str = "efficientnet_lite0"
+    # Optional local weights file (safetensors or a torch state dict) for the backbone's architecture.
+    weights: str | None = None
+    # Allow downloading torchvision/timm weights that are not in the local cache.
+    allow_download: bool = True
+    # Square input size; None keeps the size the weights were trained at.
+    image_size: int | None = None
+    batch_size: int = 32
+    num_workers: int = 2
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    # auto = bf16 autocast on CUDA, fp32 elsewhere.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Decode large JPEGs at a reduced scale (never below the resize target) before resizing.
+    jpeg_draft: bool = True
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    # Registered head kind (see pipeline.heads.HEADS).
+    kind: str = "logreg"
+    # Keyword arguments of the estimator, by the estimator's own names (e.g. max_iter, class_weight).
+    args: dict[str, Any] = field(default_factory=dict)
+    # The regularisation grid searched on the val split, e.g. {C: [0.01, 0.1, 1]}.
+    grid: dict[str, list[float]] = field(default_factory=dict)
+    # Refit the chosen setting on train+val before saving (the linear-probe protocol).
+    refit_on_train_val: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    ece_bins: int = 15
+
+
+@dataclass(frozen=True)
+class Params:
+    prepare: PrepareParams = field(default_factory=PrepareParams)
+    extract: ExtractParams = field(default_factory=ExtractParams)
+    heads: dict[str, HeadParams] = field(default_factory=lambda: {"logreg": HeadParams()})
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+
+def load_params(path: Path) -> Params:
+    """Read params.yaml into `Params`, rejecting unknown keys and wrong types by name."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: file not found") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    return parse(Params, raw, "")
+
+
+def parse(cls: type, raw: Any, key: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and value against the annotations."""
+    where = key or "params"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        bad = _join(key, str(unknown[0]))
+        raise ConfigError(f"unknown key '{bad}' (valid keys here: {', '.join(names)})")
+    values = {name: _coerce(hints[name], raw[name], _join(key, name)) for name in names if name in raw}
+    return cls(**values)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check `value` against annotation `tp`; return it converted (int -> float, nested dataclasses)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return parse(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping; got {value!r}")
+        return {str(k): _coerce(args[1], v, _join(key, str(k))) for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list; got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML reads `1e-3` as a string (YAML 1.1 wants a dot in the mantissa).
+        raise ConfigError(f"{key} must be a number; got the string {value!r} (write 1e-3 as 0.001 or 1.0e-3)")
+    # bool is a subclass of int: `batch_size: true` must not pass as 1.
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be {tp.__name__}; got {type(value).__name__} {value!r}")
+    return value

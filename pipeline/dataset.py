@@ -1,0 +1,269 @@
+"""Scan an ImageFolder into a manifest (path, class, split, content hash, status) and read images from it."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pipeline.errors import PipelineError
+from pipeline.images import ImageRejected, decode_rgb, read_bytes
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+# Operating-system droppings that are not the user's data: skipped, and counted.
+JUNK_NAMES = {"Thumbs.db", "desktop.ini", "__MACOSX"}
+
+
+class DataError(PipelineError):
+    """The data root cannot be turned into a dataset; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    path: str  # relative to the data root, with forward slashes
+    class_name: str
+    split: str  # train, val or test; empty for a quarantined file
+    sha256: str  # content hash of the file; empty when it could not be read
+    status: str  # "ok" or "quarantined"
+    reason: str = ""  # why a file was quarantined (a short code)
+    detail: str = ""
+    width: int = 0
+    height: int = 0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    rows: list[ManifestRow]
+    layout: str  # "flat" (class folders), or the split folders found, e.g. "train+val"
+    skipped: list[str]  # hidden and system files, not images
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names with at least one usable image, sorted: label i is classes[i]."""
+        return sorted({r.class_name for r in self.rows if r.status == "ok"})
+
+    def ok_rows(self) -> list[ManifestRow]:
+        return [r for r in self.rows if r.status == "ok"]
+
+    def quarantined(self) -> list[ManifestRow]:
+        return [r for r in self.rows if r.status != "ok"]
+
+    def counts(self) -> dict[str, int]:
+        """Image counts for the stage's metrics."""
+        ok = self.ok_rows()
+        by_split = Counter(r.split for r in ok)
+        reasons = Counter(r.reason for r in self.quarantined())
+        return {
+            "files": len(self.rows),
+            "ok": len(ok),
+            "quarantined": len(self.rows) - len(ok),
+            "skipped_hidden": len(self.skipped),
+            "classes": len(self.classes),
+            **{f"n_{s}": by_split.get(s, 0) for s in SPLITS},
+            **{f"quarantined_{k}": v for k, v in sorted(reasons.items())},
+        }
+
+
+def build_manifest(root: Path, val_fraction: float, test_fraction: float, seed: int) -> Manifest:
+    """Scan `root`, decode every file once, quarantine the unusable ones and split the rest.
+
+    A flat root (`root/<class>/...`) is split per class, seeded. A root with split folders keeps them:
+    `train/val/test` as they are; `train/val` keeps train, carves val from it and uses the folder's val
+    as test (the held-out set); `train` alone carves both.
+    """
+    layout, files, skipped = scan(root)
+    rows = [_inspect(root, rel, cls, split) for rel, cls, split in tqdm(files, desc="prepare", unit="img")]
+    rows = assign_splits(rows, layout, val_fraction, test_fraction, seed)
+    manifest = Manifest(rows, layout, skipped)
+    if len(manifest.classes) < 2:
+        raise DataError(
+            f"{root}: need at least two classes with usable images, found {len(manifest.classes)} "
+            f"({', '.join(manifest.classes) or 'none'})"
+        )
+    return manifest
+
+
+def scan(root: Path) -> tuple[str, list[tuple[str, str, str]], list[str]]:
+    """List (relative path, class, given split or "") for every candidate file under `root`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist or is not a directory")
+    top = _visible_dirs(root)
+    split_dirs = [d.name for d in top if d.name in SPLITS]
+    skipped: list[str] = []
+    if not split_dirs:
+        files = [(rel, cls, "") for cls, rel in _class_files(root, root, skipped)]
+        return "flat", files, skipped
+    others = sorted(d.name for d in top if d.name not in SPLITS)
+    if others or "train" not in split_dirs:
+        raise DataError(
+            f"{root}: mixes split folders ({', '.join(split_dirs)}) with other folders "
+            f"({', '.join(others) or 'no train/'}); use either <class>/ folders or train/ [val/] [test/]"
+        )
+    classes_by_split = {s: {d.name for d in _visible_dirs(root / s)} for s in split_dirs}
+    for split, names in classes_by_split.items():
+        extra = sorted(names - classes_by_split["train"])
+        if extra:
+            raise DataError(f"{root}: class '{extra[0]}' is in {split}/ but not in train/; add it to train/")
+    files = [(rel, cls, split) for split in split_dirs for cls, rel in _class_files(root, root / split, skipped)]
+    order = [s for s in SPLITS if s in split_dirs]
+    return "+".join(order), files, skipped
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_junk(p.name))
+
+
+def _is_junk(name: str) -> bool:
+    return name.startswith(".") or name in JUNK_NAMES
+
+
+def _class_files(root: Path, folder: Path, skipped: list[str]) -> Iterable[tuple[str, str]]:
+    """(class, path relative to root) for every file below each class folder, recursively, sorted."""
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file():
+            # A file next to the class folders belongs to no class: not silently used, not lost.
+            log.warning("%s is not inside a class folder; ignored", entry)
+            skipped.append(entry.relative_to(root).as_posix())
+            continue
+        if _is_junk(entry.name):
+            continue
+        for path in sorted(entry.rglob("*")):
+            rel = path.relative_to(root).as_posix()
+            if any(_is_junk(part) for part in path.relative_to(entry).parts):
+                skipped.append(rel)
+            elif path.is_file():
+                yield entry.name, rel
+
+
+def _inspect(root: Path, rel: str, class_name: str, split: str) -> ManifestRow:
+    """Decode one file completely; a failure becomes a quarantined row with its reason."""
+    sha = ""
+    try:
+        data = read_bytes(root / rel)
+        sha = hashlib.sha256(data).hexdigest()
+        img = decode_rgb(data)
+    except ImageRejected as rejected:
+        return ManifestRow(rel, class_name, split, sha, "quarantined", rejected.reason, rejected.detail)
+    return ManifestRow(rel, class_name, split, sha, "ok", width=img.width, height=img.height)
+
+
+def assign_splits(
+    rows: list[ManifestRow], layout: str, val_fraction: float, test_fraction: float, seed: int
+) -> list[ManifestRow]:
+    """Stratified, seeded split of the usable rows; quarantined rows get no split.
+
+    Within each class, rows are ranked by a seeded hash of their content, so the split does not depend
+    on file names or on the order of the listing, identical files land side by side, and adding images
+    moves few of the existing ones.
+    """
+    folders = set() if layout == "flat" else set(layout.split("+"))
+    carve, rename = (val_fraction, test_fraction), {}
+    if folders >= {"val", "test"}:
+        carve = (0.0, 0.0)
+    elif folders == {"train", "val"}:
+        carve, rename = (val_fraction, 0.0), {"val": "test"}
+    elif folders == {"train", "test"}:
+        carve = (val_fraction, 0.0)
+    out: list[ManifestRow] = []
+    pools: dict[str, list[ManifestRow]] = defaultdict(list)
+    for row in rows:
+        if row.status != "ok":
+            out.append(replace(row, split=""))
+        elif row.split in ("", "train") and carve != (0.0, 0.0):
+            pools[row.class_name].append(row)
+        else:
+            out.append(replace(row, split=rename.get(row.split, row.split)))
+    for cls, pool in sorted(pools.items()):
+        out.extend(_split_class(cls, pool, *carve, seed))
+    order = {r.path: i for i, r in enumerate(rows)}
+    return sorted(out, key=lambda r: order[r.path])
+
+
+def _split_class(cls: str, pool: list[ManifestRow], val_f: float, test_f: float, seed: int) -> list[ManifestRow]:
+    n = len(pool)
+    n_test = max(1, round(n * test_f)) if test_f > 0 else 0
+    n_val = max(1, round(n * val_f)) if val_f > 0 else 0
+    if n - n_test - n_val < 1:
+        raise DataError(
+            f"class '{cls}' has {n} usable images: too few to split into train"
+            f"{'/val' if n_val else ''}{'/test' if n_test else ''}; "
+            f"add images (at least {n_val + n_test + 1}) or remove the class folder"
+        )
+    ranked = sorted(pool, key=lambda r: (hashlib.sha256(f"{seed}:{r.sha256}".encode()).hexdigest(), r.path))
+    splits = ["test"] * n_test + ["val"] * n_val + ["train"] * (n - n_test - n_val)
+    return [replace(r, split=s) for r, s in zip(ranked, splits, strict=True)]
+
+
+# --- manifest files -----------------------------------------------------------------------------
+
+_COLUMNS = [f.name for f in fields(ManifestRow)]
+
+
+def write_manifest(manifest: Manifest, path: Path) -> None:
+    _write_rows(manifest.rows, path)
+
+
+def write_quarantine(manifest: Manifest, path: Path) -> None:
+    _write_rows(manifest.quarantined(), path)
+
+
+def _write_rows(rows: Sequence[ManifestRow], path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=_COLUMNS)
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    tmp.replace(path)
+
+
+def read_manifest(path: Path) -> Manifest:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"manifest {path} not found; run the prepare stage first")
+    with path.open(newline="") as f:
+        rows = [ManifestRow(**{**r, "width": int(r["width"]), "height": int(r["height"])}) for r in csv.DictReader(f)]
+    return Manifest(rows, layout="", skipped=[])
+
+
+def manifest_sha256(manifest: Manifest) -> str:
+    """Hash of the usable rows (path, class, split, content): what a feature store was built from."""
+    digest = hashlib.sha256()
+    for r in manifest.ok_rows():
+        digest.update(f"{r.path}\0{r.class_name}\0{r.split}\0{r.sha256}\n".encode())
+    return digest.hexdigest()
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images of manifest rows, decoded and preprocessed: item i is (tensor, i)."""
+
+    def __init__(self, root: Path, rows: Sequence[ManifestRow], transform, draft_short_side: int | None = None):
+        self.root = Path(root)
+        self.rows = list(rows)
+        self.transform = transform
+        self.draft_short_side = draft_short_side
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        row = self.rows[i]
+        try:
+            data = read_bytes(self.root / row.path)
+            if hashlib.sha256(data).hexdigest() != row.sha256:
+                raise DataError(f"{row.path} changed since prepare ran; run `dvc repro` again")
+            img = decode_rgb(data, self.draft_short_side)
+        except ImageRejected as err:
+            raise DataError(f"{row.path} passed prepare but now fails: {err}; run `dvc repro` again") from err
+        return self.transform(img), i

@@ -1,0 +1,30 @@
+"""The one base class of mistakes a user can fix, and how commands report them: one line, no traceback."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable)
+
+
+class PipelineError(ValueError):
+    """Bad configuration, bad data, missing inputs: the message names the problem and the fix."""
+
+
+def user_errors(command: F) -> F:
+    """Wrap a click command: set up logging, and turn a `PipelineError` into click's one-line error (exit 1)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return command(*args, **kwargs)
+        except PipelineError as err:
+            raise click.ClickException(str(err)) from err
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,171 @@
+"""Run a frozen backbone over the usable images of a manifest and write the feature store."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import numpy as np
+import sklearn
+import timm
+import torch
+import torchvision
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pipeline.backbones import Backbone, build_backbone, fingerprint, resolve_device
+from pipeline.config import ExtractParams
+from pipeline.dataset import ImageDataset, ManifestRow, manifest_sha256, read_manifest
+from pipeline.store import SPLIT_CODES, EmbeddingCache, write_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    store: Path
+    images: int
+    computed: int  # forward passes run in this call
+    reused: int  # images whose embedding came from the cache
+    quarantined: int  # manifest rows skipped because prepare rejected them
+    seconds: float
+    compute_seconds: float
+    device: str
+    precision: str
+    fingerprint: str
+
+    def metrics(self) -> dict:
+        return {
+            "images": self.images,
+            "computed": self.computed,
+            "reused": self.reused,
+            "quarantined": self.quarantined,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.computed / self.compute_seconds, 2) if self.computed else None,
+            "device": self.device,
+            "precision": self.precision,
+            "fingerprint": self.fingerprint,
+        }
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """`auto` means bf16 autocast on CUDA and exact fp32 elsewhere."""
+    if requested == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return requested
+
+
+def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, params: ExtractParams) -> ExtractResult:
+    """Embed every usable manifest row, computing only what the embedding cache lacks."""
+    start = time.perf_counter()
+    manifest = read_manifest(manifest_path)
+    rows = manifest.ok_rows()
+    classes = manifest.classes
+    backbone = build_backbone(params.backbone, Path(params.weights) if params.weights else None, params.allow_download)
+    device = resolve_device(params.device)
+    precision = resolve_precision(params.precision, device)
+    preprocessing = backbone.preprocessing.with_image_size(params.image_size)
+    fp = fingerprint(backbone, preprocessing, precision, params.jpeg_draft)
+    log.info("extract: %s on %s (%s), fingerprint %s", backbone.name, device, precision, fp)
+
+    with EmbeddingCache(cache_dir, fp, backbone.feature_dim) as cache:
+        missing = _first_occurrences([r for r in rows if r.sha256 not in cache])
+        compute_start = time.perf_counter()
+        embed_rows(backbone, preprocessing, missing, data_root, cache, params, device, precision)
+        compute_seconds = time.perf_counter() - compute_start
+        cache.compact()
+        hashes = [r.sha256 for r in rows]
+        chunks = (cache.read(hashes[i : i + 1024]) for i in range(0, len(hashes), 1024))
+        write_store(
+            out,
+            labels=np.array([classes.index(r.class_name) for r in rows], dtype=np.int64),
+            split=np.array([SPLIT_CODES[r.split] for r in rows], dtype=np.uint8),
+            paths=[r.path for r in rows],
+            sha256=hashes,
+            feature_chunks=chunks,
+            feature_dim=backbone.feature_dim,
+            attrs={
+                "backbone": backbone.name,
+                "weights_id": backbone.weights_id,
+                "preprocessing": preprocessing.to_json(),
+                "image_size": preprocessing.crop,
+                "feature_dim": backbone.feature_dim,
+                "classes": classes,
+                "fingerprint": fp,
+                "manifest_sha256": manifest_sha256(manifest),
+                "precision": precision,
+                "jpeg_draft": params.jpeg_draft,
+                "versions": library_versions(),
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            },
+        )
+    return ExtractResult(
+        store=Path(out),
+        images=len(rows),
+        computed=len(missing),
+        reused=len(rows) - len(missing),
+        quarantined=len(manifest.quarantined()),
+        seconds=time.perf_counter() - start,
+        compute_seconds=compute_seconds,
+        device=str(device),
+        precision=precision,
+        fingerprint=fp,
+    )
+
+
+def embed_rows(
+    backbone: Backbone,
+    preprocessing,
+    rows: list[ManifestRow],
+    data_root: Path,
+    cache: EmbeddingCache,
+    params: ExtractParams,
+    device: torch.device,
+    precision: str,
+) -> None:
+    """Forward `rows` through the frozen backbone, flushing each batch to the cache as it completes."""
+    if not rows:
+        return
+    draft = preprocessing.resize if params.jpeg_draft else None
+    loader = DataLoader(
+        ImageDataset(data_root, rows, preprocessing, draft),
+        batch_size=params.batch_size,
+        num_workers=params.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    model = backbone.features.to(device).eval().to(memory_format=torch.channels_last)
+    with torch.inference_mode(), tqdm(total=len(rows), desc="extract", unit="img") as bar:
+        for images, index in loader:
+            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                embeddings = model(images)
+            cache.add([rows[i].sha256 for i in index.tolist()], embeddings.float().cpu().numpy())
+            bar.update(len(index))
+
+
+def _first_occurrences(rows: list[ManifestRow]) -> list[ManifestRow]:
+    """One row per content hash: identical files are embedded once."""
+    seen: set[str] = set()
+    out = []
+    for r in rows:
+        if r.sha256 not in seen:
+            seen.add(r.sha256)
+            out.append(r)
+    return out
+
+
+def library_versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "h5py": h5py.__version__,
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+    }

@@ -1,0 +1,287 @@
+"""The HDF5 feature store (one file per backbone configuration) and the embedding cache behind it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+from filelock import FileLock, Timeout
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+ROWS_PER_CHUNK = 256  # HDF5 chunk height of `features`: a few hundred KB to a few MB per chunk
+
+
+class StoreError(PipelineError):
+    """A feature store or head file is missing, malformed, or not the one that was asked for."""
+
+
+@dataclass
+class FeatureStore:
+    """A feature store read into memory: row i of every array is manifest row i."""
+
+    features: np.ndarray  # float32 [N, D]
+    labels: np.ndarray  # int64 [N]
+    split: np.ndarray  # uint8 [N]: 0 train, 1 val, 2 test
+    paths: list[str]
+    sha256: list[str]
+    attrs: dict
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.attrs["classes"])
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.attrs["fingerprint"])
+
+    def subset(self, *splits: str) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of the rows in the given splits, in store order."""
+        mask = np.isin(self.split, [SPLIT_CODES[s] for s in splits])
+        return self.features[mask], self.labels[mask]
+
+    def split_sizes(self) -> dict[str, int]:
+        return {name: int((self.split == code).sum()) for name, code in SPLIT_CODES.items()}
+
+
+def write_store(
+    path: Path,
+    labels: np.ndarray,
+    split: np.ndarray,
+    paths: Sequence[str],
+    sha256: Sequence[str],
+    feature_chunks: Iterator[np.ndarray],
+    feature_dim: int,
+    attrs: dict,
+) -> None:
+    """Write a store chunk by chunk to a temporary file, then rename it into place.
+
+    `feature_chunks` yields consecutive row blocks, so memory holds one block, never the whole matrix.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    n = len(labels)
+    try:
+        with h5py.File(tmp, "w") as f:
+            feats = f.create_dataset(
+                "features",
+                shape=(n, feature_dim),
+                dtype="float32",
+                chunks=(min(ROWS_PER_CHUNK, max(n, 1)), feature_dim),
+            )
+            start = 0
+            for block in feature_chunks:
+                feats[start : start + len(block)] = block
+                start += len(block)
+            if start != n:
+                raise StoreError(f"{path}: {start} feature rows written for {n} images")
+            f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+            f.create_dataset("split", data=np.asarray(split, dtype=np.uint8))
+            f.create_dataset("paths", data=list(paths), dtype=h5py.string_dtype("utf-8"))
+            f.create_dataset("sha256", data=np.array(sha256, dtype="S64"))
+            _encode_attrs(f, attrs)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_attrs(path: Path) -> dict:
+    """A store's attributes (JSON values decoded), without reading the features."""
+    with _open(path) as f:
+        return _decode_attrs(f.attrs)
+
+
+def read_store(
+    path: Path, expect_fingerprint: str | None = None, expect_classes: Sequence[str] | None = None
+) -> FeatureStore:
+    """Read a whole store, refusing one built by another model or for other classes."""
+    with _open(path) as f:
+        attrs = _decode_attrs(f.attrs)
+        check_matches(path, attrs, expect_fingerprint, expect_classes)
+        return FeatureStore(
+            features=f["features"][:],
+            labels=f["labels"][:],
+            split=f["split"][:],
+            paths=[p.decode() if isinstance(p, bytes) else p for p in f["paths"][:]],
+            sha256=[h.decode() for h in f["sha256"][:]],
+            attrs=attrs,
+        )
+
+
+def check_matches(
+    path: Path, attrs: dict, expect_fingerprint: str | None, expect_classes: Sequence[str] | None
+) -> None:
+    if expect_fingerprint is not None and attrs.get("fingerprint") != expect_fingerprint:
+        raise StoreError(
+            f"{path} was built by model fingerprint {attrs.get('fingerprint')} "
+            f"({attrs.get('backbone')}), but {expect_fingerprint} was expected; rerun extract"
+        )
+    if expect_classes is not None and list(attrs.get("classes", [])) != list(expect_classes):
+        raise StoreError(f"{path} has classes {attrs.get('classes')}, but {list(expect_classes)} were expected")
+
+
+def _open(path: Path) -> h5py.File:
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"feature store {path} not found; run the extract stage first")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise StoreError(f"{path} is not a readable HDF5 file: {err}") from err
+    if f.attrs.get("schema_version") != SCHEMA_VERSION:
+        f.close()
+        raise StoreError(f"{path}: schema_version {f.attrs.get('schema_version')}, expected {SCHEMA_VERSION}")
+    return f
+
+
+def _encode_attrs(f: h5py.File, attrs: dict) -> None:
+    f.attrs["schema_version"] = SCHEMA_VERSION
+    for key, value in attrs.items():
+        f.attrs[key] = json.dumps(value) if isinstance(value, (list, dict)) or value is None else value
+
+
+def _decode_attrs(raw: h5py.AttributeManager) -> dict:
+    out = {}
+    for key, value in raw.items():
+        if isinstance(value, str) and (value[:1] in "[{" or value == "null"):
+            value = json.loads(value)
+        elif isinstance(value, np.generic):
+            value = value.item()
+        out[key] = value
+    return out
+
+
+class CacheBusy(PipelineError):
+    """Another process holds the embedding cache."""
+
+
+class EmbeddingCache:
+    """Every embedding ever computed by one model fingerprint, keyed by image content hash.
+
+    A directory of small HDF5 shards, each written to a temporary name and renamed into place: a
+    process killed at any moment leaves only whole shards, so a rerun recomputes nothing already
+    flushed. (One HDF5 file appended in place is not safe against kill -9.) A lock file makes a second
+    process fail at once instead of interleaving writes. Use it as a context manager.
+    """
+
+    def __init__(self, root: Path, fingerprint: str, feature_dim: int):
+        self.dir = Path(root) / fingerprint
+        self.feature_dim = feature_dim
+        self._lock = FileLock(str(self.dir) + ".lock")
+        self._index: dict[str, tuple[Path, int]] = {}
+        self._readers: dict[Path, h5py.File] = {}
+
+    def __enter__(self) -> EmbeddingCache:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout as err:
+            raise CacheBusy(
+                f"embedding cache {self.dir} is in use by another extract process "
+                f"(lock {self._lock.lock_file}); wait for it to finish"
+            ) from err
+        for stale in self.dir.glob(".tmp-*"):  # left by a killed writer; never renamed, never valid
+            stale.unlink()
+        for shard in sorted(self.dir.glob("shard-*.h5")):
+            with h5py.File(shard, "r") as f:
+                for row, key in enumerate(f["sha256"][:]):
+                    self._index.setdefault(key.decode(), (shard, row))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+        self._lock.release()
+
+    def __contains__(self, sha: str) -> bool:
+        return sha in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def add(self, hashes: Sequence[str], features: np.ndarray) -> None:
+        """Flush one batch of new embeddings to disk as a shard."""
+        keep = [i for i, h in enumerate(hashes) if h not in self._index]
+        if not keep:
+            return
+        shard = self.dir / f"shard-{self._next_shard_number():08d}.h5"
+        self._write_shard(shard, [hashes[i] for i in keep], np.asarray(features, dtype=np.float32)[keep])
+
+    def read(self, hashes: Sequence[str]) -> np.ndarray:
+        """Embeddings for `hashes`, in that order."""
+        out = np.empty((len(hashes), self.feature_dim), dtype=np.float32)
+        by_shard: dict[Path, list[tuple[int, int]]] = {}
+        for i, h in enumerate(hashes):
+            shard, row = self._index[h]
+            by_shard.setdefault(shard, []).append((row, i))
+        for shard, pairs in by_shard.items():
+            rows = np.array(sorted({row for row, _ in pairs}))
+            block = self._reader(shard)["features"][rows]  # h5py wants increasing indices
+            position = {row: k for k, row in enumerate(rows)}
+            for row, i in pairs:
+                out[i] = block[position[row]]
+        return out
+
+    def compact(self) -> None:
+        """Merge all shards into one, so later runs open one file instead of thousands."""
+        shards = sorted(self.dir.glob("shard-*.h5"))
+        if len(shards) <= 1:
+            return
+        hashes = list(self._index)
+        merged = self.dir / f"shard-{self._next_shard_number():08d}.h5"
+        features = np.concatenate([self.read(hashes[i : i + 4096]) for i in range(0, len(hashes), 4096)])
+        self._write_shard(merged, hashes, features, replaces=shards)
+        for shard in shards:
+            shard.unlink()
+
+    def _write_shard(self, shard: Path, hashes: list[str], features: np.ndarray, replaces: Sequence[Path] = ()) -> None:
+        tmp = self.dir / f".tmp-{shard.name}"
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("sha256", data=np.array(hashes, dtype="S64"))
+            f.create_dataset("features", data=features)
+        os.replace(tmp, shard)
+        for old in replaces:
+            if old in self._readers:
+                self._readers.pop(old).close()
+        self._index.update({h: (shard, row) for row, h in enumerate(hashes)})
+
+    def _reader(self, shard: Path) -> h5py.File:
+        if shard not in self._readers:
+            self._readers[shard] = h5py.File(shard, "r")
+        return self._readers[shard]
+
+    def _next_shard_number(self) -> int:
+        numbers = [int(p.stem.split("-")[1]) for p in self.dir.glob("shard-*.h5")]
+        return max(numbers, default=-1) + 1
+
+
+def save_arrays(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
+    """Write named arrays and JSON-able attributes to HDF5 atomically: how heads are saved (no pickle)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            for key, value in arrays.items():
+                f.create_dataset(key, data=value)
+            _encode_attrs(f, attrs)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    with _open(path) as f:
+        return {key: f[key][()] for key in f}, _decode_attrs(f.attrs)
