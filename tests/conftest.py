@@ -1,0 +1,52 @@
+"""Shared fixtures: small generated ImageFolders, the repository root, the shared datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+def write_image_folder(
+    root: Path, classes: dict[str, int], size: int = 32, seed: int = 0, fmt: str = "png"
+) -> list[Path]:
+    """Write `classes[name]` images per class under root/<name>/; each class has its own colour and pattern.
+
+    The images are learnable (a class is a hue plus noise), deterministic, and all distinct.
+    """
+    rng = np.random.default_rng(seed)
+    paths = []
+    for k, (name, count) in enumerate(sorted(classes.items())):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        base = np.array([(97 * k) % 256, (53 * k + 80) % 256, (181 * k + 40) % 256], dtype=np.float64)
+        for i in range(count):
+            noise = rng.normal(0, 40, size=(size, size, 3))
+            stripes = (np.arange(size)[None, :, None] % (k + 2) == 0) * 60.0
+            pixels = np.clip(base + noise + stripes, 0, 255).astype(np.uint8)
+            path = folder / f"{name}_{i:03d}.{fmt}"
+            Image.fromarray(pixels).save(path)
+            paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """A flat ImageFolder: three classes of 12 generated 32x32 PNGs."""
+    root = tmp_path / "raw"
+    write_image_folder(root, {"circle": 12, "square": 12, "triangle": 12})
+    return root
+
+
+@pytest.fixture
+def hymenoptera() -> Path:
+    """The shared ants/bees photos; the test is skipped when ../shared is absent."""
+    root = SHARED_DATASETS / "hymenoptera"
+    if not root.is_dir():
+        pytest.skip("../shared/datasets/hymenoptera is not present")
+    return root

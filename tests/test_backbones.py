@@ -1,0 +1,134 @@
+"""The backbone registry: real offline weights, classifier removal, preprocessing, clear errors."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from sklearn.datasets import load_sample_image
+
+from pipeline.backbones import (
+    BackboneError,
+    build_backbone,
+    fingerprint,
+    imagenet_categories,
+    load_state_dict,
+    resolve_device,
+)
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return build_backbone("efficientnet_lite0")
+
+
+@pytest.mark.parametrize(("image", "expected"), [("china.jpg", "palace"), ("flower.jpg", "daisy")])
+def test_default_backbone_has_real_imagenet_weights(lite0, image, expected):
+    """Random weights cannot rank these ImageNet classes first; the packaged weights do."""
+    x = lite0.preprocessing(Image.fromarray(load_sample_image(image)))[None]
+    with torch.inference_mode():
+        logits = lite0.classifier(lite0.features(x))
+    assert lite0.categories[int(logits.argmax())] == expected
+
+
+def test_default_backbone_shape_and_preprocessing(lite0):
+    assert lite0.feature_dim == 1280
+    assert lite0.categories == imagenet_categories() and len(lite0.categories) == 1000
+    p = lite0.preprocessing
+    # timm's pretrained config for tf_efficientnet_lite0: bicubic, crop 0.875 (256 -> 224), mean = std = 0.5.
+    assert (p.resize, p.crop, p.interpolation, p.mean, p.std) == (256, 224, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    with torch.inference_mode():
+        out = lite0.features(torch.zeros(2, 3, 224, 224))
+    assert out.shape == (2, 1280)
+
+
+def test_feature_extractor_is_frozen_and_in_eval_mode(lite0):
+    assert not lite0.features.training
+    assert not any(p.requires_grad for p in lite0.features.parameters())
+
+
+def test_blocks_are_ordered_stem_to_head(lite0):
+    blocks = lite0.blocks()
+    # stem conv, its norm, the 7 stages of MBConv blocks, head conv, its norm
+    assert len(blocks) == 11
+    assert blocks[0] is lite0.features.conv_stem and blocks[-1] is lite0.features.bn2
+    owned = {id(p) for b in blocks for p in b.parameters()}
+    assert owned == {id(p) for p in lite0.features.parameters()}
+
+
+def test_image_size_override_keeps_the_crop_ratio(lite0):
+    p = lite0.preprocessing.with_image_size(112)
+    assert (p.resize, p.crop) == (128, 112)
+    assert lite0.preprocessing.with_image_size(None) is lite0.preprocessing
+
+
+def test_random_test_models_are_seeded():
+    a, b = build_backbone("test_resnet"), build_backbone("test_resnet")
+    assert a.weights_sha256() == b.weights_sha256()
+    assert a.feature_dim == 96
+
+
+def test_fingerprint_changes_with_what_changes_an_embedding():
+    bb = build_backbone("test_efficientnet")
+    base = fingerprint(bb, bb.preprocessing, "fp32", True)
+    assert base == fingerprint(bb, bb.preprocessing, "fp32", True)
+    assert base != fingerprint(bb, bb.preprocessing, "bf16", True)
+    assert base != fingerprint(bb, bb.preprocessing, "fp32", False)
+    assert base != fingerprint(bb, bb.preprocessing.with_image_size(64), "fp32", True)
+    other = build_backbone("test_resnet")
+    assert base != fingerprint(other, other.preprocessing, "fp32", True)
+
+
+def test_local_weights_file_replaces_the_weights(tmp_path: Path):
+    model = build_backbone("test_resnet")
+    state = {k: v + 1.0 if v.is_floating_point() else v for k, v in _full_state("test_resnet").items()}
+    save_file(state, tmp_path / "w.safetensors")
+    custom = build_backbone("test_resnet", weights=tmp_path / "w.safetensors")
+    assert custom.weights_id == "file:w.safetensors"
+    assert custom.weights_sha256() != model.weights_sha256()
+    loaded = custom.features.state_dict()
+    for key in ("layer1.0.conv1.weight", "layer4.0.bn1.running_mean"):
+        np.testing.assert_array_equal(loaded[key].numpy(), state[key].numpy())
+
+
+def _full_state(name: str) -> dict[str, torch.Tensor]:
+    import timm
+
+    torch.manual_seed(0)
+    return {k: v.clone().contiguous() for k, v in timm.create_model(name).state_dict().items()}
+
+
+def test_torch_weights_files_load_without_unpickling(tmp_path: Path):
+    torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "w.pth")
+    assert torch.equal(load_state_dict(tmp_path / "w.pth")["w"], torch.ones(2))
+    with pytest.raises(BackboneError, match="weights file not found"):
+        load_state_dict(tmp_path / "missing.pth")
+
+
+def test_unknown_name_lists_the_valid_ones():
+    with pytest.raises(BackboneError, match=r"unknown backbone 'resnet'.*efficientnet_lite0.*torchvision/<model>"):
+        build_backbone("resnet")
+    with pytest.raises(BackboneError, match=r"unknown torchvision model 'resnet51'; valid: .*resnet50"):
+        build_backbone("torchvision/resnet51")
+
+
+def test_uncached_weights_fail_at_once_with_the_fix(tmp_path):
+    # An empty torch hub directory: resnet18's weights are certainly not cached. Downloads are off,
+    # so nothing touches the network.
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path))
+    try:
+        with pytest.raises(BackboneError, match=r"torchvision/resnet18 are not cached.*download https://\S+ on a"):
+            build_backbone("torchvision/resnet18", allow_download=False)
+    finally:
+        torch.hub.set_dir(previous)
+
+
+def test_cpu_device_resolves():
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type in ("cpu", "mps")
+        with pytest.raises(BackboneError, match="no CUDA device"):
+            resolve_device("cuda")

@@ -1,0 +1,77 @@
+"""params.yaml loading: defaults, type checks, and errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, HeadParams, Params, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_repository_params_load():
+    params = load_params(REPO / "params.yaml")
+    assert params.extract.backbone == "efficientnet_lite0"
+    assert "logreg" in params.heads
+    assert isinstance(params.heads["logreg"], HeadParams)
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert load_params(write(tmp_path, "")) == Params()
+
+
+def test_values_are_read_and_ints_widen_to_float(tmp_path):
+    params = load_params(write(tmp_path, "prepare:\n  val_fraction: 0\n  seed: 7\nextract:\n  batch_size: 8\n"))
+    assert params.prepare.val_fraction == 0.0 and isinstance(params.prepare.val_fraction, float)
+    assert params.prepare.seed == 7
+    assert params.extract.batch_size == 8
+
+
+def test_unknown_key_is_rejected_by_name(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'extract\.batchsize'.*batch_size"):
+        load_params(write(tmp_path, "extract:\n  batchsize: 8\n"))
+
+
+def test_unknown_section_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'finetun'"):
+        load_params(write(tmp_path, "finetun:\n  epochs: 3\n"))
+
+
+def test_unknown_key_inside_a_head_names_the_head(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'heads\.logreg\.Cs'"):
+        load_params(write(tmp_path, "heads:\n  logreg:\n    Cs: [1.0]\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("extract:\n  batch_size: '32'\n", r"extract\.batch_size must be int; got str '32'"),
+        ("extract:\n  batch_size: true\n", r"extract\.batch_size must be int; got bool"),
+        ("prepare:\n  val_fraction: 1e-1\n", r"prepare\.val_fraction must be a number; got the string '1e-1'"),
+        ("extract:\n  device: gpu\n", r"extract\.device must be one of auto, cpu, cuda, mps; got 'gpu'"),
+        ("heads:\n  logreg:\n    grid:\n      C: 1.0\n", r"heads\.logreg\.grid\.C must be a list"),
+        ("heads:\n  logreg:\n    grid:\n      C: [1.0, x]\n", r"heads\.logreg\.grid\.C\[1\] must be a number"),
+        ("extract: 3\n", r"extract: expected a mapping"),
+    ],
+)
+def test_wrong_types_are_rejected_by_name(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_params(write(tmp_path, text))
+
+
+def test_optional_values_accept_null(tmp_path):
+    params = load_params(write(tmp_path, "extract:\n  image_size: null\n  weights: null\n"))
+    assert params.extract.image_size is None and params.extract.weights is None
+
+
+def test_missing_file_and_bad_yaml_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(write(tmp_path, "extract: [unclosed\n"))

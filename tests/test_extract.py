@@ -1,0 +1,160 @@
+"""Extraction: correct rows, deterministic bytes, and the embedding cache's promises (resume, increments)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.backbones import build_backbone, fingerprint
+from pipeline.config import ExtractParams
+from pipeline.dataset import build_manifest, write_manifest
+from pipeline.extract import extract
+from pipeline.store import EmbeddingCache, read_store
+from tests.conftest import REPO, write_image_folder
+
+TINY = ExtractParams(backbone="test_resnet", image_size=32, batch_size=8, num_workers=0, device="cpu")
+
+
+def prepare(root: Path, out: Path) -> Path:
+    manifest = out / "manifest.csv"
+    write_manifest(build_manifest(root, 0.2, 0.2, seed=0), manifest)
+    return manifest
+
+
+def run(root: Path, work: Path, params: ExtractParams = TINY, cache: str = "cache"):
+    manifest = prepare(root, work)
+    return extract(manifest, root, work / "features.h5", work / cache, params)
+
+
+def test_store_rows_are_the_backbone_applied_to_each_image(image_folder, tmp_path):
+    result = run(image_folder, tmp_path)
+    store = read_store(result.store, expect_fingerprint=result.fingerprint)
+    assert result.images == 36 and result.computed == 36 and result.reused == 0
+    assert store.features.shape == (36, 96)
+    assert store.classes == ["circle", "square", "triangle"]
+    assert store.split_sizes() == {"train": 24, "val": 6, "test": 6}
+    backbone = build_backbone("test_resnet")
+    preprocessing = backbone.preprocessing.with_image_size(32)
+    for row in (0, 17, 35):
+        image = Image.open(image_folder / store.paths[row]).convert("RGB")
+        with torch.inference_mode():
+            expected = backbone.features(preprocessing(image)[None])[0].numpy()
+        np.testing.assert_allclose(store.features[row], expected, rtol=1e-5, atol=1e-6)
+        assert store.classes[store.labels[row]] == store.paths[row].split("/")[0]
+    for key in ("backbone", "weights_id", "preprocessing", "image_size", "feature_dim", "classes", "fingerprint"):
+        assert key in store.attrs
+    assert store.attrs["versions"]["torch"] == torch.__version__
+
+
+def test_extraction_is_deterministic_on_cpu(image_folder, tmp_path):
+    a = run(image_folder, tmp_path / "a")
+    b = run(image_folder, tmp_path / "b")
+    assert read_store(a.store).features.tobytes() == read_store(b.store).features.tobytes()
+
+
+def test_second_run_reuses_every_embedding(image_folder, tmp_path):
+    first = run(image_folder, tmp_path)
+    before = read_store(first.store).features
+    second = run(image_folder, tmp_path)
+    assert (second.computed, second.reused) == (0, 36)
+    np.testing.assert_array_equal(read_store(second.store).features, before)
+
+
+def test_adding_ten_images_costs_ten_forward_passes(image_folder, tmp_path):
+    run(image_folder, tmp_path)
+    for path in write_image_folder(tmp_path / "extra", {"circle": 10}, seed=99):  # new content
+        path.rename(image_folder / "circle" / f"new_{path.name}")
+    second = run(image_folder, tmp_path)
+    assert (second.images, second.computed, second.reused) == (46, 10, 36)
+
+
+def test_renaming_and_moving_files_computes_nothing(image_folder, tmp_path):
+    run(image_folder, tmp_path)
+    (image_folder / "circle" / "circle_000.png").rename(image_folder / "circle" / "renamed.png")
+    (image_folder / "circle" / "sub").mkdir()
+    (image_folder / "circle" / "circle_001.png").rename(image_folder / "circle" / "sub" / "moved.png")
+    second = run(image_folder, tmp_path)
+    assert (second.computed, second.reused) == (0, 36)
+    assert "circle/sub/moved.png" in read_store(second.store).paths
+
+
+def test_a_new_fingerprint_gets_its_own_cache(image_folder, tmp_path):
+    first = run(image_folder, tmp_path)
+    other = run(image_folder, tmp_path, ExtractParams(**{**TINY.__dict__, "image_size": 48}))
+    assert other.fingerprint != first.fingerprint and other.computed == 36
+
+
+def _stage(work: Path, root: Path, params_file: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "stages.extract", "--data", str(root), "--manifest", str(work / "manifest.csv"),
+        "--out", str(work / "features.h5"), "--cache-dir", str(work / "cache"),
+        "--metrics", str(work / "extract.json"), "--params", str(params_file),
+    ]  # fmt: skip
+
+
+def _params_file(work: Path, batch_size: int) -> Path:
+    path = work / "params.yaml"
+    path.write_text(
+        f"extract:\n  backbone: test_resnet\n  image_size: 64\n  batch_size: {batch_size}\n"
+        "  num_workers: 0\n  device: cpu\n"
+    )
+    return path
+
+
+def test_kill_minus_nine_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    root = tmp_path / "raw"
+    write_image_folder(root, {"a": 60, "b": 60}, size=64)
+    work = tmp_path / "killed"
+    work.mkdir()
+    prepare(root, work)
+    params_file = _params_file(work, batch_size=1)
+    proc = subprocess.Popen(_stage(work, root, params_file), cwd=REPO, stderr=subprocess.DEVNULL)
+    shards = work / "cache"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(shards.glob("*/shard-*.h5"))) < 20:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    flushed = len(list(shards.glob("*/shard-*.h5")))
+    assert proc.returncode == -signal.SIGKILL and 20 <= flushed < 120
+    assert not (work / "features.h5").exists()
+
+    resumed = subprocess.run(_stage(work, root, params_file), cwd=REPO, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"({120 - flushed} computed, {flushed} reused)" in resumed.stdout
+
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    prepare(root, clean)
+    subprocess.run(_stage(clean, root, _params_file(clean, 1)), cwd=REPO, check=True, capture_output=True)
+    resumed_bytes = read_store(work / "features.h5").features.tobytes()
+    assert resumed_bytes == read_store(clean / "features.h5").features.tobytes()
+
+
+def test_a_second_extract_on_the_same_cache_fails_at_once(image_folder, tmp_path):
+    prepare(image_folder, tmp_path)
+    params_file = _params_file(tmp_path, batch_size=8)
+    backbone = build_backbone("test_resnet")
+    fp = fingerprint(backbone, backbone.preprocessing.with_image_size(64), "fp32", True)
+    with EmbeddingCache(tmp_path / "cache", fp, backbone.feature_dim):  # another extract holds it
+        busy = subprocess.run(_stage(tmp_path, image_folder, params_file), cwd=REPO, capture_output=True, text=True)
+    assert busy.returncode == 1
+    assert "is in use by another extract process" in busy.stderr and "Traceback" not in busy.stderr
+    assert not (tmp_path / "features.h5").exists()
+    ok = subprocess.run(_stage(tmp_path, image_folder, params_file), cwd=REPO, capture_output=True, text=True)
+    assert ok.returncode == 0 and "(36 computed, 0 reused)" in ok.stdout
+
+
+@pytest.mark.parametrize("draft", [True, False])
+def test_large_jpegs_decode_with_or_without_draft(tmp_path, draft):
+    root = tmp_path / "raw"
+    write_image_folder(root, {"a": 6, "b": 6}, size=600, fmt="jpg")
+    result = run(root, tmp_path, ExtractParams(**{**TINY.__dict__, "jpeg_draft": draft}))
+    assert result.computed == 12

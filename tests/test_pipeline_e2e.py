@@ -1,0 +1,73 @@
+"""End to end: the real `dvc repro` in a temporary copy of the repository, then a head-only change."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, write_image_folder
+
+
+def sh(cwd: Path, *args: str) -> str:
+    env_path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env={"PATH": env_path, "HOME": str(cwd)})
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def dvc(cwd: Path, *args: str) -> str:
+    return sh(cwd, sys.executable, "-m", "dvc", *args)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A copy of the repository with its own git and DVC, a tiny ImageFolder and a tiny backbone."""
+    repo = tmp_path / "project"
+    repo.mkdir()
+    for name in ("pipeline", "stages"):
+        shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", repo)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["extract"].update(backbone="test_resnet", image_size=32, num_workers=0, batch_size=16)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_image_folder(repo / "data" / "raw", {"cat": 10, "dog": 10, "fox": 10})
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "config", "user.email", "ci@example.com")
+    sh(repo, "git", "config", "user.name", "ci")
+    dvc(repo, "init", "-q")
+    dvc(repo, "config", "core.analytics", "false")
+    return repo
+
+
+def stages_run(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+def test_repro_then_head_change_reruns_only_the_head(project: Path):
+    first = dvc(project, "repro")
+    assert stages_run(first) == {"prepare", "extract", "train_head@logreg", "evaluate@logreg"}
+    metrics = json.loads((project / "metrics" / "models" / "logreg.json").read_text())
+    assert metrics["n_test"] == 6 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert json.loads((project / "metrics" / "extract.json").read_text())["computed"] == 30
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "commit", "-qm", "baseline")
+
+    assert "Data and pipelines are up to date" in dvc(project, "repro")
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["heads"]["logreg"]["grid"]["C"] = [1e-6]  # heavy regularisation: near-uniform probabilities
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    second = dvc(project, "repro")
+    assert stages_run(second) == {"train_head@logreg", "evaluate@logreg"}
+    assert "Stage 'extract' didn't change, skipping" in second
+
+    diff = json.loads(dvc(project, "metrics", "diff", "--json"))
+    changed = diff["metrics/models/logreg.json"]
+    assert changed["log_loss"]["old"] != changed["log_loss"]["new"]
+    assert changed["hyperparameters.C"]["new"] == 1e-6
+    assert "metrics/extract.json" not in diff

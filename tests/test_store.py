@@ -1,0 +1,132 @@
+"""The HDF5 feature store and the embedding cache: round trip, refusal of mismatches, atomicity, locking."""
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline.store import (
+    CacheBusy,
+    EmbeddingCache,
+    StoreError,
+    load_arrays,
+    read_attrs,
+    read_store,
+    save_arrays,
+    write_store,
+)
+
+
+def _write(path: Path, n: int = 10, dim: int = 4, chunk: int = 3, attrs: dict | None = None) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(n, dim)).astype(np.float32)
+    write_store(
+        path,
+        labels=np.arange(n) % 2,
+        split=np.array([0, 0, 0, 0, 0, 0, 1, 1, 2, 2])[:n],
+        paths=[f"cls/{i}.png" for i in range(n)],
+        sha256=[f"{i:064x}" for i in range(n)],
+        feature_chunks=(features[i : i + chunk] for i in range(0, n, chunk)),
+        feature_dim=dim,
+        attrs=attrs or {"classes": ["ants", "bees"], "fingerprint": "fp1", "backbone": "tiny", "weights": None},
+    )
+    return features
+
+
+def test_store_round_trip(tmp_path):
+    path = tmp_path / "features" / "tiny.h5"
+    features = _write(path)
+    store = read_store(path, expect_fingerprint="fp1", expect_classes=["ants", "bees"])
+    np.testing.assert_array_equal(store.features, features)
+    assert store.labels.dtype == np.int64 and list(store.labels) == [0, 1] * 5
+    assert store.split_sizes() == {"train": 6, "val": 2, "test": 2}
+    assert store.paths[3] == "cls/3.png" and store.sha256[3] == f"{3:064x}"
+    assert store.classes == ["ants", "bees"] and store.fingerprint == "fp1"
+    assert store.attrs["weights"] is None
+    x_test, y_test = store.subset("test")
+    np.testing.assert_array_equal(x_test, features[8:])
+    assert read_attrs(path)["schema_version"] == 1
+    with h5py.File(path) as f:
+        assert f["features"].chunks is not None and f["features"].dtype == np.float32
+
+
+def test_reader_refuses_another_fingerprint_or_classes_naming_both(tmp_path):
+    path = tmp_path / "s.h5"
+    _write(path)
+    with pytest.raises(StoreError, match=r"fingerprint fp1 \(tiny\), but fp2 was expected"):
+        read_store(path, expect_fingerprint="fp2")
+    with pytest.raises(StoreError, match=r"classes \['ants', 'bees'\], but \['ants', 'wasps'\]"):
+        read_store(path, expect_classes=["ants", "wasps"])
+
+
+def test_missing_or_foreign_files_are_store_errors(tmp_path):
+    with pytest.raises(StoreError, match="not found; run the extract stage"):
+        read_store(tmp_path / "nope.h5")
+    (tmp_path / "junk.h5").write_text("not hdf5")
+    with pytest.raises(StoreError, match="not a readable HDF5 file"):
+        read_store(tmp_path / "junk.h5")
+
+
+def test_a_failed_write_leaves_no_store(tmp_path):
+    path = tmp_path / "s.h5"
+
+    def chunks():
+        yield np.zeros((3, 4), np.float32)
+        raise RuntimeError("killed mid-way")
+
+    with pytest.raises(RuntimeError):
+        write_store(path, np.zeros(10), np.zeros(10), ["p"] * 10, ["0" * 64] * 10, chunks(), 4, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_too_few_rows_is_an_error_not_a_short_store(tmp_path):
+    path = tmp_path / "s.h5"
+    with pytest.raises(StoreError, match="3 feature rows written for 10 images"):
+        write_store(path, np.zeros(10), np.zeros(10), ["p"] * 10, ["0" * 64] * 10, iter([np.zeros((3, 4))]), 4, {})
+    assert not path.exists()
+
+
+def test_arrays_round_trip(tmp_path):
+    arrays = {"coef": np.arange(6.0).reshape(2, 3), "classes": np.array([0, 1])}
+    save_arrays(tmp_path / "h.h5", arrays, {"kind": "logreg", "curve": [{"C": 1.0}]})
+    loaded, attrs = load_arrays(tmp_path / "h.h5")
+    np.testing.assert_array_equal(loaded["coef"], arrays["coef"])
+    assert attrs["kind"] == "logreg" and attrs["curve"] == [{"C": 1.0}]
+
+
+def _hashes(n: int, offset: int = 0) -> list[str]:
+    return [f"{i + offset:064x}" for i in range(n)]
+
+
+def test_cache_flushes_shards_and_reads_in_any_order(tmp_path):
+    with EmbeddingCache(tmp_path, "fp", 2) as cache:
+        cache.add(_hashes(3), np.arange(6, dtype=np.float32).reshape(3, 2))
+        cache.add(_hashes(2, 3), np.full((2, 2), 9, np.float32))
+        assert len(list((tmp_path / "fp").glob("shard-*.h5"))) == 2
+        out = cache.read([_hashes(5)[4], _hashes(5)[0], _hashes(5)[2]])
+    np.testing.assert_array_equal(out, [[9, 9], [0, 1], [4, 5]])
+    with EmbeddingCache(tmp_path, "fp", 2) as cache:  # a new process sees what was flushed
+        assert len(cache) == 5 and _hashes(1)[0] in cache
+        cache.compact()
+        assert len(list((tmp_path / "fp").glob("shard-*.h5"))) == 1
+        np.testing.assert_array_equal(cache.read(_hashes(2, 1)), [[2, 3], [4, 5]])
+
+
+def test_cache_ignores_known_hashes_and_cleans_temporary_shards(tmp_path):
+    (tmp_path / "fp").mkdir()
+    (tmp_path / "fp" / ".tmp-shard-00000007.h5").write_bytes(b"half written")
+    with EmbeddingCache(tmp_path, "fp", 1) as cache:
+        cache.add(_hashes(2), np.ones((2, 1), np.float32))
+        cache.add(_hashes(2), np.zeros((2, 1), np.float32))  # already cached: first value wins
+        np.testing.assert_array_equal(cache.read(_hashes(2)), [[1], [1]])
+    assert not (tmp_path / "fp" / ".tmp-shard-00000007.h5").exists()
+
+
+def test_second_user_of_a_cache_fails_at_once(tmp_path):
+    with EmbeddingCache(tmp_path, "fp", 1) as cache:
+        cache.add(_hashes(1), np.ones((1, 1), np.float32))
+        with pytest.raises(CacheBusy, match="in use by another extract process"), EmbeddingCache(tmp_path, "fp", 1):
+            pass
+    with EmbeddingCache(tmp_path, "fp", 1) as cache:  # released, and intact
+        np.testing.assert_array_equal(cache.read(_hashes(1)), [[1]])
