@@ -78,22 +78,39 @@ def build_manifest(root: Path, val_fraction: float, test_fraction: float, seed: 
 
     A flat root (`root/<class>/...`) is split per class, seeded. A root with split folders keeps them:
     `train/val/test` as they are; `train/val` keeps train, carves val from it and uses the folder's val
-    as test (the held-out set); `train` alone carves both.
+    as test (the held-out set); `train` alone carves both. Mistakes in the layout are reported before
+    any file is decoded; nothing under `root` is written.
     """
     layout, files, skipped = scan(root)
+    carve, _ = _carve_plan(layout, val_fraction, test_fraction)
+    # Cheap checks on the listing first, so a layout mistake does not wait for every file to be decoded.
+    _check_classes(root, {cls for _, cls, _ in files}, "images")
+    _check_splittable(Counter(cls for _, cls, split in files if split in ("", "train")), carve, "image files")
+
     rows = [_inspect(root, rel, cls, split) for rel, cls, split in tqdm(files, desc="prepare", unit="img")]
+    _check_classes(root, {r.class_name for r in rows if r.status == "ok"}, "usable images")
     rows = assign_splits(rows, layout, val_fraction, test_fraction, seed)
     manifest = Manifest(rows, layout, skipped)
-    if len(manifest.classes) < 2:
-        raise DataError(
-            f"{root}: need at least two classes with usable images, found {len(manifest.classes)} "
-            f"({', '.join(manifest.classes) or 'none'})"
-        )
+    in_train = {r.class_name for r in manifest.ok_rows() if r.split == "train"}
+    for cls in manifest.classes:
+        if cls not in in_train:
+            raise DataError(f"{root}: class '{cls}' has no usable images in train/; add some or remove the class")
     return manifest
 
 
+def _check_classes(root: Path, classes: set[str], what: str) -> None:
+    if len(classes) < 2:
+        raise DataError(
+            f"{root}: need at least two classes with {what}, found {len(classes)} "
+            f"({', '.join(sorted(classes)) or 'none'}); put each class's images in its own folder"
+        )
+
+
 def scan(root: Path) -> tuple[str, list[tuple[str, str, str]], list[str]]:
-    """List (relative path, class, given split or "") for every candidate file under `root`."""
+    """List (relative path, class, given split or "") for every candidate file under `root`.
+
+    Also returns the layout ("flat" or e.g. "train+val") and the hidden or stray files that were skipped.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data root {root} does not exist or is not a directory")
@@ -128,21 +145,34 @@ def _is_junk(name: str) -> bool:
 
 
 def _class_files(root: Path, folder: Path, skipped: list[str]) -> Iterable[tuple[str, str]]:
-    """(class, path relative to root) for every file below each class folder, recursively, sorted."""
+    """(class, path relative to root) for every file below each class folder, recursively, sorted.
+
+    Hidden and system files (.DS_Store, ._*, Thumbs.db) go to `skipped`, not to the manifest. A listed
+    entry that no longer resolves (a dangling symlink) is kept, so that it is quarantined as unreadable
+    rather than silently lost.
+    """
     for entry in sorted(folder.iterdir()):
-        if entry.is_file():
+        if _is_junk(entry.name):
+            if entry.is_file():
+                skipped.append(entry.relative_to(root).as_posix())
+            continue
+        if not entry.is_dir():
             # A file next to the class folders belongs to no class: not silently used, not lost.
             log.warning("%s is not inside a class folder; ignored", entry)
             skipped.append(entry.relative_to(root).as_posix())
             continue
-        if _is_junk(entry.name):
-            continue
+        found = False
         for path in sorted(entry.rglob("*")):
+            if path.is_dir():
+                continue
             rel = path.relative_to(root).as_posix()
             if any(_is_junk(part) for part in path.relative_to(entry).parts):
                 skipped.append(rel)
-            elif path.is_file():
+            elif path.is_file() or not path.exists():
+                found = True
                 yield entry.name, rel
+        if not found:
+            log.warning("class folder %s has no image files; ignored", entry)
 
 
 def _inspect(root: Path, rel: str, class_name: str, split: str) -> ManifestRow:
@@ -157,6 +187,19 @@ def _inspect(root: Path, rel: str, class_name: str, split: str) -> ManifestRow:
     return ManifestRow(rel, class_name, split, sha, "ok", width=img.width, height=img.height)
 
 
+def _carve_plan(layout: str, val_fraction: float, test_fraction: float) -> tuple[tuple[float, float], dict[str, str]]:
+    """The (val, test) fractions to carve from each class's train pool, and how given split folders are renamed."""
+    folders = set() if layout == "flat" else set(layout.split("+"))
+    if folders >= {"val", "test"}:
+        return (0.0, 0.0), {}
+    if folders == {"train", "val"}:
+        # The folder's val is the only held-out data, so it becomes test; val is carved from train.
+        return (val_fraction, 0.0), {"val": "test"}
+    if folders == {"train", "test"}:
+        return (val_fraction, 0.0), {}
+    return (val_fraction, test_fraction), {}
+
+
 def assign_splits(
     rows: list[ManifestRow], layout: str, val_fraction: float, test_fraction: float, seed: int
 ) -> list[ManifestRow]:
@@ -166,20 +209,13 @@ def assign_splits(
     on file names or on the order of the listing, identical files land side by side, and adding images
     moves few of the existing ones.
     """
-    folders = set() if layout == "flat" else set(layout.split("+"))
-    carve, rename = (val_fraction, test_fraction), {}
-    if folders >= {"val", "test"}:
-        carve = (0.0, 0.0)
-    elif folders == {"train", "val"}:
-        carve, rename = (val_fraction, 0.0), {"val": "test"}
-    elif folders == {"train", "test"}:
-        carve = (val_fraction, 0.0)
+    carve, rename = _carve_plan(layout, val_fraction, test_fraction)
     out: list[ManifestRow] = []
     pools: dict[str, list[ManifestRow]] = defaultdict(list)
     for row in rows:
         if row.status != "ok":
             out.append(replace(row, split=""))
-        elif row.split in ("", "train") and carve != (0.0, 0.0):
+        elif row.split in ("", "train"):
             pools[row.class_name].append(row)
         else:
             out.append(replace(row, split=rename.get(row.split, row.split)))
@@ -189,18 +225,28 @@ def assign_splits(
     return sorted(out, key=lambda r: order[r.path])
 
 
-def _split_class(cls: str, pool: list[ManifestRow], val_f: float, test_f: float, seed: int) -> list[ManifestRow]:
-    n = len(pool)
+def _check_splittable(pool_sizes: Counter[str], carve: tuple[float, float], what: str) -> None:
+    for cls, n in sorted(pool_sizes.items()):
+        _split_sizes(cls, n, *carve, what)
+
+
+def _split_sizes(cls: str, n: int, val_f: float, test_f: float, what: str) -> tuple[int, int]:
+    """How many of a class's `n` images go to val and to test; at least one of each that is asked for."""
     n_test = max(1, round(n * test_f)) if test_f > 0 else 0
     n_val = max(1, round(n * val_f)) if val_f > 0 else 0
     if n - n_test - n_val < 1:
         raise DataError(
-            f"class '{cls}' has {n} usable images: too few to split into train"
+            f"class '{cls}' has {n} {what}: too few to split into train"
             f"{'/val' if n_val else ''}{'/test' if n_test else ''}; "
             f"add images (at least {n_val + n_test + 1}) or remove the class folder"
         )
+    return n_val, n_test
+
+
+def _split_class(cls: str, pool: list[ManifestRow], val_f: float, test_f: float, seed: int) -> list[ManifestRow]:
+    n_val, n_test = _split_sizes(cls, len(pool), val_f, test_f, "usable images")
     ranked = sorted(pool, key=lambda r: (hashlib.sha256(f"{seed}:{r.sha256}".encode()).hexdigest(), r.path))
-    splits = ["test"] * n_test + ["val"] * n_val + ["train"] * (n - n_test - n_val)
+    splits = ["test"] * n_test + ["val"] * n_val + ["train"] * (len(pool) - n_test - n_val)
     return [replace(r, split=s) for r, s in zip(ranked, splits, strict=True)]
 
 

@@ -133,7 +133,7 @@ def embed_rows(
         return
     draft = preprocessing.resize if params.jpeg_draft else None
     loader = DataLoader(
-        ImageDataset(data_root, rows, preprocessing, draft),
+        ImageDataset(data_root, rows, preprocessing.to_uint8, draft),
         batch_size=params.batch_size,
         num_workers=params.num_workers,
         pin_memory=device.type == "cuda",
@@ -141,7 +141,8 @@ def embed_rows(
     model = backbone.features.to(device).eval().to(memory_format=torch.channels_last)
     with torch.inference_mode(), tqdm(total=len(rows), desc="extract", unit="img") as bar:
         for images, index in loader:
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            images = preprocessing.normalize(images.to(device, non_blocking=True))
+            images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 embeddings = model(images)
             cache.add([rows[i].sha256 for i in index.tolist()], embeddings.float().cpu().numpy())

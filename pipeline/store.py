@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,6 +181,7 @@ class EmbeddingCache:
         self._lock = FileLock(str(self.dir) + ".lock")
         self._index: dict[str, tuple[Path, int]] = {}
         self._readers: dict[Path, h5py.File] = {}
+        self._next_number = 0
 
     def __enter__(self) -> EmbeddingCache:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -193,7 +194,9 @@ class EmbeddingCache:
             ) from err
         for stale in self.dir.glob(".tmp-*"):  # left by a killed writer; never renamed, never valid
             stale.unlink()
-        for shard in sorted(self.dir.glob("shard-*.h5")):
+        shards = sorted(self.dir.glob("shard-*.h5"))
+        self._next_number = max((int(p.stem.split("-")[1]) for p in shards), default=-1) + 1
+        for shard in shards:
             with h5py.File(shard, "r") as f:
                 for row, key in enumerate(f["sha256"][:]):
                     self._index.setdefault(key.decode(), (shard, row))
@@ -214,10 +217,8 @@ class EmbeddingCache:
     def add(self, hashes: Sequence[str], features: np.ndarray) -> None:
         """Flush one batch of new embeddings to disk as a shard."""
         keep = [i for i, h in enumerate(hashes) if h not in self._index]
-        if not keep:
-            return
-        shard = self.dir / f"shard-{self._next_shard_number():08d}.h5"
-        self._write_shard(shard, [hashes[i] for i in keep], np.asarray(features, dtype=np.float32)[keep])
+        if keep:
+            self._write_shard([hashes[i] for i in keep], [np.asarray(features, dtype=np.float32)[keep]])
 
     def read(self, hashes: Sequence[str]) -> np.ndarray:
         """Embeddings for `hashes`, in that order."""
@@ -235,36 +236,37 @@ class EmbeddingCache:
         return out
 
     def compact(self) -> None:
-        """Merge all shards into one, so later runs open one file instead of thousands."""
+        """Merge all shards into one, block by block, so later runs open one file instead of thousands."""
         shards = sorted(self.dir.glob("shard-*.h5"))
         if len(shards) <= 1:
             return
         hashes = list(self._index)
-        merged = self.dir / f"shard-{self._next_shard_number():08d}.h5"
-        features = np.concatenate([self.read(hashes[i : i + 4096]) for i in range(0, len(hashes), 4096)])
-        self._write_shard(merged, hashes, features, replaces=shards)
+        blocks = (self.read(hashes[i : i + 4096]) for i in range(0, len(hashes), 4096))
+        self._write_shard(hashes, blocks)
         for shard in shards:
+            if shard in self._readers:
+                self._readers.pop(shard).close()
             shard.unlink()
 
-    def _write_shard(self, shard: Path, hashes: list[str], features: np.ndarray, replaces: Sequence[Path] = ()) -> None:
+    def _write_shard(self, hashes: list[str], blocks: Iterable[np.ndarray]) -> None:
+        """Write a shard under a temporary name and rename it: readers only ever see whole shards."""
+        shard = self.dir / f"shard-{self._next_number:08d}.h5"
+        self._next_number += 1
         tmp = self.dir / f".tmp-{shard.name}"
         with h5py.File(tmp, "w") as f:
             f.create_dataset("sha256", data=np.array(hashes, dtype="S64"))
-            f.create_dataset("features", data=features)
+            features = f.create_dataset("features", shape=(len(hashes), self.feature_dim), dtype="float32")
+            start = 0
+            for block in blocks:
+                features[start : start + len(block)] = block
+                start += len(block)
         os.replace(tmp, shard)
-        for old in replaces:
-            if old in self._readers:
-                self._readers.pop(old).close()
         self._index.update({h: (shard, row) for row, h in enumerate(hashes)})
 
     def _reader(self, shard: Path) -> h5py.File:
         if shard not in self._readers:
             self._readers[shard] = h5py.File(shard, "r")
         return self._readers[shard]
-
-    def _next_shard_number(self) -> int:
-        numbers = [int(p.stem.split("-")[1]) for p in self.dir.glob("shard-*.h5")]
-        return max(numbers, default=-1) + 1
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
