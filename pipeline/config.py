@@ -25,6 +25,16 @@ class PrepareParams:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
 
+    def __post_init__(self) -> None:
+        for key in ("val_fraction", "test_fraction"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"prepare.{key} must be in [0, 1); got {getattr(self, key)}")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(
+                f"prepare.val_fraction + prepare.test_fraction must be below 1 to leave images for training; "
+                f"got {self.val_fraction} + {self.test_fraction}"
+            )
+
 
 @dataclass(frozen=True)
 class ExtractParams:

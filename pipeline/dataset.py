@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.images import ImageRejected, decode_rgb, read_bytes
+from pipeline.images import REASONS, ImageRejected, decode_rgb, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Manifest:
             "skipped_hidden": len(self.skipped),
             "classes": len(self.classes),
             **{f"n_{s}": by_split.get(s, 0) for s in SPLITS},
-            **{f"quarantined_{k}": v for k, v in sorted(reasons.items())},
+            **{f"quarantined_{reason}": reasons.get(reason, 0) for reason in REASONS},
         }
 
 

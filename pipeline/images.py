@@ -29,6 +29,10 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, NotImplementedError, EOFError
 EXIF_ERRORS = (SyntaxError, struct.error)
 
 
+# Every reason a file can be quarantined for, so metrics always carry the same keys.
+REASONS = ("unreadable", "empty_file", "not_an_image", "too_many_pixels", "corrupt")
+
+
 class ImageRejected(Exception):
     """A file that cannot be used as an image; `reason` is a short code, `detail` the specifics."""
 

@@ -75,3 +75,15 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path):
         load_params(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(write(tmp_path, "extract: [unclosed\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("prepare:\n  val_fraction: -0.1\n", r"prepare\.val_fraction must be in \[0, 1\); got -0\.1"),
+        ("prepare:\n  val_fraction: 0.5\n  test_fraction: 0.5\n", r"val_fraction \+ prepare\.test_fraction must be"),
+    ],
+)
+def test_split_fractions_must_leave_a_training_set(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_params(write(tmp_path, text))
