@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 DEFAULT_BACKBONE = "efficientnet_lite0"
 # Tiny timm architectures with seeded random weights: fast tests, meaningless features.
 RANDOM_TEST_MODELS = ("test_efficientnet", "test_resnet")
+# Part of every fingerprint: bump it when decoding or preprocessing code changes the pixels it produces,
+# so embedding caches computed by the old code are not reused.
+PIXELS_VERSION = 1
 
 
 class BackboneError(PipelineError):
@@ -184,6 +187,7 @@ def fingerprint(backbone: Backbone, preprocessing: Preprocessing, precision: str
         "preprocessing": json.loads(preprocessing.to_json()),
         "precision": precision,
         "jpeg_draft": jpeg_draft,
+        "pixels_version": PIXELS_VERSION,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
