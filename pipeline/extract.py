@@ -33,8 +33,9 @@ class ExtractResult:
     computed: int  # forward passes run in this call
     reused: int  # images whose embedding came from the cache
     quarantined: int  # manifest rows skipped because prepare rejected them
-    seconds: float
-    compute_seconds: float
+    seconds: float  # the whole call: model loading and hashing included
+    compute_seconds: float  # decode, preprocess, forward and cache flush of the computed images
+    write_seconds: float  # cache compaction and the feature store
     device: str
     precision: str
     fingerprint: str
@@ -46,6 +47,8 @@ class ExtractResult:
             "reused": self.reused,
             "quarantined": self.quarantined,
             "seconds": round(self.seconds, 3),
+            "compute_seconds": round(self.compute_seconds, 3),
+            "write_seconds": round(self.write_seconds, 3),
             "images_per_second": round(self.computed / self.compute_seconds, 2) if self.computed else None,
             "device": self.device,
             "precision": self.precision,
@@ -77,7 +80,8 @@ def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, pa
         missing = _first_occurrences([r for r in rows if r.sha256 not in cache])
         compute_start = time.perf_counter()
         embed_rows(backbone, preprocessing, missing, data_root, cache, params, device, precision)
-        compute_seconds = time.perf_counter() - compute_start
+        write_start = time.perf_counter()
+        compute_seconds = write_start - compute_start
         cache.compact()
         hashes = [r.sha256 for r in rows]
         chunks = (cache.read(hashes[i : i + 1024]) for i in range(0, len(hashes), 1024))
@@ -104,6 +108,7 @@ def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, pa
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             },
         )
+        write_seconds = time.perf_counter() - write_start
     return ExtractResult(
         store=Path(out),
         images=len(rows),
@@ -112,6 +117,7 @@ def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, pa
         quarantined=len(manifest.quarantined()),
         seconds=time.perf_counter() - start,
         compute_seconds=compute_seconds,
+        write_seconds=write_seconds,
         device=str(device),
         precision=precision,
         fingerprint=fp,
