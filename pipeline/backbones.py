@@ -166,17 +166,39 @@ def split_classifier(model: nn.Module) -> tuple[nn.Module, nn.Module, int]:
     return model, classifier, classifier.in_features
 
 
+# Children that hold a network's stages, by the names timm and torchvision give them.
+STAGE_LISTS = {"blocks", "stages", "layers", "features"}  # expanded: each item is a block
+STAGE_PREFIX = "layer"  # ResNet's layer1..layer4: each is a block
+
+
 def ordered_blocks(model: nn.Module) -> list[nn.Module]:
-    """Top-level children with parameters, expanding the stage list (`blocks`, `layerN`, `features`)."""
+    """The model's parameterised blocks in forward order, for "unfreeze the last k blocks".
+
+    Stages are found by name: the items of `blocks`/`stages`/`layers`/`features` (timm's EfficientNet,
+    torchvision's EfficientNet and VGG), or each `layerN` (ResNets). The layers before the first stage form
+    one stem block and those after the last stage one head block (e.g. conv_stem + bn1; conv_head + bn2).
+    """
     blocks: list[nn.Module] = []
-    for child in model.children():
+    loose: list[nn.Module] = []
+    for name, child in model.named_children():
         if not any(True for _ in child.parameters()):
             continue
-        if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1:
-            blocks.extend(c for c in child if any(True for _ in c.parameters()))
+        if name in STAGE_LISTS or (name.startswith(STAGE_PREFIX) and name[len(STAGE_PREFIX) :].isdigit()):
+            if loose:
+                blocks.append(_group(loose))
+                loose = []
+            stages = list(child) if name in STAGE_LISTS else [child]
+            blocks.extend(s for s in stages if any(True for _ in s.parameters()))
         else:
-            blocks.append(child)
+            loose.append(child)
+    if loose:
+        blocks.append(_group(loose))
     return blocks
+
+
+def _group(modules: list[nn.Module]) -> nn.Module:
+    """One block made of several layers: a ModuleList is a view, the model's forward is unchanged."""
+    return modules[0] if len(modules) == 1 else nn.ModuleList(modules)
 
 
 def fingerprint(backbone: Backbone, preprocessing: Preprocessing, precision: str, jpeg_draft: bool) -> str:

@@ -120,7 +120,13 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
+        errors = []
+        for alternative in inner:  # e.g. `int | Literal["all"]`: the first that accepts the value wins
+            try:
+                return _coerce(alternative, value, key)
+            except ConfigError as err:
+                errors.append(str(err).removeprefix(f"{key} "))
+        raise ConfigError(f"{key} {' or '.join(errors)}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}")

@@ -15,6 +15,7 @@ from pipeline.backbones import (
     fingerprint,
     imagenet_categories,
     load_state_dict,
+    ordered_blocks,
     resolve_device,
 )
 
@@ -51,11 +52,21 @@ def test_feature_extractor_is_frozen_and_in_eval_mode(lite0):
 
 def test_blocks_are_ordered_stem_to_head(lite0):
     blocks = lite0.blocks()
-    # stem conv, its norm, the 7 stages of MBConv blocks, head conv, its norm
-    assert len(blocks) == 11
-    assert blocks[0] is lite0.features.conv_stem and blocks[-1] is lite0.features.bn2
-    owned = {id(p) for b in blocks for p in b.parameters()}
-    assert owned == {id(p) for p in lite0.features.parameters()}
+    # stem (conv_stem + bn1), the 7 stages of MBConv blocks, head (conv_head + bn2)
+    assert len(blocks) == 9
+    assert list(blocks[0]) == [lite0.features.conv_stem, lite0.features.bn1]
+    assert all(a is b for a, b in zip(blocks[1:8], lite0.features.blocks, strict=True))
+    assert list(blocks[-1]) == [lite0.features.conv_head, lite0.features.bn2]
+    owned = [id(p) for b in blocks for p in b.parameters()]
+    assert sorted(owned) == sorted(id(p) for p in lite0.features.parameters())  # each parameter exactly once
+
+
+def test_resnet_blocks_are_its_stem_and_stages():
+    resnet = build_backbone("test_resnet").features
+    blocks = ordered_blocks(resnet)
+    assert len(blocks) == 5
+    assert list(blocks[0]) == [resnet.conv1, resnet.bn1]  # stem
+    assert blocks[1] is resnet.layer1 and blocks[-1] is resnet.layer4
 
 
 def test_image_size_override_keeps_the_crop_ratio(lite0):
