@@ -69,6 +69,10 @@ class Preprocessing:
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        return cls(d["resize"], d["crop"], d["interpolation"], tuple(d["mean"]), tuple(d["std"]))
+
 
 @dataclass
 class Backbone:

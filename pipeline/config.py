@@ -68,6 +68,35 @@ class HeadParams:
 
 
 @dataclass(frozen=True)
+class FinetuneParams:
+    # Trailing backbone blocks to train (`transfer backbones` shows the count), or "all"; 0 = new layer only.
+    unfreeze: int | Literal["all"] = 2
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 0.001  # the new output layer's learning rate
+    backbone_lr_mult: float = 0.1  # unfrozen blocks learn at lr * backbone_lr_mult ...
+    layer_decay: float = 1.0  # ... times layer_decay ** (blocks between them and the output)
+    weight_decay: float = 0.0001
+    warmup_epochs: int = 1  # linear warm-up, then cosine decay to zero
+    augment: bool = True  # random resized crop + horizontal flip; off = extraction's preprocessing
+    batchnorm: Literal["frozen", "train"] = "frozen"  # frozen: BatchNorm of frozen blocks stays in eval mode
+    init_head: Literal["logreg", "random"] = "logreg"  # logreg: start from the trained logistic head
+    early_stopping_patience: int = 3  # epochs without a lower val loss before stopping; 0 = never stop
+    seed: int = 0
+    image_size: int | None = None  # None: the size the weights were trained at
+    num_workers: int = 2
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+
+    def __post_init__(self) -> None:
+        if self.unfreeze != "all" and self.unfreeze < 0:
+            raise ConfigError(f"finetune.unfreeze must be >= 0 or 'all'; got {self.unfreeze}")
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"finetune.{key} must be >= 1; got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     ece_bins: int = 15
 
@@ -77,6 +106,7 @@ class Params:
     prepare: PrepareParams = field(default_factory=PrepareParams)
     extract: ExtractParams = field(default_factory=ExtractParams)
     heads: dict[str, HeadParams] = field(default_factory=lambda: {"logreg": HeadParams()})
+    finetune: FinetuneParams = field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
 

@@ -1,0 +1,43 @@
+"""DVC stage `finetune`: new output layer on the backbone, last blocks unfrozen, trained end to end."""
+
+from pathlib import Path
+
+import click
+
+from pipeline.config import load_params
+from pipeline.errors import user_errors
+from pipeline.finetune import FinetuneError, finetune
+from pipeline.heads import load_head
+from pipeline.metrics import write_json
+
+PathArg = click.Path(path_type=Path)
+
+
+@click.command()
+@click.option("--data", type=PathArg, required=True, help="ImageFolder root the manifest's paths are relative to.")
+@click.option("--manifest", type=PathArg, required=True)
+@click.option("--head", type=PathArg, required=True, help="Trained logistic head for the warm start.")
+@click.option("--out", type=PathArg, required=True, help="Directory for model.safetensors and config.json.")
+@click.option("--checkpoints", type=PathArg, required=True, help="Checkpoint cache, outside DVC's outputs.")
+@click.option("--history", type=PathArg, required=True, help="Per-epoch losses and accuracies (DVC plot).")
+@click.option("--params", type=PathArg, default=Path("params.yaml"), show_default=True)
+@user_errors
+def main(data: Path, manifest: Path, head: Path, out: Path, checkpoints: Path, history: Path, params: Path) -> None:
+    p = load_params(params)
+    warm = None
+    if p.finetune.init_head == "logreg":
+        if not head.is_file():
+            raise FinetuneError(f"finetune.init_head is logreg but {head} does not exist; train it or use random")
+        warm = load_head(head)
+    result = finetune(manifest, data, p.extract.backbone, p.finetune, out, checkpoints, warm, head)
+    write_json(history, result.history)
+    resumed = f", resumed at epoch {result.resumed_from_epoch + 1}" if result.resumed_from_epoch else ""
+    click.echo(
+        f"finetune: {result.epochs_run} epochs{resumed} (best {result.best_epoch}, val accuracy "
+        f"{result.history[result.best_epoch - 1]['val_accuracy']:.4f}), {result.trainable_params:,} of "
+        f"{result.total_params:,} parameters trained in {result.train_seconds:.1f}s on {result.device} -> {out}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Fine-tuning: the freezing is real, the optimizer is right, the warm start is exact, a kill resumes."""
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from pipeline.backbones import build_backbone, ordered_blocks
+from pipeline.config import FinetuneParams, HeadParams
+from pipeline.dataset import build_manifest, read_manifest, write_manifest
+from pipeline.finetune import (
+    Classifier,
+    LabelledImages,
+    finetune,
+    freeze,
+    init_from_head,
+    parameter_groups,
+    warmup_cosine,
+)
+from pipeline.heads import train_head
+from pipeline.store import FeatureStore
+from tests.conftest import REPO, write_image_folder
+
+FAST = FinetuneParams(
+    unfreeze=2, epochs=2, batch_size=8, init_head="random", augment=False, image_size=32, num_workers=0, device="cpu"
+)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "raw"
+    write_image_folder(root, {"a": 12, "b": 12, "c": 12})
+    manifest = tmp_path / "manifest.csv"
+    write_manifest(build_manifest(root, 0.2, 0.2, seed=0), manifest)
+    return root, manifest
+
+
+def _initial_state(name: str) -> dict[str, torch.Tensor]:
+    return {f"features.{k}": v.clone() for k, v in build_backbone(name).features.state_dict().items()}
+
+
+def test_frozen_blocks_and_their_batchnorm_statistics_do_not_move(data, tmp_path):
+    root, manifest = data
+    before = _initial_state("test_efficientnet")
+    finetune(manifest, root, "test_efficientnet", FAST, tmp_path / "out", tmp_path / "ckpt")
+    after = load_file(tmp_path / "out" / "model.safetensors")
+
+    reference = build_backbone("test_efficientnet").features
+    frozen_keys, trainable_keys = _split_keys(reference, unfreeze=2)
+    assert frozen_keys and trainable_keys
+    for key in frozen_keys:  # parameters and BatchNorm running statistics of frozen blocks
+        assert torch.equal(after[key], before[key]), key
+    assert any("running_mean" in k for k in frozen_keys)
+    changed = [k for k in trainable_keys if "num_batches_tracked" not in k and not torch.equal(after[k], before[k])]
+    trainable_params = [k for k in trainable_keys if k.endswith(("weight", "bias"))]
+    assert set(trainable_params) <= set(changed)
+    torch.manual_seed(FAST.seed)  # the new layer's initial weights, drawn as finetune draws them
+    initial_head = Classifier(reference, 256, 3).head.weight
+    assert not torch.equal(after["head.weight"], initial_head)
+
+
+def test_batchnorm_train_moves_statistics_of_frozen_blocks_but_not_their_weights(data, tmp_path):
+    root, manifest = data
+    before = _initial_state("test_efficientnet")
+    finetune(manifest, root, "test_efficientnet", replace(FAST, batchnorm="train"), tmp_path / "out", tmp_path / "c")
+    after = load_file(tmp_path / "out" / "model.safetensors")
+    frozen_keys, _ = _split_keys(build_backbone("test_efficientnet").features, unfreeze=2)
+    stats = [k for k in frozen_keys if "running_mean" in k]
+    weights = [k for k in frozen_keys if k.endswith(("weight", "bias"))]
+    assert stats and all(not torch.equal(after[k], before[k]) for k in stats)
+    assert all(torch.equal(after[k], before[k]) for k in weights)
+
+
+def _split_keys(features: nn.Module, unfreeze: int) -> tuple[list[str], list[str]]:
+    """State-dict keys (prefixed like the saved classifier's) of the frozen and the trained blocks."""
+    blocks = ordered_blocks(features)
+    owner = {}
+    for i, block in enumerate(blocks):
+        for tensor in [*block.parameters(), *block.buffers()]:
+            owner[id(tensor)] = i
+    frozen, trainable = [], []
+    for key, tensor in features.state_dict(keep_vars=True).items():
+        index = owner[id(tensor)]
+        (trainable if index >= len(blocks) - unfreeze else frozen).append(f"features.{key}")
+    return frozen, trainable
+
+
+def test_optimizer_holds_only_trainable_parameters():
+    backbone = build_backbone("test_efficientnet")
+    model = Classifier(backbone.features, backbone.feature_dim, 3)
+    split = freeze(model, backbone.blocks(), 2)
+    groups = parameter_groups(model, split, replace(FAST, lr=0.01, backbone_lr_mult=0.1, layer_decay=0.5))
+    in_optimizer = [id(p) for g in groups for p in g["params"]]
+    trainable = [id(p) for p in model.parameters() if p.requires_grad]
+    assert sorted(in_optimizer) == sorted(trainable) and len(set(in_optimizer)) == len(in_optimizer)
+    assert [g["lr"] for g in groups] == pytest.approx([0.01, 0.001, 0.0005])  # head, last block, the one before
+    assert all(p.requires_grad for p in model.head.parameters())
+    assert not any(p.requires_grad for b in split.frozen for p in b.parameters())
+
+
+def test_unfreeze_all_and_zero():
+    backbone = build_backbone("test_resnet")
+    model = Classifier(backbone.features, backbone.feature_dim, 2)
+    assert len(freeze(model, backbone.blocks(), "all").frozen) == 0
+    assert all(p.requires_grad for p in model.parameters())
+    split = freeze(model, backbone.blocks(), 0)
+    assert split.trainable == [] and [p for p in model.parameters() if p.requires_grad] == list(model.head.parameters())
+
+
+def test_unfreeze_zero_trains_the_same_layer_as_training_it_alone(data, tmp_path):
+    root, manifest = data
+    params = replace(FAST, unfreeze=0, epochs=1, early_stopping_patience=0)
+    finetune(manifest, root, "test_resnet", params, tmp_path / "out", tmp_path / "ckpt")
+    tuned = load_file(tmp_path / "out" / "model.safetensors")
+
+    # The same layer trained by hand: same init, same batches in the same order, same optimizer and schedule.
+    backbone = build_backbone("test_resnet")
+    preprocessing = backbone.preprocessing.with_image_size(32)
+    m = read_manifest(manifest)
+    rows = [r for r in m.ok_rows() if r.split == "train"]
+    labels = torch.tensor([m.classes.index(r.class_name) for r in rows])
+    torch.manual_seed(params.seed)
+    layer = Classifier(backbone.features, backbone.feature_dim, 3).head
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    steps = -(-len(rows) // params.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, steps))
+    loader = torch.utils.data.DataLoader(
+        LabelledImages(root, rows, labels, preprocessing.to_uint8),
+        batch_size=params.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(params.seed * 100_003),
+    )
+    for images, targets in loader:
+        with torch.no_grad():
+            features = backbone.features(preprocessing.normalize(images))
+        loss = nn.functional.cross_entropy(layer(features), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    torch.testing.assert_close(tuned["head.weight"], layer.weight.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tuned["head.bias"], layer.bias.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_warm_start_reproduces_the_logistic_head_exactly():
+    rng = np.random.default_rng(0)
+    features = (rng.normal(size=(60, 8)) + np.repeat(np.eye(3, 8) * 4, 20, axis=0)).astype(np.float32)
+    store = FeatureStore(
+        features=features,
+        labels=np.repeat(np.arange(3), 20),
+        split=np.tile([0, 0, 0, 1, 2], 12).astype(np.uint8),
+        paths=[str(i) for i in range(60)],
+        sha256=["0" * 64] * 60,
+        attrs={"classes": ["a", "b", "c"], "fingerprint": "f"},
+    )
+    head = train_head(store, "logreg", HeadParams(grid={"C": [1.0]}))
+    layer = nn.Linear(8, 3)
+    init_from_head(layer, head)
+    with torch.no_grad():
+        proba = layer(torch.as_tensor(features)).double().softmax(1).numpy()
+    np.testing.assert_allclose(proba, head.predict_proba(features), atol=1e-6)
+
+
+def test_binary_warm_start_fills_both_rows():
+    rng = np.random.default_rng(1)
+    features = np.vstack([rng.normal(-2, 1, (20, 4)), rng.normal(2, 1, (20, 4))]).astype(np.float32)
+    store = FeatureStore(
+        features=features,
+        labels=np.repeat([0, 1], 20),
+        split=np.tile([0, 0, 0, 1], 10).astype(np.uint8),
+        paths=[str(i) for i in range(40)],
+        sha256=["0" * 64] * 40,
+        attrs={"classes": ["ants", "bees"], "fingerprint": "f"},
+    )
+    head = train_head(store, "logreg", HeadParams(grid={"C": [1.0]}))
+    layer = nn.Linear(4, 2)
+    init_from_head(layer, head)
+    with torch.no_grad():
+        proba = layer(torch.as_tensor(features)).double().softmax(1).numpy()
+    np.testing.assert_allclose(proba, head.predict_proba(features), atol=1e-6)
+
+
+def _stage(work: Path, root: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "stages.finetune", "--data", str(root), "--manifest", str(work / "manifest.csv"),
+        "--head", str(work / "none.h5"), "--out", str(work / "out"), "--checkpoints", str(work / "ckpt"),
+        "--history", str(work / "history.json"), "--params", str(work / "params.yaml"),
+    ]  # fmt: skip
+
+
+def _setup(work: Path, root: Path) -> None:
+    work.mkdir()
+    write_manifest(build_manifest(root, 0.2, 0.2, seed=0), work / "manifest.csv")
+    (work / "params.yaml").write_text(
+        "extract:\n  backbone: test_resnet\nfinetune:\n  epochs: 5\n  batch_size: 4\n  init_head: random\n"
+        "  augment: true\n  image_size: 64\n  num_workers: 0\n  device: cpu\n  early_stopping_patience: 0\n"
+    )
+
+
+def test_kill_during_epoch_three_resumes_there_with_identical_final_weights(tmp_path):
+    root = tmp_path / "raw"
+    write_image_folder(root, {"a": 40, "b": 40}, size=64)
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    _setup(killed, root)
+    proc = subprocess.Popen(
+        _stage(killed, root), cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    for line in proc.stderr:
+        if "epoch 2:" in line and "checkpoint saved" in line:
+            proc.kill()  # SIGKILL, in epoch 3
+            break
+    proc.wait()
+    assert proc.returncode == -9
+    saved = torch.load(next((killed / "ckpt").glob("*/checkpoint.pt")), weights_only=True)
+    assert saved["epoch"] == 2 and not (killed / "out").exists()
+
+    resumed = subprocess.run(_stage(killed, root), cwd=REPO, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "5 epochs, resumed at epoch 3" in resumed.stdout
+    assert "epoch 1:" not in resumed.stderr and "epoch 3:" in resumed.stderr
+
+    _setup(clean, root)
+    subprocess.run(_stage(clean, root), cwd=REPO, check=True, capture_output=True)
+    a, b = load_file(killed / "out" / "model.safetensors"), load_file(clean / "out" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
