@@ -9,6 +9,7 @@ the same backbone on ready tensors of the same batch size. Prints both and `rati
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -35,15 +36,19 @@ def forward_images_per_second(params: ExtractParams, n_images: int) -> float:
     batch = torch.randn(params.batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     n_batches = max(1, n_images // params.batch_size)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        model(batch)  # warm-up: allocator, kernels selection
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        for _ in range(2):  # warm-up: allocator, kernel selection
+            model(batch)
+        _sync(device)
         start = time.perf_counter()
         for _ in range(n_batches):
             model(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
     return n_batches * params.batch_size / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 @click.command()
@@ -54,7 +59,8 @@ def forward_images_per_second(params: ExtractParams, n_images: int) -> float:
 @click.option("--jpeg-draft/--no-jpeg-draft", default=True, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", default="auto", show_default=True)
-def main(data, backbone, batch_size, num_workers, jpeg_draft, device, precision) -> None:
+@click.option("--repeats", type=int, default=3, show_default=True)
+def main(data, backbone, batch_size, num_workers, jpeg_draft, device, precision, repeats) -> None:
     params = replace(
         ExtractParams(),
         backbone=backbone,
@@ -64,24 +70,27 @@ def main(data, backbone, batch_size, num_workers, jpeg_draft, device, precision)
         device=device,
         precision=precision,
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        manifest = build_manifest(data, 0.15, 0.15, seed=0)
-        write_manifest(manifest, work / "manifest.csv")
-        n = len(manifest.ok_rows())
-        print(f"{n} images from {data}, {backbone}, batch {batch_size}, workers {num_workers}, draft {jpeg_draft}")
-        forward = forward_images_per_second(params, n)
-        result = extract(work / "manifest.csv", data, work / "features.h5", work / "cache", params)
-    # Decode, preprocess, forward, cache flush, store write; model loading (once per run) reported apart.
-    end_to_end = result.computed / (result.compute_seconds + result.write_seconds)
-    setup = result.seconds - result.compute_seconds - result.write_seconds
+    manifest = build_manifest(data, 0.15, 0.15, seed=0)
+    n = len(manifest.ok_rows())
+    print(f"{n} images from {data}, {backbone}, batch {batch_size}, workers {num_workers}, draft {jpeg_draft}")
+    forward, end_to_end, setup = [], [], []
+    # Interleaved repeats, medians reported: a 2-core machine's speed drifts from one second to the next.
+    for _ in range(repeats):
+        forward.append(forward_images_per_second(params, n))
+        with tempfile.TemporaryDirectory() as tmp:  # a fresh embedding cache: every image is computed
+            work = Path(tmp)
+            write_manifest(manifest, work / "manifest.csv")
+            result = extract(work / "manifest.csv", data, work / "features.h5", work / "cache", params)
+        # Decode, preprocess, forward, cache flush, store write; model loading (once per run) reported apart.
+        end_to_end.append(result.computed / (result.compute_seconds + result.write_seconds))
+        setup.append(result.seconds - result.compute_seconds - result.write_seconds)
     print(f"device {result.device} precision {result.precision} torch threads {torch.get_num_threads()}")
-    print(f"model loading and hashing {setup:.1f} s, store write {result.write_seconds:.2f} s")
-    print(f"forward images/s {forward:.1f}")
+    print(f"model loading and hashing {statistics.median(setup):.1f} s per run (not in end-to-end)")
+    print(f"forward images/s {statistics.median(forward):.1f} (runs: {', '.join(f'{v:.1f}' for v in forward)})")
     print(
-        f"end-to-end images/s {end_to_end:.1f} (whole call incl. model loading: {result.computed / result.seconds:.1f})"
+        f"end-to-end images/s {statistics.median(end_to_end):.1f} (runs: {', '.join(f'{v:.1f}' for v in end_to_end)})"
     )
-    print(f"ratio {end_to_end / forward:.3f}")
+    print(f"ratio {statistics.median(end_to_end) / statistics.median(forward):.3f}")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ class FinetuneParams:
     init_head: Literal["logreg", "random"] = "logreg"  # logreg: start from the trained logistic head
     early_stopping_patience: int = 3  # epochs without a lower val loss before stopping; 0 = never stop
     seed: int = 0
-    image_size: int | None = None  # None: the size the weights were trained at
+    image_size: int | None = None  # None: extract.image_size, the inputs the frozen features came from
     num_workers: int = 2
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere

@@ -107,6 +107,8 @@ def init_from_head(layer: nn.Linear, head: TrainedHead) -> None:
     logits = ((f - mean) / scale) @ coef.T + b = f @ (coef / scale).T + (b - coef @ (mean / scale)).
     scikit-learn stores a binary problem as one row (the logit of class 1); class 0 gets a zero row.
     """
+    if head.kind != "logreg":
+        raise FinetuneError(f"init_head needs a logreg head; {head.name} is a {head.kind} head")
     scaler, clf = head.model.named_steps["scale"], head.model.named_steps["clf"]
     coef, intercept = clf.coef_ / scaler.scale_, clf.intercept_ - clf.coef_ @ (scaler.mean_ / scaler.scale_)
     if coef.shape[0] == 1:
@@ -117,6 +119,22 @@ def init_from_head(layer: nn.Linear, head: TrainedHead) -> None:
     with torch.no_grad():
         layer.weight.copy_(torch.as_tensor(weight, dtype=layer.weight.dtype))
         layer.bias.copy_(torch.as_tensor(bias, dtype=layer.bias.dtype))
+
+
+def check_warm_start(head: TrainedHead, store_attrs: dict, backbone: str, image_size: int | None) -> None:
+    """A head can seed the new layer only if it saw the features this backbone gives at this image size."""
+    if head.store_fingerprint != store_attrs.get("fingerprint"):
+        raise FinetuneError(
+            f"the logreg head was trained on features {head.store_fingerprint}, the store is "
+            f"{store_attrs.get('fingerprint')}; rerun train_head"
+        )
+    size = image_size or json.loads(store_attrs["preprocessing"])["crop"]
+    seen = (store_attrs.get("backbone"), store_attrs.get("image_size"))
+    if seen != (backbone, size):
+        raise FinetuneError(
+            f"the logreg head was trained on {seen[0]} features at {seen[1]} px, fine-tuning runs {backbone} "
+            f"at {size} px: set finetune.image_size to null or init_head to random"
+        )
 
 
 def train_transform(p: Preprocessing, augment: bool):

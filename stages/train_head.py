@@ -6,7 +6,7 @@ import click
 
 from pipeline.config import load_params
 from pipeline.errors import user_errors
-from pipeline.heads import HeadError, save_head, train_head
+from pipeline.heads import HeadError, check_head_params, save_head, train_head
 from pipeline.metrics import write_json
 from pipeline.store import read_store
 
@@ -24,6 +24,7 @@ def main(name: str, features: Path, out: Path, curve: Path, params: Path) -> Non
     heads = load_params(params).heads
     if name not in heads:
         raise HeadError(f"no head '{name}' under heads in {params}; defined: {', '.join(heads)}")
+    check_head_params(name, heads[name])  # a misconfigured head fails before the store is read
     head = train_head(read_store(features), name, heads[name])
     save_head(head, out)
     write_json(curve, head.val_curve)

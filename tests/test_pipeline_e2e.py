@@ -34,6 +34,9 @@ def project(tmp_path: Path) -> Path:
     shutil.copy(REPO / "dvc.yaml", repo)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["extract"].update(backbone="test_resnet", image_size=32, num_workers=0, batch_size=16)
+    params["finetune"].update(epochs=1, num_workers=0, batch_size=8)
+    # A second logistic head that nothing else depends on (the fine-tune stage warm-starts from `logreg`).
+    params["heads"]["probe"] = {"kind": "logreg", "grid": {"C": [1.0]}}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_image_folder(repo / "data" / "raw", {"cat": 10, "dog": 10, "fox": 10})
     sh(repo, "git", "init", "-q")
@@ -50,9 +53,18 @@ def stages_run(output: str) -> set[str]:
 
 def test_repro_then_head_change_reruns_only_the_head(project: Path):
     first = dvc(project, "repro")
-    assert stages_run(first) == {"prepare", "extract", "train_head@logreg", "evaluate@logreg"}
-    metrics = json.loads((project / "metrics" / "models" / "logreg.json").read_text())
-    assert metrics["n_test"] == 6 and 0.0 <= metrics["accuracy"] <= 1.0
+    heads = set(yaml.safe_load((project / "params.yaml").read_text())["heads"])
+    assert stages_run(first) == {
+        "prepare",
+        "extract",
+        "finetune",
+        "evaluate_finetune",
+        *(f"train_head@{h}" for h in heads),
+        *(f"evaluate@{h}" for h in heads),
+    }
+    for model in ("logreg", "probe", "finetune"):
+        metrics = json.loads((project / "metrics" / "models" / f"{model}.json").read_text())
+        assert metrics["n_test"] == 6 and 0.0 <= metrics["accuracy"] <= 1.0
     assert json.loads((project / "metrics" / "extract.json").read_text())["computed"] == 30
     sh(project, "git", "add", "-A")
     sh(project, "git", "commit", "-qm", "baseline")
@@ -60,14 +72,14 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     assert "Data and pipelines are up to date" in dvc(project, "repro")
 
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["heads"]["logreg"]["grid"]["C"] = [1e-6]  # heavy regularisation: near-uniform probabilities
+    params["heads"]["probe"]["grid"]["C"] = [1e-6]  # heavy regularisation: near-uniform probabilities
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = dvc(project, "repro")
-    assert stages_run(second) == {"train_head@logreg", "evaluate@logreg"}
+    assert stages_run(second) == {"train_head@probe", "evaluate@probe"}
     assert "Stage 'extract' didn't change, skipping" in second
 
     diff = json.loads(dvc(project, "metrics", "diff", "--json"))
-    changed = diff["metrics/models/logreg.json"]
+    changed = diff["metrics/models/probe.json"]
     assert changed["log_loss"]["old"] != changed["log_loss"]["new"]
-    assert changed["hyperparameters.C"]["new"] == 1e-6
-    assert "metrics/extract.json" not in diff
+    assert changed["hyperparameters.C"] == {"old": 1.0, "new": 1e-6, "diff": 1e-6 - 1.0}
+    assert set(diff) == {"metrics/models/probe.json"}
