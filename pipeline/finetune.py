@@ -67,12 +67,21 @@ def freeze(model: Classifier, blocks: list[nn.Module], unfreeze: int | str) -> F
 
 
 def set_train_mode(model: Classifier, split: Frozen, batchnorm: str) -> None:
-    """Train mode, except frozen blocks under `batchnorm: frozen`: they stay in eval mode entirely, so their
-    BatchNorm statistics do not move (and dropout in them does not fire)."""
+    """Train mode for what learns; under `batchnorm: frozen` (the default) frozen blocks stay in eval mode
+    entirely and every BatchNorm layer keeps its pre-trained statistics.
+
+    Keeping the statistics of the unfrozen blocks too is the usual advice for fine-tuning (Keras' transfer
+    learning guide): batch statistics of a new dataset shift every feature the first step sees, which
+    wrecks a warm-started head and makes small batches noisy. Their scale and shift still learn.
+    `batchnorm: train` lets every BatchNorm layer, frozen blocks' included, use and track batch statistics.
+    """
     model.train()
     if batchnorm == "frozen":
         for block in split.frozen:
             block.eval()
+        for module in model.modules():
+            if isinstance(module, BATCHNORM):
+                module.eval()
 
 
 def parameter_groups(model: Classifier, split: Frozen, params: FinetuneParams) -> list[dict]:
@@ -179,13 +188,15 @@ class FinetuneResult:
 
 
 def run_key(backbone: Backbone, params: FinetuneParams, manifest: Manifest, head_path: Path | None) -> str:
-    """What a checkpoint must match to be resumed: the data, the backbone, the params, the warm start."""
+    """What a checkpoint must match to be resumed: data, backbone, params, warm start, training code."""
     spec = {
         "backbone": backbone.name,
         "weights": backbone.weights_sha256(),
         "params": asdict(params),
         "manifest": manifest_sha256(manifest),
         "head": hashlib.sha256(head_path.read_bytes()).hexdigest() if head_path else None,
+        # A change to the training code must not resume a checkpoint the old code wrote.
+        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
