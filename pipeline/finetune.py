@@ -137,7 +137,7 @@ def check_warm_start(head: TrainedHead, store_attrs: dict, backbone: str, image_
             f"the logreg head was trained on features {head.store_fingerprint}, the store is "
             f"{store_attrs.get('fingerprint')}; rerun train_head"
         )
-    size = image_size or json.loads(store_attrs["preprocessing"])["crop"]
+    size = image_size or store_attrs["preprocessing"]["crop"]
     seen = (store_attrs.get("backbone"), store_attrs.get("image_size"))
     if seen != (backbone, size):
         raise FinetuneError(

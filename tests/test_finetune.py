@@ -16,7 +16,9 @@ from pipeline.config import FinetuneParams, HeadParams
 from pipeline.dataset import build_manifest, read_manifest, write_manifest
 from pipeline.finetune import (
     Classifier,
+    FinetuneError,
     LabelledImages,
+    check_warm_start,
     finetune,
     freeze,
     init_from_head,
@@ -230,3 +232,14 @@ def test_kill_during_epoch_three_resumes_there_with_identical_final_weights(tmp_
     a, b = load_file(killed / "out" / "model.safetensors"), load_file(clean / "out" / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_warm_start_is_refused_for_features_of_another_size_or_store():
+    head = type("Head", (), {"store_fingerprint": "f1"})()
+    attrs = {"fingerprint": "f1", "backbone": "efficientnet_lite0", "image_size": 224, "preprocessing": {"crop": 224}}
+    check_warm_start(head, attrs, "efficientnet_lite0", None)  # the weights' size, as the store
+    check_warm_start(head, attrs, "efficientnet_lite0", 224)
+    with pytest.raises(FinetuneError, match="at 224 px, fine-tuning runs efficientnet_lite0 at 128 px"):
+        check_warm_start(head, attrs, "efficientnet_lite0", 128)
+    with pytest.raises(FinetuneError, match="trained on features f1, the store is f2; rerun train_head"):
+        check_warm_start(head, {**attrs, "fingerprint": "f2"}, "efficientnet_lite0", None)
