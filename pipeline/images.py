@@ -83,10 +83,10 @@ def decode_rgb(data: bytes, draft_short_side: int | None = None) -> Image.Image:
 def _upright(img: Image.Image) -> Image.Image:
     """Apply the EXIF orientation; a file whose EXIF block is unreadable is kept as stored."""
     try:
-        return ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of the (usually upright) pixels
     except EXIF_ERRORS as err:
         log.warning("unreadable EXIF block (%s: %s); orientation not applied", type(err).__name__, err)
-        return img
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
