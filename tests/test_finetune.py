@@ -150,42 +150,36 @@ def test_unfreeze_zero_trains_the_same_layer_as_training_it_alone(data, tmp_path
     torch.testing.assert_close(tuned["head.bias"], layer.bias.detach(), rtol=1e-5, atol=1e-6)
 
 
+def _assert_warm_start_reproduces_head(features: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:
+    """Train a logistic head on the features, copy it into a new layer: same probabilities."""
+    n = len(features)
+    store = FeatureStore(
+        features=features,
+        labels=labels,
+        split=np.tile([0, 0, 0, 1], n // 4).astype(np.uint8),
+        paths=[str(i) for i in range(n)],
+        sha256=["0" * 64] * n,
+        attrs={"classes": classes, "fingerprint": "f"},
+    )
+    head = train_head(store, "logreg", HeadParams(grid={"C": [1.0]}))
+    layer = nn.Linear(features.shape[1], len(classes))
+    init_from_head(layer, head)
+    with torch.no_grad():
+        proba = layer(torch.as_tensor(features)).double().softmax(1).numpy()
+    np.testing.assert_allclose(proba, head.predict_proba(features), atol=1e-6)
+
+
 def test_warm_start_reproduces_the_logistic_head_exactly():
     rng = np.random.default_rng(0)
     features = (rng.normal(size=(60, 8)) + np.repeat(np.eye(3, 8) * 4, 20, axis=0)).astype(np.float32)
-    store = FeatureStore(
-        features=features,
-        labels=np.repeat(np.arange(3), 20),
-        split=np.tile([0, 0, 0, 1, 2], 12).astype(np.uint8),
-        paths=[str(i) for i in range(60)],
-        sha256=["0" * 64] * 60,
-        attrs={"classes": ["a", "b", "c"], "fingerprint": "f"},
-    )
-    head = train_head(store, "logreg", HeadParams(grid={"C": [1.0]}))
-    layer = nn.Linear(8, 3)
-    init_from_head(layer, head)
-    with torch.no_grad():
-        proba = layer(torch.as_tensor(features)).double().softmax(1).numpy()
-    np.testing.assert_allclose(proba, head.predict_proba(features), atol=1e-6)
+    _assert_warm_start_reproduces_head(features, np.repeat(np.arange(3), 20), ["a", "b", "c"])
 
 
 def test_binary_warm_start_fills_both_rows():
+    """scikit-learn keeps one row of coefficients for two classes; the layer needs both."""
     rng = np.random.default_rng(1)
     features = np.vstack([rng.normal(-2, 1, (20, 4)), rng.normal(2, 1, (20, 4))]).astype(np.float32)
-    store = FeatureStore(
-        features=features,
-        labels=np.repeat([0, 1], 20),
-        split=np.tile([0, 0, 0, 1], 10).astype(np.uint8),
-        paths=[str(i) for i in range(40)],
-        sha256=["0" * 64] * 40,
-        attrs={"classes": ["ants", "bees"], "fingerprint": "f"},
-    )
-    head = train_head(store, "logreg", HeadParams(grid={"C": [1.0]}))
-    layer = nn.Linear(4, 2)
-    init_from_head(layer, head)
-    with torch.no_grad():
-        proba = layer(torch.as_tensor(features)).double().softmax(1).numpy()
-    np.testing.assert_allclose(proba, head.predict_proba(features), atol=1e-6)
+    _assert_warm_start_reproduces_head(features, np.repeat([0, 1], 20), ["ants", "bees"])
 
 
 def _stage(work: Path, root: Path) -> list[str]:
