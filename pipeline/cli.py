@@ -71,3 +71,55 @@ def inspect(features: Path) -> None:
     for index, name in enumerate(classes):
         counts = [int(((labels == index) & (split == code)).sum()) for code in SPLIT_CODES.values()]
         click.echo(f"    {index:>3} {name}: train {counts[0]}, val {counts[1]}, test {counts[2]}")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--head", type=click.Path(path_type=Path, dir_okay=False), help="A trained head (data/heads/<name>.h5).")
+@click.option("--features", type=click.Path(path_type=Path, dir_okay=False), help="The store the head was trained on.")
+@click.option("--finetuned", type=click.Path(path_type=Path, file_okay=False), help="A fine-tuned model directory.")
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
+@click.option("--output", type=click.Path(path_type=Path, dir_okay=False), help="Write here instead of stdout.")
+@user_errors
+def predict(inputs, head, features, finetuned, top_k, batch_size, num_workers, device, fmt, output) -> None:
+    """Classify image files or folders with a head (--head and --features) or a fine-tuned model (--finetuned).
+
+    Files that cannot be read as images are listed on stderr with their reason; the rest are predicted.
+    """
+    import csv
+    import io
+    import json
+
+    from pipeline.predict import finetuned_predictor, head_predictor, list_images
+
+    if bool(head) + bool(finetuned) != 1 or bool(head) != bool(features):
+        raise click.UsageError("give either --head with --features, or --finetuned")
+    predictor = head_predictor(head, features, device) if head else finetuned_predictor(finetuned, device)
+    paths = list_images(list(inputs))
+    predictions, rejected = predictor.predict(paths, top_k, batch_size, num_workers)
+    buffer = io.StringIO()
+    if fmt == "json":
+        payload = {
+            "predictions": [
+                {"path": p.path, "top": [{"class": c, "probability": q} for c, q in p.top]} for p in predictions
+            ],
+            "rejected": [{"path": r.path, "reason": r.reason, "detail": r.detail} for r in rejected],
+        }
+        buffer.write(json.dumps(payload, indent=2) + "\n")
+    else:
+        writer = csv.writer(buffer)
+        k = min(top_k, len(predictor.classes))
+        writer.writerow(["path", *[f"{name}_{i}" for i in range(1, k + 1) for name in ("class", "probability")]])
+        for p in predictions:
+            writer.writerow([p.path, *[v for c, q in p.top for v in (c, f"{q:.6f}")]])
+    if output:
+        output.write_text(buffer.getvalue())
+    else:
+        click.echo(buffer.getvalue(), nl=False)
+    for r in rejected:
+        click.echo(f"rejected {r.path}: {r.reason} ({r.detail})", err=True)
+    click.echo(f"predicted {len(predictions)} images, rejected {len(rejected)}", err=True)
