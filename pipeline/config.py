@@ -102,12 +102,20 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class ReportParams:
+    # Training images per class for the learning curve of the best head (plus "all").
+    learning_curve_sizes: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50])
+    seeds: int = 5  # random subsets per size: the curve shows their mean and spread
+
+
+@dataclass(frozen=True)
 class Params:
     prepare: PrepareParams = field(default_factory=PrepareParams)
     extract: ExtractParams = field(default_factory=ExtractParams)
     heads: dict[str, HeadParams] = field(default_factory=lambda: {"logreg": HeadParams()})
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    report: ReportParams = field(default_factory=ReportParams)
 
 
 def load_params(path: Path) -> Params:

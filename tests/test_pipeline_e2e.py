@@ -59,9 +59,11 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
         "extract",
         "finetune",
         "evaluate_finetune",
+        "report",
         *(f"train_head@{h}" for h in heads),
         *(f"evaluate@{h}" for h in heads),
     }
+    assert "Recommendation" in (project / "reports" / "strategy.md").read_text()
     for model in ("logreg", "probe", "finetune"):
         metrics = json.loads((project / "metrics" / "models" / f"{model}.json").read_text())
         assert metrics["n_test"] == 6 and 0.0 <= metrics["accuracy"] <= 1.0
@@ -75,7 +77,8 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     params["heads"]["probe"]["grid"]["C"] = [1e-6]  # heavy regularisation: near-uniform probabilities
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = dvc(project, "repro")
-    assert stages_run(second) == {"train_head@probe", "evaluate@probe"}
+    # That head, its evaluation, and the report that compares every model; nothing upstream.
+    assert stages_run(second) == {"train_head@probe", "evaluate@probe", "report"}
     assert "Stage 'extract' didn't change, skipping" in second
 
     diff = json.loads(dvc(project, "metrics", "diff", "--json"))

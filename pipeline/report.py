@@ -1,0 +1,286 @@
+"""The strategy report: every model's costs and scores side by side, a learning curve, a recommendation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.backbones import Backbone, build_backbone
+from pipeline.config import HeadParams
+from pipeline.errors import PipelineError
+from pipeline.heads import HeadError, TrainedHead, load_head, train_head
+from pipeline.store import SPLIT_CODES, FeatureStore
+
+log = logging.getLogger(__name__)
+
+ALL = 0  # learning-curve size meaning "every training image"
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    name: str
+    strategy: str  # feature_extraction or fine_tuning
+    layers_trained: str
+    params_updated: int
+    params_total: int  # of the whole network that classifies an image: backbone + output layer
+    train_seconds: float
+    inference_ms: float  # per image, batch of 32, on this machine
+    accuracy: float
+    macro_f1: float
+    ece: float
+    train_accuracy: float
+    gap: float  # train accuracy - test accuracy: the overfitting gap
+
+    @property
+    def fraction_updated(self) -> float:
+        return self.params_updated / self.params_total
+
+
+def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def forward_ms_per_image(network: torch.nn.Module, image_size: int, batch: int = 32) -> float:
+    """Median milliseconds per image of three timed forward passes on random input (after a warm-up)."""
+    x = torch.randn(batch, 3, image_size, image_size)
+    times = []
+    with torch.inference_mode():
+        network.eval()
+        network(x)
+        for _ in range(3):
+            start = time.perf_counter()
+            network(x)
+            times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times)) / batch
+
+
+def head_rows(
+    store: FeatureStore, heads: list[TrainedHead], metrics: dict[str, dict], backbone: Backbone
+) -> list[ModelRow]:
+    """One row per head: the backbone is frozen, only the head's numbers are learned."""
+    backbone_params = count_parameters(backbone.features)
+    forward_ms = forward_ms_per_image(backbone.features, int(store.attrs["image_size"]))
+    x_train, y_train = store.subset("train")
+    rows = []
+    for head in heads:
+        m = metrics[head.name]
+        start = time.perf_counter()
+        train_accuracy = float((head.predict_proba(x_train).argmax(1) == y_train).mean())
+        head_ms = 1000 * (time.perf_counter() - start) / max(1, len(y_train))
+        rows.append(
+            ModelRow(
+                name=head.name,
+                strategy="feature_extraction",
+                layers_trained=f"new {head.kind} head only (backbone frozen)",
+                params_updated=head.trainable_params,
+                params_total=backbone_params + head.trainable_params,
+                train_seconds=float(m["fit_seconds"]),
+                inference_ms=forward_ms + head_ms,
+                accuracy=m["accuracy"],
+                macro_f1=m["macro_f1"],
+                ece=m["ece"],
+                train_accuracy=train_accuracy,
+                gap=train_accuracy - m["accuracy"],
+            )
+        )
+    return rows
+
+
+def finetune_row(model_dir: Path, metrics: dict) -> ModelRow:
+    from pipeline.finetune import load_finetuned
+
+    model, config, preprocessing = load_finetuned(model_dir)
+    training = config["training"]
+    train_accuracy = float(training["train_accuracy"])
+    return ModelRow(
+        name="finetune",
+        strategy="fine_tuning",
+        layers_trained=f"last {config['unfrozen_blocks']} of {config['total_blocks']} blocks + new output layer",
+        params_updated=int(training["trainable_params"]),
+        params_total=count_parameters(model),
+        train_seconds=float(training["train_seconds"]),
+        inference_ms=forward_ms_per_image(model, preprocessing.crop),
+        accuracy=metrics["accuracy"],
+        macro_f1=metrics["macro_f1"],
+        ece=metrics["ece"],
+        train_accuracy=train_accuracy,
+        gap=train_accuracy - metrics["accuracy"],
+    )
+
+
+def subsample_train(store: FeatureStore, per_class: int, seed: int) -> FeatureStore:
+    """The store with at most `per_class` train rows of each class (seeded); val and test rows unchanged."""
+    rng = np.random.default_rng(seed)
+    keep = store.split != SPLIT_CODES["train"]
+    for label in np.unique(store.labels):
+        rows = np.flatnonzero((store.split == SPLIT_CODES["train"]) & (store.labels == label))
+        keep[rows if per_class == ALL else rng.permutation(rows)[:per_class]] = True
+    return replace(
+        store,
+        features=store.features[keep],
+        labels=store.labels[keep],
+        split=store.split[keep],
+        paths=[p for p, k in zip(store.paths, keep, strict=True) if k],
+        sha256=[h for h, k in zip(store.sha256, keep, strict=True) if k],
+    )
+
+
+def learning_curve(store: FeatureStore, head: TrainedHead, sizes: list[int], seeds: int) -> list[dict]:
+    """Test accuracy of the head's kind and chosen hyperparameters against training images per class."""
+    params = HeadParams(kind=head.kind, args=dict(head.hyperparameters), grid={}, refit_on_train_val=False)
+    smallest = min(int(((store.split == 0) & (store.labels == c)).sum()) for c in np.unique(store.labels))
+    points = []
+    for size in sorted({s for s in sizes if 0 < s < smallest} | {ALL}, key=lambda s: s or 10**9):
+        scores = []
+        for seed in range(1 if size == ALL else seeds):
+            sub = subsample_train(store, size, seed)
+            try:
+                fitted = train_head(sub, head.name, replace(params, seed=seed))
+            except HeadError as err:  # e.g. k-NN's k above the rows of a tiny subset
+                log.info("learning curve: %d per class skipped: %s", size, err)
+                break
+            x_test, y_test = sub.subset("test")
+            scores.append(float((fitted.predict_proba(x_test).argmax(1) == y_test).mean()))
+        if scores:
+            per_class = smallest if size == ALL else size
+            label = "all" if size == ALL else str(size)  # "all": at least `smallest` per class
+            points.append(
+                {
+                    "per_class": per_class,
+                    "label": label,
+                    "accuracy": float(np.mean(scores)),
+                    "std": float(np.std(scores)),
+                }
+            )
+    return points
+
+
+def recommend(rows: list[ModelRow], extract_seconds: float) -> str:
+    """Plain words computed from the numbers: which strategy, and why."""
+    heads = [r for r in rows if r.strategy == "feature_extraction"]
+    tuned = [r for r in rows if r.strategy == "fine_tuning"]
+    if not heads:
+        raise PipelineError("the report needs at least one head")
+    best = max(heads, key=lambda r: r.accuracy)
+    if not tuned:
+        return f"Only feature extraction was measured: {best.name} reaches {best.accuracy:.1%} test accuracy."
+    ft = tuned[0]
+    fx_cost = best.train_seconds + extract_seconds
+    speedup = ft.train_seconds / fx_cost if fx_cost > 0 else float("inf")
+    if ft.accuracy - best.accuracy > 0.01:
+        return (
+            f"Fine-tuning gains {100 * (ft.accuracy - best.accuracy):.1f} points of test accuracy over the best head "
+            f"on frozen features ({ft.accuracy:.1%} against {best.name}'s {best.accuracy:.1%}) for {speedup:.0f}x "
+            f"its training time ({ft.train_seconds:.0f} s against {fx_cost:.0f} s including extraction): "
+            "use fine-tuning."
+        )
+    return (
+        f"Frozen features reach {best.accuracy / ft.accuracy:.0%} of the fine-tuned accuracy ({best.name}: "
+        f"{best.accuracy:.1%}, fine-tuned: {ft.accuracy:.1%}) at 1/{speedup:.0f} of the training time "
+        f"({fx_cost:.0f} s including extraction, against {ft.train_seconds:.0f} s): use feature extraction."
+    )
+
+
+def render(
+    rows: list[ModelRow], curve: list[dict], curve_head: str, recommendation: str, extract_seconds: float
+) -> str:
+    lines = [
+        "# Feature extraction or fine-tuning?",
+        "",
+        f"**Recommendation.** {recommendation}",
+        "",
+        "| model | strategy | layers trained | parameters updated | share of the network | training s "
+        "| inference ms/image | test accuracy | macro-F1 | ECE | train accuracy | overfitting gap |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: -r.accuracy):
+        lines.append(
+            f"| {r.name} | {r.strategy.replace('_', ' ')} | {r.layers_trained} | {r.params_updated:,} | "
+            f"{r.fraction_updated:.2%} | {r.train_seconds:.2f} | {r.inference_ms:.2f} | {r.accuracy:.4f} | "
+            f"{r.macro_f1:.4f} | {r.ece:.4f} | {r.train_accuracy:.4f} | {r.gap:+.4f} |"
+        )
+    lines += [
+        "",
+        f"Training seconds of the heads exclude the one-off extraction of the features ({extract_seconds:.1f} s), "
+        "which every head shares. Inference is the backbone's forward pass plus the head, measured on this "
+        "machine. The fine-tuned model's train accuracy is the one seen during its best epoch.",
+        "",
+        f"## Learning curve ({curve_head} on frozen features)",
+        "",
+        "| training images per class | test accuracy (mean) | spread (std over seeds) |",
+        "|---|---|---|",
+        *[f"| {p['label']} ({p['per_class']}) | {p['accuracy']:.4f} | {p['std']:.4f} |" for p in curve],
+        "",
+        "![learning curve](learning_curve.png)",
+        "",
+        "![accuracy against training time](accuracy_vs_time.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_figures(rows: list[ModelRow], curve: list[dict], curve_head: str, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    from matplotlib import pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [p["per_class"] for p in curve]
+    y = np.array([p["accuracy"] for p in curve])
+    s = np.array([p["std"] for p in curve])
+    ax.plot(x, y, marker="o", label=curve_head)
+    ax.fill_between(x, y - s, y + s, alpha=0.2)
+    tuned = [r for r in rows if r.strategy == "fine_tuning"]
+    if tuned:
+        ax.axhline(tuned[0].accuracy, color="tab:red", linestyle="--", label="fine-tuned, all images")
+    ax.set(xscale="log", xlabel="training images per class", ylabel="test accuracy", title="Learning curve")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "learning_curve.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(
+            max(r.train_seconds, 1e-3), r.accuracy, color="tab:red" if r.strategy == "fine_tuning" else "tab:blue"
+        )
+        ax.annotate(r.name, (max(r.train_seconds, 1e-3), r.accuracy), textcoords="offset points", xytext=(4, 4))
+    ax.set(
+        xscale="log", xlabel="training seconds (log)", ylabel="test accuracy", title="Accuracy against training time"
+    )
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy_vs_time.png", dpi=100)
+    plt.close(fig)
+
+
+def build_report(
+    store: FeatureStore,
+    head_paths: list[Path],
+    metrics_dir: Path,
+    finetuned: Path | None,
+    extract_seconds: float,
+    sizes: list[int],
+    seeds: int,
+) -> tuple[str, list[ModelRow], list[dict], str]:
+    """Markdown, the rows, the learning curve and the head it was drawn for."""
+    heads = [load_head(p, store) for p in head_paths]
+    metrics = {p.stem: json.loads(p.read_text()) for p in sorted(Path(metrics_dir).glob("*.json"))}
+    missing = [h.name for h in heads if h.name not in metrics]
+    if missing:
+        raise PipelineError(f"no metrics for {', '.join(missing)} in {metrics_dir}; run evaluate first")
+    rows = head_rows(store, heads, metrics, build_backbone(store.attrs["backbone"]))
+    if finetuned is not None and "finetune" in metrics:
+        rows.append(finetune_row(finetuned, metrics["finetune"]))
+    # The curve's head is picked on val, like every other choice here: the test split only scores.
+    best = max(heads, key=lambda h: max(c["val_accuracy"] for c in h.val_curve))
+    curve = learning_curve(store, best, sizes, seeds)
+    recommendation = recommend(rows, extract_seconds)
+    return render(rows, curve, best.name, recommendation, extract_seconds), rows, curve, best.name

@@ -1,0 +1,47 @@
+"""DVC stage `report`: reports/strategy.md, its figures, and the learning curve as a DVC plot."""
+
+import json
+from pathlib import Path
+
+import click
+
+from pipeline.config import load_params
+from pipeline.errors import user_errors
+from pipeline.metrics import write_json
+from pipeline.report import build_report, write_figures
+from pipeline.store import read_store
+
+PathArg = click.Path(path_type=Path)
+
+
+@click.command()
+@click.option("--features", type=PathArg, required=True)
+@click.option("--heads", type=PathArg, required=True, help="Folder of trained heads (<name>.h5).")
+@click.option("--metrics", type=PathArg, required=True, help="Folder of test metrics (<model>.json).")
+@click.option("--finetuned", type=PathArg, help="Fine-tuned model folder, if the pipeline has one.")
+@click.option("--extract-metrics", type=PathArg, required=True)
+@click.option("--out", type=PathArg, required=True, help="Folder for strategy.md and its figures.")
+@click.option("--curve", type=PathArg, required=True, help="Learning curve (DVC plot data, JSON).")
+@click.option("--params", type=PathArg, default=Path("params.yaml"), show_default=True)
+@user_errors
+def main(features, heads, metrics, finetuned, extract_metrics, out, curve, params) -> None:
+    p = load_params(params)
+    head_paths = [heads / f"{name}.h5" for name in p.heads]
+    extract_seconds = float(json.loads(extract_metrics.read_text())["seconds"])
+    markdown, rows, points, curve_head = build_report(
+        read_store(features),
+        head_paths,
+        metrics,
+        finetuned,
+        extract_seconds,
+        p.report.learning_curve_sizes,
+        p.report.seeds,
+    )
+    write_figures(rows, points, curve_head, out)
+    (out / "strategy.md").write_text(markdown)
+    write_json(curve, points)
+    click.echo(f"report: {len(rows)} models, learning curve of {curve_head} -> {out / 'strategy.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The strategy report's numbers: parameter counts against torch's, a learning-curve point recomputed."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from pipeline.backbones import build_backbone
+from pipeline.config import FinetuneParams, HeadParams
+from pipeline.dataset import build_manifest, write_manifest
+from pipeline.finetune import Classifier, finetune, freeze
+from pipeline.heads import train_head
+from pipeline.report import ModelRow, finetune_row, head_rows, learning_curve, recommend, subsample_train
+from pipeline.store import FeatureStore
+
+
+def blobs(n_per_class: int = 40, dim: int = 6, seed: int = 0) -> FeatureStore:
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(3), n_per_class)
+    features = (rng.normal(size=(len(labels), dim)) + np.eye(3, dim)[labels] * 1.5).astype(np.float32)
+    split = np.tile([0, 0, 0, 0, 1, 2], len(labels) // 6).astype(np.uint8)
+    return FeatureStore(
+        features, labels, split, [str(i) for i in range(len(labels))], ["0" * 64] * len(labels),
+        {"classes": ["a", "b", "c"], "fingerprint": "f", "backbone": "test_resnet", "image_size": 32},
+    )  # fmt: skip
+
+
+def test_a_learning_curve_point_matches_scikit_learn_fitted_by_hand():
+    store = blobs()
+    head = train_head(store, "logreg", HeadParams(grid={"C": [0.5]}))
+    curve = learning_curve(store, head, sizes=[5], seeds=1)
+    point = next(p for p in curve if p["label"] == "5")
+    sub = subsample_train(store, 5, seed=0)
+    x, y = sub.subset("train")
+    assert np.bincount(y).tolist() == [5, 5, 5]
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=1000, random_state=0)).fit(x, y)
+    x_test, y_test = store.subset("test")
+    assert point["accuracy"] == pytest.approx(float((model.predict(x_test) == y_test).mean()))
+    assert curve[-1]["label"] == "all"
+
+
+def test_head_rows_count_the_backbone_with_torch():
+    store = blobs(dim=96)  # test_resnet's feature size
+    head = train_head(store, "logreg", HeadParams(grid={"C": [1.0]}))
+    metrics = {"logreg": {"fit_seconds": 0.1, "accuracy": 0.9, "macro_f1": 0.9, "ece": 0.05}}
+    backbone = build_backbone("test_resnet")
+    (row,) = head_rows(store, [head], metrics, backbone)
+    torch_count = sum(p.numel() for p in backbone.features.parameters())
+    assert row.params_updated == 96 * 3 + 3
+    assert row.params_total == torch_count + row.params_updated
+    assert row.gap == pytest.approx(row.train_accuracy - 0.9)
+
+
+def test_finetune_row_counts_what_torch_says_was_trainable(image_folder: Path, tmp_path: Path):
+    manifest = tmp_path / "manifest.csv"
+    write_manifest(build_manifest(image_folder, 0.2, 0.2, seed=0), manifest)
+    params = replace(
+        FinetuneParams(), unfreeze=2, epochs=1, init_head="random", image_size=32, num_workers=0, device="cpu"
+    )
+    finetune(manifest, image_folder, "test_resnet", params, tmp_path / "ft", tmp_path / "ckpt")
+    row = finetune_row(tmp_path / "ft", {"accuracy": 0.5, "macro_f1": 0.5, "ece": 0.1})
+    backbone = build_backbone("test_resnet")
+    model = Classifier(backbone.features, backbone.feature_dim, 3)
+    freeze(model, backbone.blocks(), 2)
+    assert row.params_updated == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert row.params_total == sum(p.numel() for p in model.parameters())
+    assert row.layers_trained == "last 2 of 5 blocks + new output layer"
+
+
+def _row(name: str, strategy: str, accuracy: float, seconds: float) -> ModelRow:
+    return ModelRow(name, strategy, "", 1, 10, seconds, 1.0, accuracy, accuracy, 0.0, 1.0, 1.0 - accuracy)
+
+
+def test_recommendation_follows_the_numbers():
+    close = [_row("logreg", "feature_extraction", 0.95, 1.0), _row("finetune", "fine_tuning", 0.955, 100.0)]
+    assert recommend(close, extract_seconds=9.0) == (
+        "Frozen features reach 99% of the fine-tuned accuracy (logreg: 95.0%, fine-tuned: 95.5%) at 1/10 of the "
+        "training time (10 s including extraction, against 100 s): use feature extraction."
+    )
+    far = [_row("logreg", "feature_extraction", 0.90, 1.0), _row("finetune", "fine_tuning", 0.99, 50.0)]
+    assert recommend(far, extract_seconds=4.0).startswith("Fine-tuning gains 9.0 points of test accuracy")
+    assert recommend(far[:1], 4.0).startswith("Only feature extraction was measured")
