@@ -106,6 +106,9 @@ class ReportParams:
     # Training images per class for the learning curve of the best head (plus "all").
     learning_curve_sizes: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50])
     seeds: int = 5  # random subsets per size: the curve shows their mean and spread
+    # Also fine-tune on subsets of these sizes (expensive: one fine-tuning run per size).
+    finetune_curve: bool = False
+    finetune_curve_sizes: list[int] = field(default_factory=lambda: [10, 50])
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from pipeline.backbones import Backbone, build_backbone
-from pipeline.config import HeadParams
+from pipeline.config import FinetuneParams, HeadParams
+from pipeline.dataset import Manifest, read_manifest, write_manifest
 from pipeline.errors import PipelineError
 from pipeline.heads import HeadError, TrainedHead, load_head, train_head
 from pipeline.store import SPLIT_CODES, FeatureStore
@@ -161,6 +162,43 @@ def learning_curve(store: FeatureStore, head: TrainedHead, sizes: list[int], see
     return points
 
 
+def subsample_manifest(manifest: Manifest, per_class: int, seed: int) -> Manifest:
+    """Usable rows with at most `per_class` train images of each class (seeded); val and test unchanged."""
+    rng = np.random.default_rng(seed)
+    ok = manifest.ok_rows()
+    keep = [r for r in ok if r.split != "train"]
+    for cls in manifest.classes:
+        train = [r for r in ok if r.split == "train" and r.class_name == cls]
+        keep += [train[i] for i in rng.permutation(len(train))[:per_class]]
+    order = {r.path: i for i, r in enumerate(ok)}
+    return Manifest(sorted(keep, key=lambda r: order[r.path]), manifest.layout, [])
+
+
+def finetune_curve(
+    manifest_path: Path, data_root: Path, backbone: str, params: FinetuneParams, sizes: list[int], work: Path
+) -> list[dict]:
+    """Test accuracy of fine-tuning on `sizes` training images per class (one seeded subset each).
+
+    The new layer starts from random weights here: the trained logistic head saw every training image.
+    """
+    from pipeline.evaluate import evaluate_finetuned
+    from pipeline.finetune import finetune
+
+    manifest = read_manifest(manifest_path)
+    tuned = replace(params, init_head="random")
+    points = []
+    for size in sizes:
+        subset = work / f"manifest-{size}.csv"
+        write_manifest(subsample_manifest(manifest, size, params.seed), subset)
+        model = work / f"model-{size}"
+        finetune(subset, data_root, backbone, tuned, model, work / "checkpoints")
+        scores, _ = evaluate_finetuned(
+            model, subset, data_root, num_workers=params.num_workers, device=params.device, precision=params.precision
+        )
+        points.append({"per_class": size, "label": str(size), "accuracy": scores["accuracy"], "std": 0.0})
+    return points
+
+
 def recommend(rows: list[ModelRow], extract_seconds: float) -> str:
     """Plain words computed from the numbers: which strategy, and why."""
     heads = [r for r in rows if r.strategy == "feature_extraction"]
@@ -188,7 +226,12 @@ def recommend(rows: list[ModelRow], extract_seconds: float) -> str:
 
 
 def render(
-    rows: list[ModelRow], curve: list[dict], curve_head: str, recommendation: str, extract_seconds: float
+    rows: list[ModelRow],
+    curve: list[dict],
+    curve_head: str,
+    recommendation: str,
+    extract_seconds: float,
+    tuned_curve: list[dict] | None = None,
 ) -> str:
     lines = [
         "# Feature extraction or fine-tuning?",
@@ -217,6 +260,17 @@ def render(
         "|---|---|---|",
         *[f"| {p['label']} ({p['per_class']}) | {p['accuracy']:.4f} | {p['std']:.4f} |" for p in curve],
         "",
+    ]
+    if tuned_curve:
+        lines += [
+            "Fine-tuning on subsets (one seed each, new layer from random weights):",
+            "",
+            "| training images per class | test accuracy |",
+            "|---|---|",
+            *[f"| {p['per_class']} | {p['accuracy']:.4f} |" for p in tuned_curve],
+            "",
+        ]
+    lines += [
         "![learning curve](learning_curve.png)",
         "",
         "![accuracy against training time](accuracy_vs_time.png)",
@@ -225,7 +279,9 @@ def render(
     return "\n".join(lines)
 
 
-def write_figures(rows: list[ModelRow], curve: list[dict], curve_head: str, out_dir: Path) -> None:
+def write_figures(
+    rows: list[ModelRow], curve: list[dict], curve_head: str, out_dir: Path, tuned_curve: list[dict] | None = None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -238,6 +294,14 @@ def write_figures(rows: list[ModelRow], curve: list[dict], curve_head: str, out_
     s = np.array([p["std"] for p in curve])
     ax.plot(x, y, marker="o", label=curve_head)
     ax.fill_between(x, y - s, y + s, alpha=0.2)
+    if tuned_curve:
+        ax.plot(
+            [p["per_class"] for p in tuned_curve],
+            [p["accuracy"] for p in tuned_curve],
+            marker="s",
+            color="tab:red",
+            label="fine-tuned",
+        )
     tuned = [r for r in rows if r.strategy == "fine_tuning"]
     if tuned:
         ax.axhline(tuned[0].accuracy, color="tab:red", linestyle="--", label="fine-tuned, all images")
@@ -269,6 +333,7 @@ def build_report(
     extract_seconds: float,
     sizes: list[int],
     seeds: int,
+    tuned_curve: list[dict] | None = None,
 ) -> tuple[str, list[ModelRow], list[dict], str]:
     """Markdown, the rows, the learning curve and the head it was drawn for."""
     heads = [load_head(p, store) for p in head_paths]
@@ -283,4 +348,5 @@ def build_report(
     best = max(heads, key=lambda h: max(c["val_accuracy"] for c in h.val_curve))
     curve = learning_curve(store, best, sizes, seeds)
     recommendation = recommend(rows, extract_seconds)
-    return render(rows, curve, best.name, recommendation, extract_seconds), rows, curve, best.name
+    markdown = render(rows, curve, best.name, recommendation, extract_seconds, tuned_curve)
+    return markdown, rows, curve, best.name

@@ -1,5 +1,7 @@
 """The strategy report's numbers: parameter counts against torch's, a learning-curve point recomputed."""
 
+import json
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,10 +13,18 @@ from sklearn.preprocessing import StandardScaler
 
 from pipeline.backbones import build_backbone
 from pipeline.config import FinetuneParams, HeadParams
-from pipeline.dataset import build_manifest, write_manifest
+from pipeline.dataset import build_manifest, read_manifest, write_manifest
 from pipeline.finetune import Classifier, finetune, freeze
 from pipeline.heads import train_head
-from pipeline.report import ModelRow, finetune_row, head_rows, learning_curve, recommend, subsample_train
+from pipeline.report import (
+    ModelRow,
+    finetune_curve,
+    finetune_row,
+    head_rows,
+    learning_curve,
+    recommend,
+    subsample_train,
+)
 from pipeline.store import FeatureStore
 
 
@@ -84,3 +94,17 @@ def test_recommendation_follows_the_numbers():
     far = [_row("logreg", "feature_extraction", 0.90, 1.0), _row("finetune", "fine_tuning", 0.99, 50.0)]
     assert recommend(far, extract_seconds=4.0).startswith("Fine-tuning gains 9.0 points of test accuracy")
     assert recommend(far[:1], 4.0).startswith("Only feature extraction was measured")
+
+
+def test_finetune_curve_trains_on_subsets_and_scores_the_full_test_split(image_folder: Path, tmp_path: Path):
+    manifest = tmp_path / "manifest.csv"
+    write_manifest(build_manifest(image_folder, 0.2, 0.2, seed=0), manifest)
+    params = replace(FinetuneParams(), epochs=1, image_size=32, num_workers=0, device="cpu", init_head="logreg")
+    points = finetune_curve(manifest, image_folder, "test_resnet", params, [2, 4], tmp_path / "work")
+    assert [p["per_class"] for p in points] == [2, 4]
+    assert all(0.0 <= p["accuracy"] <= 1.0 for p in points)
+    subset = read_manifest(tmp_path / "work" / "manifest-2.csv")
+    assert sorted(Counter(r.class_name for r in subset.ok_rows() if r.split == "train").values()) == [2, 2, 2]
+    assert sum(r.split == "test" for r in subset.ok_rows()) == 6  # every test image still scored
+    config = json.loads((tmp_path / "work" / "model-2" / "config.json").read_text())
+    assert config["params"]["init_head"] == "random"  # the logistic head saw every training image
