@@ -53,6 +53,9 @@ class ExtractParams:
     # Decode large JPEGs at a reduced scale (never below the resize target) before resizing.
     jpeg_draft: bool = True
 
+    def __post_init__(self) -> None:
+        _at_least("extract", self, batch_size=1, num_workers=0, image_size=1)
+
 
 @dataclass(frozen=True)
 class HeadParams:
@@ -100,6 +103,9 @@ class FinetuneParams:
 class EvaluateParams:
     ece_bins: int = 15
 
+    def __post_init__(self) -> None:
+        _at_least("evaluate", self, ece_bins=1)
+
 
 @dataclass(frozen=True)
 class ReportParams:
@@ -110,6 +116,9 @@ class ReportParams:
     finetune_curve: bool = False
     finetune_curve_sizes: list[int] = field(default_factory=lambda: [10, 50])
 
+    def __post_init__(self) -> None:
+        _at_least("report", self, seeds=1)
+
 
 @dataclass(frozen=True)
 class Params:
@@ -119,6 +128,14 @@ class Params:
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     report: ReportParams = field(default_factory=ReportParams)
+
+
+def _at_least(section: str, params: object, **minimum: int) -> None:
+    """Range checks: each named value (when set) must be at least its minimum."""
+    for key, low in minimum.items():
+        value = getattr(params, key)
+        if value is not None and value < low:
+            raise ConfigError(f"{section}.{key} must be >= {low}; got {value}")
 
 
 def load_params(path: Path) -> Params:

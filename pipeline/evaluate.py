@@ -21,6 +21,8 @@ def evaluate_head(store_path: Path, head_path: Path, ece_bins: int = 15) -> tupl
     store = read_store(store_path)
     head = load_head(head_path, store)
     x_test, y_test = store.subset("test")
+    if len(y_test) == 0:
+        raise StoreError(f"{store_path} has no test images to score; set prepare.test_fraction above 0")
     proba = head.predict_proba(x_test)
     metrics = {
         "model": head.name,
@@ -55,6 +57,8 @@ def evaluate_finetuned(
     if manifest.classes != classes:
         raise StoreError(f"{model_dir} was trained on classes {classes}, the manifest has {manifest.classes}")
     rows = [r for r in manifest.ok_rows() if r.split == "test"]
+    if not rows:
+        raise StoreError(f"{manifest_path} has no test images to score; set prepare.test_fraction above 0")
     labels = torch.tensor([classes.index(r.class_name) for r in rows])
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)

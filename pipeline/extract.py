@@ -96,6 +96,7 @@ def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, pa
             attrs={
                 "backbone": backbone.name,
                 "weights_id": backbone.weights_id,
+                "weights_file": params.weights,
                 "preprocessing": preprocessing.to_json(),
                 "image_size": preprocessing.crop,
                 "feature_dim": backbone.feature_dim,
@@ -122,6 +123,12 @@ def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, pa
         precision=precision,
         fingerprint=fp,
     )
+
+
+def backbone_of_store(attrs: dict) -> Backbone:
+    """The backbone a store was extracted with: its name and, when one was given, its weights file."""
+    weights = attrs.get("weights_file")
+    return build_backbone(attrs["backbone"], Path(weights) if weights else None)
 
 
 def embed_rows(

@@ -130,14 +130,22 @@ def init_from_head(layer: nn.Linear, head: TrainedHead) -> None:
         layer.bias.copy_(torch.as_tensor(bias, dtype=layer.bias.dtype))
 
 
-def check_warm_start(head: TrainedHead, store_attrs: dict, backbone: str, image_size: int | None) -> None:
-    """A head can seed the new layer only if it saw the features this backbone gives at this image size."""
+def check_warm_start(
+    head: TrainedHead, store_attrs: dict, backbone: str, image_size: int | None, weights: str | None = None
+) -> None:
+    """A head can seed the new layer only if it saw the features this backbone (with these weights) gives at
+    this image size."""
     if head.store_fingerprint != store_attrs.get("fingerprint"):
         raise FinetuneError(
             f"the logreg head was trained on features {head.store_fingerprint}, the store is "
             f"{store_attrs.get('fingerprint')}; rerun train_head"
         )
     size = image_size or store_attrs["preprocessing"]["crop"]
+    if store_attrs.get("weights_file") != weights:
+        raise FinetuneError(
+            f"the logreg head was trained on features of weights {store_attrs.get('weights_file') or 'the defaults'}, "
+            f"fine-tuning starts from {weights or 'the defaults'}: rerun extract and train_head"
+        )
     seen = (store_attrs.get("backbone"), store_attrs.get("image_size"))
     if seen != (backbone, size):
         raise FinetuneError(
@@ -210,6 +218,7 @@ def finetune(
     checkpoint_dir: Path,
     head: TrainedHead | None = None,
     head_path: Path | None = None,
+    weights: Path | None = None,
 ) -> FinetuneResult:
     """Fine-tune `backbone_name` on the manifest's train split, early-stopping on val loss.
 
@@ -222,8 +231,10 @@ def finetune(
     manifest = read_manifest(manifest_path)
     classes = manifest.classes
     rows = {s: [r for r in manifest.ok_rows() if r.split == s] for s in ("train", "val")}
+    if not rows["val"]:
+        raise FinetuneError(f"{manifest_path} has no val images for early stopping; set prepare.val_fraction above 0")
     labels = {s: torch.tensor([classes.index(r.class_name) for r in rows[s]]) for s in rows}
-    backbone = build_backbone(backbone_name)
+    backbone = build_backbone(backbone_name, weights)  # extract.weights: the same network the features came from
     preprocessing = backbone.preprocessing.with_image_size(params.image_size)
     device = resolve_device(params.device)
     precision = resolve_precision(params.precision, device)

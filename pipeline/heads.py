@@ -487,7 +487,7 @@ def train_head(store: FeatureStore, name: str, params: HeadParams) -> TrainedHea
     start = time.perf_counter()
     curve, best, best_model = [], None, None
     for point in _grid_points(kind, params.grid):
-        if _too_big(kind, point, len(y_train), name):
+        if _too_big(kind, {**fixed, **point}, len(y_train), name):
             continue
         model = _fit(kind, {**fixed, **point}, x_train, y_train, name)
         record = {**point, **_val_scores(model, x_val, y_val, n_classes)}

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, log_loss
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, log_loss
 
 
 def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: int = 15) -> float:
@@ -44,10 +44,6 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, n_bins: int = 
 def confusion_rows(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> list[dict[str, str]]:
     """One {actual, predicted} record per test image: the input of DVC's confusion-matrix plot."""
     return [{"actual": classes[t], "predicted": classes[p]} for t, p in zip(y_true, y_pred, strict=True)]
-
-
-def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    return confusion_matrix(y_true, y_pred, labels=np.arange(n_classes))
 
 
 def write_json(path: Path, payload: object) -> None:

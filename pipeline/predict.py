@@ -11,10 +11,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.backbones import Preprocessing, build_backbone, fingerprint, resolve_device
+from pipeline.backbones import Preprocessing, fingerprint, resolve_device
 from pipeline.dataset import JUNK_NAMES
 from pipeline.errors import PipelineError
-from pipeline.extract import resolve_precision
+from pipeline.extract import backbone_of_store, resolve_precision
 from pipeline.finetune import load_finetuned
 from pipeline.heads import load_head
 from pipeline.images import ImageRejected, decode_rgb, read_bytes
@@ -143,7 +143,7 @@ def head_predictor(head_path: Path, store_path: Path, device: str = "auto") -> P
         raise PipelineError(
             f"{head_path} was trained on features {head.store_fingerprint}, {store_path} has {attrs['fingerprint']}"
         )
-    backbone = build_backbone(attrs["backbone"])
+    backbone = backbone_of_store(attrs)
     preprocessing = Preprocessing.from_dict(attrs["preprocessing"])
     rebuilt = fingerprint(backbone, preprocessing, attrs["precision"], bool(attrs["jpeg_draft"]))
     if rebuilt != attrs["fingerprint"]:

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.backbones import Backbone, build_backbone
+from pipeline.backbones import Backbone
 from pipeline.config import FinetuneParams, HeadParams
 from pipeline.dataset import Manifest, read_manifest, write_manifest
 from pipeline.errors import PipelineError
+from pipeline.extract import backbone_of_store
 from pipeline.heads import HeadError, TrainedHead, load_head, train_head
 from pipeline.store import SPLIT_CODES, FeatureStore
 
@@ -175,7 +176,13 @@ def subsample_manifest(manifest: Manifest, per_class: int, seed: int) -> Manifes
 
 
 def finetune_curve(
-    manifest_path: Path, data_root: Path, backbone: str, params: FinetuneParams, sizes: list[int], work: Path
+    manifest_path: Path,
+    data_root: Path,
+    backbone: str,
+    params: FinetuneParams,
+    sizes: list[int],
+    work: Path,
+    weights: Path | None = None,
 ) -> list[dict]:
     """Test accuracy of fine-tuning on `sizes` training images per class (one seeded subset each).
 
@@ -191,7 +198,7 @@ def finetune_curve(
         subset = work / f"manifest-{size}.csv"
         write_manifest(subsample_manifest(manifest, size, params.seed), subset)
         model = work / f"model-{size}"
-        finetune(subset, data_root, backbone, tuned, model, work / "checkpoints")
+        finetune(subset, data_root, backbone, tuned, model, work / "checkpoints", weights=weights)
         scores, _ = evaluate_finetuned(
             model, subset, data_root, num_workers=params.num_workers, device=params.device, precision=params.precision
         )
@@ -199,18 +206,22 @@ def finetune_curve(
     return points
 
 
-def recommend(rows: list[ModelRow], extract_seconds: float) -> str:
-    """Plain words computed from the numbers: which strategy, and why."""
+def recommend(rows: list[ModelRow], extract_seconds: float, best_head: str | None = None) -> str:
+    """Plain words computed from the numbers: which strategy, and why.
+
+    `best_head` is the head chosen on val (the test split only scores); by default the most accurate.
+    """
     heads = [r for r in rows if r.strategy == "feature_extraction"]
     tuned = [r for r in rows if r.strategy == "fine_tuning"]
     if not heads:
         raise PipelineError("the report needs at least one head")
-    best = max(heads, key=lambda r: r.accuracy)
+    best = next((r for r in heads if r.name == best_head), None) or max(heads, key=lambda r: r.accuracy)
     if not tuned:
         return f"Only feature extraction was measured: {best.name} reaches {best.accuracy:.1%} test accuracy."
     ft = tuned[0]
     fx_cost = best.train_seconds + extract_seconds
     speedup = ft.train_seconds / fx_cost if fx_cost > 0 else float("inf")
+    cost = f"1/{speedup:.0f} of" if speedup >= 1 else f"{1 / speedup:.1f}x"
     if ft.accuracy - best.accuracy > 0.01:
         return (
             f"Fine-tuning gains {100 * (ft.accuracy - best.accuracy):.1f} points of test accuracy over the best head "
@@ -220,7 +231,7 @@ def recommend(rows: list[ModelRow], extract_seconds: float) -> str:
         )
     return (
         f"Frozen features reach {best.accuracy / ft.accuracy:.0%} of the fine-tuned accuracy ({best.name}: "
-        f"{best.accuracy:.1%}, fine-tuned: {ft.accuracy:.1%}) at 1/{speedup:.0f} of the training time "
+        f"{best.accuracy:.1%}, fine-tuned: {ft.accuracy:.1%}) at {cost} the training time "
         f"({fx_cost:.0f} s including extraction, against {ft.train_seconds:.0f} s): use feature extraction."
     )
 
@@ -341,12 +352,12 @@ def build_report(
     missing = [h.name for h in heads if h.name not in metrics]
     if missing:
         raise PipelineError(f"no metrics for {', '.join(missing)} in {metrics_dir}; run evaluate first")
-    rows = head_rows(store, heads, metrics, build_backbone(store.attrs["backbone"]))
+    rows = head_rows(store, heads, metrics, backbone_of_store(store.attrs))
     if finetuned is not None and "finetune" in metrics:
         rows.append(finetune_row(finetuned, metrics["finetune"]))
     # The curve's head is picked on val, like every other choice here: the test split only scores.
     best = max(heads, key=lambda h: max(c["val_accuracy"] for c in h.val_curve))
     curve = learning_curve(store, best, sizes, seeds)
-    recommendation = recommend(rows, extract_seconds)
+    recommendation = recommend(rows, extract_seconds, best.name)
     markdown = render(rows, curve, best.name, recommendation, extract_seconds, tuned_curve)
     return markdown, rows, curve, best.name

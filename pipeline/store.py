@@ -99,6 +99,8 @@ def write_store(
 def read_attrs(path: Path) -> dict:
     """A store's attributes (JSON values decoded), without reading the features."""
     with _open(path) as f:
+        if "features" not in f:
+            raise StoreError(f"{path} is not a feature store (no features dataset); give data/features/<backbone>.h5")
         return _decode_attrs(f.attrs)
 
 
@@ -139,9 +141,10 @@ def _open(path: Path) -> h5py.File:
         f = h5py.File(path, "r")
     except OSError as err:
         raise StoreError(f"{path} is not a readable HDF5 file: {err}") from err
-    if f.attrs.get("schema_version") != SCHEMA_VERSION:
+    version = f.attrs.get("schema_version")
+    if version != SCHEMA_VERSION:
         f.close()
-        raise StoreError(f"{path}: schema_version {f.attrs.get('schema_version')}, expected {SCHEMA_VERSION}")
+        raise StoreError(f"{path}: schema_version {version}, expected {SCHEMA_VERSION}")
     return f
 
 

@@ -45,8 +45,9 @@ def main(
         if features is None:
             raise FinetuneError("finetune.init_head is logreg: give --features, the store the head was trained on")
         warm = load_head(head)
-        check_warm_start(warm, read_attrs(features), p.extract.backbone, f.image_size)
-    result = finetune(manifest, data, p.extract.backbone, f, out, checkpoints, warm, head)
+        check_warm_start(warm, read_attrs(features), p.extract.backbone, f.image_size, p.extract.weights)
+    weights = Path(p.extract.weights) if p.extract.weights else None
+    result = finetune(manifest, data, p.extract.backbone, f, out, checkpoints, warm, head, weights)
     write_json(history, result.history)
     resumed = f", resumed at epoch {result.resumed_from_epoch + 1}" if result.resumed_from_epoch else ""
     click.echo(

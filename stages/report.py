@@ -37,7 +37,8 @@ def main(features, heads, metrics, finetuned, extract_metrics, manifest, data, o
         tuning = replace(p.finetune, image_size=p.finetune.image_size or p.extract.image_size)
         with tempfile.TemporaryDirectory() as work:
             sizes = p.report.finetune_curve_sizes
-            tuned_curve = finetune_curve(manifest, data, p.extract.backbone, tuning, sizes, Path(work))
+            weights = Path(p.extract.weights) if p.extract.weights else None
+            tuned_curve = finetune_curve(manifest, data, p.extract.backbone, tuning, sizes, Path(work), weights)
     markdown, rows, points, curve_head = build_report(
         read_store(features),
         head_paths,

@@ -108,3 +108,15 @@ def test_finetune_curve_trains_on_subsets_and_scores_the_full_test_split(image_f
     assert sum(r.split == "test" for r in subset.ok_rows()) == 6  # every test image still scored
     config = json.loads((tmp_path / "work" / "model-2" / "config.json").read_text())
     assert config["params"]["init_head"] == "random"  # the logistic head saw every training image
+
+
+def test_learning_curve_skips_sizes_too_small_for_knn():
+    store = blobs()
+    head = train_head(store, "knn", HeadParams(kind="knn", grid={"n_neighbors": [5.0]}))
+    curve = learning_curve(store, head, sizes=[1, 2, 10], seeds=2)
+    assert [p["label"] for p in curve] == ["2", "10", "all"]  # 1 per class: 3 rows, fewer than k = 5
+
+
+def test_recommendation_when_fine_tuning_is_the_cheaper_run():
+    rows = [_row("logreg", "feature_extraction", 0.95, 20.0), _row("finetune", "fine_tuning", 0.95, 5.0)]
+    assert "at 4.0x the training time" in recommend(rows, extract_seconds=0.0)

@@ -130,3 +130,13 @@ def test_second_user_of_a_cache_fails_at_once(tmp_path):
             pass
     with EmbeddingCache(tmp_path, "fp", 1) as cache:  # released, and intact
         np.testing.assert_array_equal(cache.read(_hashes(1)), [[1]])
+
+
+def test_a_store_of_another_schema_or_a_head_file_is_a_clean_error(tmp_path):
+    with h5py.File(tmp_path / "old.h5", "w") as f:
+        f.attrs["schema_version"] = 0
+    with pytest.raises(StoreError, match="schema_version 0, expected 1"):
+        read_attrs(tmp_path / "old.h5")
+    save_arrays(tmp_path / "head.h5", {"coef": np.zeros(2)}, {"kind": "logreg"})
+    with pytest.raises(StoreError, match="is not a feature store"):
+        read_attrs(tmp_path / "head.h5")
