@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -431,9 +432,15 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, best_weights, stat
 
 
 def save_finetuned(model, out_dir, backbone, preprocessing, classes, split: Frozen, params, training: dict) -> Path:
-    """safetensors weights plus a JSON config (classes, backbone, preprocessing, unfrozen blocks), atomically."""
+    """safetensors weights plus a JSON config (classes, backbone, preprocessing, unfrozen blocks).
+
+    Both are written into a temporary folder that then replaces `out_dir`, so weights and config always
+    belong together; a kill leaves the old pair or nothing.
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     config = {
         "backbone": backbone.name,
         "classes": classes,
@@ -444,14 +451,11 @@ def save_finetuned(model, out_dir, backbone, preprocessing, classes, split: Froz
         "params": asdict(params),
         "training": training,
     }
-    weights = out_dir / "model.safetensors"
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, weights.with_name(".model.safetensors.tmp"))
-    os.replace(weights.with_name(".model.safetensors.tmp"), weights)
-    tmp = out_dir / ".config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, out_dir / "config.json")
-    return weights
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir / "model.safetensors"
 
 
 def load_finetuned(model_dir: Path) -> tuple[Classifier, dict, Preprocessing]:

@@ -48,8 +48,13 @@ def confusion_rows(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -
 
 def write_json(path: Path, payload: object) -> None:
     """Write JSON atomically, so a failed stage never leaves a half-written metrics file."""
+    write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file through a temporary file and a rename: readers see the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)

@@ -9,7 +9,7 @@ import click
 
 from pipeline.config import load_params
 from pipeline.errors import user_errors
-from pipeline.metrics import write_json
+from pipeline.metrics import write_json, write_text
 from pipeline.report import build_report, finetune_curve, write_figures
 from pipeline.store import read_store
 
@@ -50,7 +50,7 @@ def main(features, heads, metrics, finetuned, extract_metrics, manifest, data, o
         tuned_curve,
     )
     write_figures(rows, points, curve_head, out, tuned_curve)
-    (out / "strategy.md").write_text(markdown)
+    write_text(out / "strategy.md", markdown)
     write_json(curve, points)
     click.echo(f"report: {len(rows)} models, learning curve of {curve_head} -> {out / 'strategy.md'}")
 
