@@ -94,9 +94,7 @@ class FinetuneParams:
     def __post_init__(self) -> None:
         if self.unfreeze != "all" and self.unfreeze < 0:
             raise ConfigError(f"finetune.unfreeze must be >= 0 or 'all'; got {self.unfreeze}")
-        for key in ("epochs", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"finetune.{key} must be >= 1; got {getattr(self, key)}")
+        _at_least("finetune", self, epochs=1, batch_size=1, num_workers=0, image_size=1)
 
 
 @dataclass(frozen=True)

@@ -82,22 +82,13 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path):
     [
         ("prepare:\n  val_fraction: -0.1\n", r"prepare\.val_fraction must be in \[0, 1\); got -0\.1"),
         ("prepare:\n  val_fraction: 0.5\n  test_fraction: 0.5\n", r"val_fraction \+ prepare\.test_fraction must be"),
-    ],
-)
-def test_split_fractions_must_leave_a_training_set(tmp_path, text, message):
-    with pytest.raises(ConfigError, match=message):
-        load_params(write(tmp_path, text))
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
         ("extract:\n  batch_size: 0\n", r"extract\.batch_size must be >= 1; got 0"),
         ("extract:\n  num_workers: -1\n", r"extract\.num_workers must be >= 0; got -1"),
         ("evaluate:\n  ece_bins: 0\n", r"evaluate\.ece_bins must be >= 1"),
         ("report:\n  seeds: 0\n", r"report\.seeds must be >= 1"),
+        ("finetune:\n  epochs: 0\n", r"finetune\.epochs must be >= 1; got 0"),
     ],
 )
-def test_out_of_range_values_are_rejected_by_name(tmp_path, text, message):
+def test_out_of_range_values_are_rejected_by_name_split_fractions_included(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_params(write(tmp_path, text))
