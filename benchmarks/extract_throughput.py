@@ -1,14 +1,18 @@
 """Extraction throughput: end-to-end images/s over pure-forward images/s, measured in the same run.
 
-    python benchmarks/extract_throughput.py [--data ../shared/datasets/hymenoptera] [--batch-size 32]
+    python benchmarks/extract_throughput.py [--data ../shared/datasets/hymenoptera] [--loader auto|workers|inline]
 
 End to end = the extract library call on a fresh embedding cache: read, hash, decode, preprocess,
-forward, cache flush and store write (model loading, once per run, is printed apart). Pure forward =
+forward, cache flush and store write (model loading, once per call, is printed apart). Pure forward =
 the same backbone on ready tensors of the same batch size. Prints both and `ratio X` (target >= 0.85).
+
+A small shared machine's speed drifts by tens of percent within seconds, so the two are measured in short
+alternating slices (a few batches each, in ABBA order so a steady drift cancels) and the totals compared.
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 import tempfile
 import time
@@ -20,30 +24,45 @@ import torch
 
 from pipeline.backbones import build_backbone, resolve_device
 from pipeline.config import ExtractParams
-from pipeline.dataset import build_manifest, write_manifest
+from pipeline.dataset import Manifest, build_manifest, write_manifest
 from pipeline.extract import extract, resolve_precision
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
 
 
-def forward_images_per_second(params: ExtractParams, n_images: int) -> float:
-    """The backbone alone on ready tensors: the ceiling extraction can approach."""
-    backbone = build_backbone(params.backbone)
-    device = resolve_device(params.device)
-    precision = resolve_precision(params.precision, device)
-    size = backbone.preprocessing.with_image_size(params.image_size).crop
-    model = backbone.features.to(device).eval().to(memory_format=torch.channels_last)
-    batch = torch.randn(params.batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    n_batches = max(1, n_images // params.batch_size)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        for _ in range(2):  # warm-up: allocator, kernel selection
-            model(batch)
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(n_batches):
-            model(batch)
-        _sync(device)
-    return n_batches * params.batch_size / (time.perf_counter() - start)
+class PureForward:
+    """The backbone alone on a ready, normalised batch: the ceiling extraction can approach."""
+
+    def __init__(self, params: ExtractParams):
+        backbone = build_backbone(params.backbone)
+        self.device = resolve_device(params.device)
+        self.precision = resolve_precision(params.precision, self.device)
+        size = backbone.preprocessing.with_image_size(params.image_size).crop
+        self.model = backbone.features.to(self.device).eval().to(memory_format=torch.channels_last)
+        self.batch = torch.randn(params.batch_size, 3, size, size, device=self.device)
+        self.batch = self.batch.contiguous(memory_format=torch.channels_last)
+        self.seconds(2)  # warm-up: allocator, kernel selection
+
+    @torch.inference_mode()
+    def seconds(self, n_batches: int) -> float:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            _sync(self.device)
+            start = time.perf_counter()
+            for _ in range(n_batches):
+                self.model(self.batch)
+            _sync(self.device)
+        return time.perf_counter() - start
+
+
+def end_to_end_seconds(manifest: Manifest, data: Path, params: ExtractParams) -> tuple[float, float]:
+    """(decode-to-store seconds, model loading seconds) of one extract call on a fresh embedding cache."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        write_manifest(manifest, work / "manifest.csv")
+        result = extract(work / "manifest.csv", data, work / "features.h5", work / "cache", params)
+    assert result.computed == len(manifest.rows)
+    busy = result.compute_seconds + result.write_seconds
+    return busy, result.seconds - busy
 
 
 def _sync(device: torch.device) -> None:
@@ -56,41 +75,61 @@ def _sync(device: torch.device) -> None:
 @click.option("--backbone", default="efficientnet_lite0", show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--num-workers", type=int, default=2, show_default=True)
+@click.option("--loader", type=click.Choice(["auto", "workers", "inline"]), default="auto", show_default=True)
 @click.option("--jpeg-draft/--no-jpeg-draft", default=True, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", default="auto", show_default=True)
-@click.option("--repeats", type=int, default=3, show_default=True)
-def main(data, backbone, batch_size, num_workers, jpeg_draft, device, precision, repeats) -> None:
+@click.option("--slice-batches", type=int, default=3, show_default=True, help="Batches per alternating slice.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Passes over the dataset.")
+def main(
+    data, backbone, batch_size, num_workers, loader, jpeg_draft, device, precision, slice_batches, repeats
+) -> None:
     params = replace(
         ExtractParams(),
         backbone=backbone,
         batch_size=batch_size,
         num_workers=num_workers,
+        loader=loader,
         jpeg_draft=jpeg_draft,
         device=device,
         precision=precision,
     )
-    manifest = build_manifest(data, 0.15, 0.15, seed=0)
-    n = len(manifest.ok_rows())
-    print(f"{n} images from {data}, {backbone}, batch {batch_size}, workers {num_workers}, draft {jpeg_draft}")
-    forward, end_to_end, setup = [], [], []
-    # Interleaved repeats, medians reported: a 2-core machine's speed drifts from one second to the next.
-    for _ in range(repeats):
-        forward.append(forward_images_per_second(params, n))
-        with tempfile.TemporaryDirectory() as tmp:  # a fresh embedding cache: every image is computed
-            work = Path(tmp)
-            write_manifest(manifest, work / "manifest.csv")
-            result = extract(work / "manifest.csv", data, work / "features.h5", work / "cache", params)
-        # Decode, preprocess, forward, cache flush, store write; model loading (once per run) reported apart.
-        end_to_end.append(result.computed / (result.compute_seconds + result.write_seconds))
-        setup.append(result.seconds - result.compute_seconds - result.write_seconds)
-    print(f"device {result.device} precision {result.precision} torch threads {torch.get_num_threads()}")
-    print(f"model loading and hashing {statistics.median(setup):.1f} s per run (not in end-to-end)")
-    print(f"forward images/s {statistics.median(forward):.1f} (runs: {', '.join(f'{v:.1f}' for v in forward)})")
+    full = build_manifest(data, 0.15, 0.15, seed=0)
+    rows = full.ok_rows()
+    random.Random(0).shuffle(rows)  # every slice mixes classes and image sizes
+    per_slice = min(slice_batches * batch_size, len(rows) // batch_size * batch_size) or len(rows)
+    slices = [rows[i : i + per_slice] for i in range(0, len(rows) - per_slice + 1, per_slice)]
     print(
-        f"end-to-end images/s {statistics.median(end_to_end):.1f} (runs: {', '.join(f'{v:.1f}' for v in end_to_end)})"
+        f"{len(rows)} images from {data}, {backbone}, batch {batch_size}, loader {loader}, workers {num_workers}, "
+        f"draft {jpeg_draft}; {repeats} x {len(slices)} slices of {per_slice} images"
     )
-    print(f"ratio {statistics.median(end_to_end) / statistics.median(forward):.3f}")
+    forward = PureForward(params)
+    fwd_images = fwd_seconds = e2e_images = e2e_seconds = 0.0
+    setup, pair_ratios = [], []
+    for k, part in enumerate(slices * repeats):
+        manifest = Manifest(part, full.layout, [])
+        n_batches = -(-len(part) // batch_size)
+        steps = ("forward", "e2e") if k % 2 == 0 else ("e2e", "forward")  # ABBA: a steady drift cancels
+        for step in steps:
+            if step == "forward":
+                f = forward.seconds(n_batches)
+                fwd_images, fwd_seconds = fwd_images + n_batches * batch_size, fwd_seconds + f
+            else:
+                e, s = end_to_end_seconds(manifest, data, params)
+                e2e_images, e2e_seconds = e2e_images + len(part), e2e_seconds + e
+                setup.append(s)
+        pair_ratios.append((len(part) / e) / (n_batches * batch_size / f))
+    fwd_rate, e2e_rate = fwd_images / fwd_seconds, e2e_images / e2e_seconds
+    print(f"device {forward.device} precision {forward.precision} torch threads {torch.get_num_threads()}")
+    print(f"model loading and hashing {statistics.median(setup):.2f} s per extract call (not in end-to-end)")
+    print(f"forward images/s {fwd_rate:.1f} ({fwd_images:.0f} images in {fwd_seconds:.1f} s)")
+    print(f"end-to-end images/s {e2e_rate:.1f} ({e2e_images:.0f} images in {e2e_seconds:.1f} s)")
+    quartiles = statistics.quantiles(pair_ratios, n=4) if len(pair_ratios) > 1 else pair_ratios * 3
+    print(
+        f"slice ratios: median {statistics.median(pair_ratios):.3f}, quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}, "
+        f"range {min(pair_ratios):.3f}-{max(pair_ratios):.3f} ({len(pair_ratios)} slices)"
+    )
+    print(f"ratio {e2e_rate / fwd_rate:.3f}")
 
 
 if __name__ == "__main__":

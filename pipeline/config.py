@@ -46,7 +46,11 @@ class ExtractParams:
     # Square input size; None keeps the size the weights were trained at.
     image_size: int | None = None
     batch_size: int = 32
+    # Decoding processes that run ahead of the forward pass when it runs on an accelerator (loader: workers).
     num_workers: int = 2
+    # Where images are decoded: workers (DataLoader processes, beside the forward pass), inline (threads,
+    # between forward passes), auto (workers on an accelerator, inline on CPU); see dataset.image_batches.
+    loader: Literal["auto", "workers", "inline"] = "auto"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     # auto = bf16 autocast on CUDA, fp32 elsewhere.
     precision: Literal["auto", "fp32", "bf16"] = "auto"

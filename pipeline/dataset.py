@@ -6,11 +6,13 @@ import csv
 import hashlib
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
@@ -313,3 +315,37 @@ class ImageDataset(torch.utils.data.Dataset):
         except ImageRejected as err:
             raise DataError(f"{row.path} passed prepare but now fails: {err}; run `dvc repro` again") from err
         return self.transform(img), i
+
+
+def image_batches(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    loader: str = "auto",
+    collate_fn: Callable = default_collate,
+) -> Iterator:
+    """Batches of `dataset` in order, decoded where decoding slows the forward pass least.
+
+    `workers`: `num_workers` DataLoader processes decode ahead while the forward pass runs. On an accelerator
+    the CPU is otherwise idle, so decoding costs nothing; batches land in pinned memory for non-blocking copies.
+    `inline`: each batch is decoded by one thread per torch thread (Pillow releases the GIL while it decodes and
+    resamples), between forward passes. On CPU the forward pass already keeps every core busy: decoding beside
+    it only takes cores away, and a preempted intra-op thread stalls the others at the next barrier, so the
+    forward pass slows by more than the decoding costs (README, "Extraction speed", has the measurements).
+    `auto`: workers on an accelerator, inline on CPU.
+    """
+    if loader == "auto":
+        loader = "inline" if device.type == "cpu" else "workers"
+    if loader == "workers":
+        yield from DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=collate_fn,
+            pin_memory=device.type == "cuda",
+        )
+        return
+    with ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="decode") as pool:
+        for start in range(0, len(dataset), batch_size):
+            yield collate_fn(list(pool.map(dataset.__getitem__, range(start, min(start + batch_size, len(dataset))))))

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from pipeline.backbones import resolve_device
-from pipeline.dataset import read_manifest
+from pipeline.dataset import image_batches, read_manifest
 from pipeline.extract import resolve_precision
 from pipeline.finetune import LabelledImages, load_finetuned, predict_proba
 from pipeline.heads import load_head
@@ -62,9 +61,8 @@ def evaluate_finetuned(
     labels = torch.tensor([classes.index(r.class_name) for r in rows])
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    loader = DataLoader(
-        LabelledImages(data_root, rows, labels, preprocessing.to_uint8), batch_size=batch_size, num_workers=num_workers
-    )
+    dataset = LabelledImages(data_root, rows, labels, preprocessing.to_uint8)
+    loader = image_batches(dataset, batch_size, num_workers, dev)
     proba = predict_proba(model.to(dev), loader, preprocessing, dev, prec)
     y_test = labels.numpy()
     training = config["training"]

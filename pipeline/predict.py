@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.backbones import Preprocessing, fingerprint, resolve_device
-from pipeline.dataset import JUNK_NAMES
+from pipeline.dataset import JUNK_NAMES, image_batches
 from pipeline.errors import PipelineError
 from pipeline.extract import backbone_of_store, resolve_precision
 from pipeline.finetune import load_finetuned
@@ -91,11 +90,8 @@ class Predictor:
     def predict(
         self, paths: list[Path], top_k: int = 3, batch_size: int = 32, num_workers: int = 0
     ) -> tuple[list[Prediction], list[Rejected]]:
-        loader = DataLoader(
-            _Images(paths, self.preprocessing, self.draft),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=_collate,
+        loader = image_batches(
+            _Images(paths, self.preprocessing, self.draft), batch_size, num_workers, self.device, collate_fn=_collate
         )
         predictions: list[Prediction] = []
         rejected: list[Rejected] = []

@@ -1,5 +1,6 @@
 """The backbone registry: real offline weights, classifier removal, preprocessing, clear errors."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 from sklearn.datasets import load_sample_image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from pipeline.backbones import (
     BackboneError,
@@ -43,6 +46,26 @@ def test_default_backbone_shape_and_preprocessing(lite0):
     with torch.inference_mode():
         out = lite0.features(torch.zeros(2, 3, 224, 224))
     assert out.shape == (2, 1280)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("size", [(500, 375), (333, 500), (256, 256), (1000, 40), (36, 38), (1, 1)])
+def test_preprocessing_gives_the_pixels_of_torchvision_resize_then_centre_crop(lite0, size, interpolation):
+    """Resampling only the crop's box gives torchvision's pixels, to one grey level of fixed-point rounding."""
+    image = Image.fromarray(load_sample_image("china.jpg")).resize(size, Image.Resampling.BILINEAR)
+    p = replace(lite0.preprocessing, interpolation=interpolation)
+    resized = TF.resize(image, p.resize, InterpolationMode(interpolation))
+    expected = TF.pil_to_tensor(TF.center_crop(resized, p.crop))
+    got = p.to_uint8(image)
+    assert got.shape == expected.shape == (3, 224, 224) and got.dtype == torch.uint8
+    diff = (got.int() - expected.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.2  # a crop off by one pixel differs by tens
+    assert got[None].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_an_unsupported_interpolation_is_refused_by_name(lite0):
+    with pytest.raises(BackboneError, match="unsupported interpolation 'nearest-exact'; expected one of nearest"):
+        replace(lite0.preprocessing, interpolation="nearest-exact")
 
 
 def test_feature_extractor_is_frozen_and_in_eval_mode(lite0):

@@ -55,6 +55,7 @@ def test_unknown_key_inside_a_head_names_the_head(tmp_path):
         ("extract:\n  batch_size: true\n", r"extract\.batch_size must be int; got bool"),
         ("prepare:\n  val_fraction: 1e-1\n", r"prepare\.val_fraction must be a number; got the string '1e-1'"),
         ("extract:\n  device: gpu\n", r"extract\.device must be one of auto, cpu, cuda, mps; got 'gpu'"),
+        ("extract:\n  loader: threads\n", r"extract\.loader must be one of auto, workers, inline; got 'threads'"),
         ("heads:\n  logreg:\n    grid:\n      C: 1.0\n", r"heads\.logreg\.grid\.C must be a list"),
         ("heads:\n  logreg:\n    grid:\n      C: [1.0, x]\n", r"heads\.logreg\.grid\.C\[1\] must be a number"),
         ("extract: 3\n", r"extract: expected a mapping"),

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.backbones import build_backbone, fingerprint
 from pipeline.config import ExtractParams
-from pipeline.dataset import build_manifest, write_manifest
+from pipeline.dataset import DataError, build_manifest, write_manifest
 from pipeline.extract import extract
 from pipeline.store import EmbeddingCache, read_store
 from tests.conftest import REPO, write_image_folder
@@ -158,3 +158,24 @@ def test_large_jpegs_decode_with_or_without_draft(tmp_path, draft):
     write_image_folder(root, {"a": 6, "b": 6}, size=600, fmt="jpg")
     result = run(root, tmp_path, ExtractParams(**{**TINY.__dict__, "jpeg_draft": draft}))
     assert result.computed == 12
+
+
+def test_workers_and_inline_decoding_give_the_same_store(image_folder, tmp_path):
+    """Where images are decoded (DataLoader processes or threads between forward passes) changes no byte."""
+    stores = {}
+    for loader in ("workers", "inline"):
+        params = ExtractParams(**{**TINY.__dict__, "loader": loader, "num_workers": 2})
+        result = run(image_folder, tmp_path / loader, params)
+        assert result.computed == 36
+        stores[loader] = read_store(result.store)
+    assert stores["workers"].paths == stores["inline"].paths
+    assert stores["workers"].features.tobytes() == stores["inline"].features.tobytes()
+
+
+def test_a_file_changed_after_prepare_stops_inline_decoding_with_its_name(image_folder, tmp_path):
+    manifest = prepare(image_folder, tmp_path)
+    victim = sorted(image_folder.glob("square/*"))[1]
+    victim.write_bytes(victim.read_bytes() + b"edited")
+    params = ExtractParams(**{**TINY.__dict__, "loader": "inline"})
+    with pytest.raises(DataError, match=f"square/{victim.name} changed since prepare ran"):
+        extract(manifest, image_folder, tmp_path / "features.h5", tmp_path / "cache", params)
