@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
-from pipeline.backbones import Backbone, Preprocessing, build_backbone, resolve_device
+from pipeline.backbones import PIXELS_VERSION, Backbone, Preprocessing, build_backbone, resolve_device
 from pipeline.config import FinetuneParams
 from pipeline.dataset import ImageDataset, Manifest, ManifestRow, manifest_sha256, read_manifest
 from pipeline.errors import PipelineError
@@ -204,7 +204,9 @@ def run_key(backbone: Backbone, params: FinetuneParams, manifest: Manifest, head
         "params": asdict(params),
         "manifest": manifest_sha256(manifest),
         "head": hashlib.sha256(head_path.read_bytes()).hexdigest() if head_path else None,
-        # A change to the training code must not resume a checkpoint the old code wrote.
+        # A change to the training code or to the pixels it is fed must not resume a checkpoint of the old.
+        "preprocessing": backbone.preprocessing.to_json(),
+        "pixels_version": PIXELS_VERSION,
         "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]

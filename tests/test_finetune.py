@@ -23,6 +23,7 @@ from pipeline.finetune import (
     freeze,
     init_from_head,
     parameter_groups,
+    run_key,
     warmup_cosine,
 )
 from pipeline.heads import train_head
@@ -237,3 +238,17 @@ def test_warm_start_is_refused_for_features_of_another_size_or_store():
         check_warm_start(head, attrs, "efficientnet_lite0", 128)
     with pytest.raises(FinetuneError, match="trained on features f1, the store is f2; rerun train_head"):
         check_warm_start(head, {**attrs, "fingerprint": "f2"}, "efficientnet_lite0", None)
+
+
+def test_checkpoints_are_not_resumed_across_a_change_of_pixels(data, monkeypatch):
+    """New decoding or preprocessing code feeds other pixels: a finished run of the old code is not reused."""
+    _, manifest_path = data
+    manifest = read_manifest(manifest_path)
+    backbone = build_backbone("test_efficientnet")
+    key = run_key(backbone, FAST, manifest, None)
+    assert run_key(build_backbone("test_efficientnet"), FAST, manifest, None) == key
+    monkeypatch.setattr("pipeline.finetune.PIXELS_VERSION", 999)
+    assert run_key(backbone, FAST, manifest, None) != key
+    monkeypatch.undo()
+    other = replace(backbone, preprocessing=replace(backbone.preprocessing, interpolation="bilinear"))
+    assert run_key(other, FAST, manifest, None) != key
