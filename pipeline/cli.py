@@ -62,7 +62,7 @@ def inspect(features: Path) -> None:
         labels = f["labels"][:]
     classes = attrs["classes"]
     click.echo(f"{features}: {shape[0]} images x {shape[1]} features (float32)")
-    for key in ("backbone", "weights_id", "fingerprint", "image_size", "precision", "preprocessing", "created"):
+    for key in ("backbone", "weights_id", "fingerprint", "image_size", "precision", "preprocessing"):
         click.echo(f"  {key}: {attrs.get(key)}")
     click.echo(f"  manifest_sha256: {attrs.get('manifest_sha256')}")
     click.echo(f"  versions: {attrs.get('versions')}")
@@ -80,7 +80,13 @@ def inspect(features: Path) -> None:
 @click.option("--finetuned", type=click.Path(path_type=Path, file_okay=False), help="A fine-tuned model directory.")
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option(
+    "--num-workers",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Decoding processes ahead of a GPU; on CPU, images are decoded by threads between forward passes.",
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
 @click.option("--output", type=click.Path(path_type=Path, dir_okay=False), help="Write here instead of stdout.")

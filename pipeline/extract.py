@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import h5py
@@ -35,6 +35,9 @@ class ExtractResult:
     seconds: float  # the whole call: model loading and hashing included
     compute_seconds: float  # decode, preprocess, forward and cache flush of the computed images
     write_seconds: float  # cache compaction and the feature store
+    # What computing every embedding of the store took, in this run or the earlier ones whose embeddings the
+    # cache kept (nan if a cache written before costs were recorded holds some): the one-off extraction cost.
+    extraction_seconds: float
     device: str
     precision: str
     fingerprint: str
@@ -48,6 +51,7 @@ class ExtractResult:
             "seconds": round(self.seconds, 3),
             "compute_seconds": round(self.compute_seconds, 3),
             "write_seconds": round(self.write_seconds, 3),
+            "extraction_seconds": None if math.isnan(self.extraction_seconds) else round(self.extraction_seconds, 3),
             "images_per_second": round(self.computed / self.compute_seconds, 2) if self.computed else None,
             "device": self.device,
             "precision": self.precision,
@@ -105,10 +109,10 @@ def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, pa
                 "precision": precision,
                 "jpeg_draft": params.jpeg_draft,
                 "versions": library_versions(),
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             },
         )
         write_seconds = time.perf_counter() - write_start
+        extraction_seconds = cache.seconds(sorted(set(hashes)))
     return ExtractResult(
         store=Path(out),
         images=len(rows),
@@ -118,6 +122,7 @@ def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, pa
         seconds=time.perf_counter() - start,
         compute_seconds=compute_seconds,
         write_seconds=write_seconds,
+        extraction_seconds=extraction_seconds,
         device=str(device),
         precision=precision,
         fingerprint=fp,
@@ -148,13 +153,17 @@ def embed_rows(
     batches = image_batches(dataset, params.batch_size, params.num_workers, device, params.loader)
     model = backbone.features.to(device).eval().to(memory_format=torch.channels_last)
     with torch.inference_mode(), tqdm(total=len(rows), desc="extract", unit="img") as bar:
+        start = time.perf_counter()
         for images, index in batches:
             # channels_last while still uint8 (a quarter of the bytes to move); normalising keeps the layout.
             images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             images = preprocessing.normalize(images)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 embeddings = model(images)
-            cache.add([rows[i].sha256 for i in index.tolist()], embeddings.float().cpu().numpy())
+            embeddings = embeddings.float().cpu().numpy()
+            done = time.perf_counter()  # the batch's cost: waiting for its decoding, and its forward pass
+            cache.add([rows[i].sha256 for i in index.tolist()], embeddings, seconds=done - start)
+            start = done
             bar.update(len(index))
 
 

@@ -217,11 +217,20 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self._index)
 
-    def add(self, hashes: Sequence[str], features: np.ndarray) -> None:
-        """Flush one batch of new embeddings to disk as a shard."""
+    def add(self, hashes: Sequence[str], features: np.ndarray, seconds: float = float("nan")) -> None:
+        """Flush one batch of new embeddings to disk as a shard; `seconds` is what computing the batch took."""
         keep = [i for i, h in enumerate(hashes) if h not in self._index]
         if keep:
-            self._write_shard([hashes[i] for i in keep], [np.asarray(features, dtype=np.float32)[keep]])
+            cost = np.full(len(keep), seconds / len(hashes), dtype=np.float64)
+            self._write_shard([hashes[i] for i in keep], [np.asarray(features, dtype=np.float32)[keep]], [cost])
+
+    def seconds(self, hashes: Sequence[str]) -> float:
+        """What computing these embeddings took, whenever they were computed (nan where unrecorded)."""
+        by_shard: dict[Path, list[int]] = {}
+        for h in hashes:
+            shard, row = self._index[h]
+            by_shard.setdefault(shard, []).append(row)
+        return float(sum(_costs(self._reader(shard))[rows].sum() for shard, rows in by_shard.items()))
 
     def read(self, hashes: Sequence[str]) -> np.ndarray:
         """Embeddings for `hashes`, in that order."""
@@ -245,19 +254,27 @@ class EmbeddingCache:
             return
         hashes = list(self._index)
         blocks = (self.read(hashes[i : i + 4096]) for i in range(0, len(hashes), 4096))
-        self._write_shard(hashes, blocks)
+        position = {h: i for i, h in enumerate(hashes)}
+        costs = np.full(len(hashes), np.nan)
+        for shard in shards:
+            f = self._reader(shard)
+            for key, cost in zip(f["sha256"][:], _costs(f), strict=True):
+                if self._index[key.decode()][0] == shard:  # the row the index (and read) uses
+                    costs[position[key.decode()]] = cost
+        self._write_shard(hashes, blocks, [costs])
         for shard in shards:
             if shard in self._readers:
                 self._readers.pop(shard).close()
             shard.unlink()
 
-    def _write_shard(self, hashes: list[str], blocks: Iterable[np.ndarray]) -> None:
+    def _write_shard(self, hashes: list[str], blocks: Iterable[np.ndarray], costs: list[np.ndarray]) -> None:
         """Write a shard under a temporary name and rename it: readers only ever see whole shards."""
         shard = self.dir / f"shard-{self._next_number:08d}.h5"
         self._next_number += 1
         tmp = self.dir / f".tmp-{shard.name}"
         with h5py.File(tmp, "w") as f:
             f.create_dataset("sha256", data=np.array(hashes, dtype="S64"))
+            f.create_dataset("seconds", data=np.concatenate(costs))  # compute seconds of each embedding
             features = f.create_dataset("features", shape=(len(hashes), self.feature_dim), dtype="float32")
             start = 0
             for block in blocks:
@@ -270,6 +287,11 @@ class EmbeddingCache:
         if shard not in self._readers:
             self._readers[shard] = h5py.File(shard, "r")
         return self._readers[shard]
+
+
+def _costs(shard: h5py.File) -> np.ndarray:
+    """Compute seconds of a shard's rows; nan for shards written before they were recorded."""
+    return shard["seconds"][:] if "seconds" in shard else np.full(len(shard["sha256"]), np.nan)
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:

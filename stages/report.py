@@ -31,7 +31,10 @@ PathArg = click.Path(path_type=Path)
 def main(features, heads, metrics, finetuned, extract_metrics, manifest, data, out, curve, params) -> None:
     p = load_params(params)
     head_paths = [heads / f"{name}.h5" for name in p.heads]
-    extract_seconds = float(json.loads(extract_metrics.read_text())["seconds"])
+    extraction = json.loads(extract_metrics.read_text())
+    # The cost of computing every embedding, even those a rerun took from the cache; the run's own time where
+    # a cache written before those costs were recorded left it unknown.
+    extract_seconds = float(extraction.get("extraction_seconds") or extraction["seconds"])
     tuned_curve = None
     if p.report.finetune_curve:
         tuning = replace(p.finetune, image_size=p.finetune.image_size or p.extract.image_size)

@@ -65,14 +65,20 @@ def test_second_run_reuses_every_embedding(image_folder, tmp_path):
     second = run(image_folder, tmp_path)
     assert (second.computed, second.reused) == (0, 36)
     np.testing.assert_array_equal(read_store(second.store).features, before)
+    # The extraction cost is what computing the embeddings took, not the few ms of reading them back.
+    assert 0 < first.extraction_seconds <= first.compute_seconds
+    assert second.extraction_seconds == pytest.approx(first.extraction_seconds)
+    assert second.metrics()["extraction_seconds"] == round(first.extraction_seconds, 3)
 
 
 def test_adding_ten_images_costs_ten_forward_passes(image_folder, tmp_path):
-    run(image_folder, tmp_path)
+    first = run(image_folder, tmp_path)
     for path in write_image_folder(tmp_path / "extra", {"circle": 10}, seed=99):  # new content
         path.rename(image_folder / "circle" / f"new_{path.name}")
     second = run(image_folder, tmp_path)
     assert (second.images, second.computed, second.reused) == (46, 10, 36)
+    # The 36 kept their recorded cost; the 10 new ones add what this run spent computing them.
+    assert first.extraction_seconds < second.extraction_seconds <= first.extraction_seconds + second.compute_seconds
 
 
 def test_renaming_and_moving_files_computes_nothing(image_folder, tmp_path):
@@ -160,16 +166,15 @@ def test_large_jpegs_decode_with_or_without_draft(tmp_path, draft):
     assert result.computed == 12
 
 
-def test_workers_and_inline_decoding_give_the_same_store(image_folder, tmp_path):
-    """Where images are decoded (DataLoader processes or threads between forward passes) changes no byte."""
+def test_workers_and_inline_decoding_write_byte_identical_stores(image_folder, tmp_path):
+    """Where images are decoded changes no byte of the store, so DVC reruns nothing downstream of it."""
     stores = {}
     for loader in ("workers", "inline"):
         params = ExtractParams(**{**TINY.__dict__, "loader": loader, "num_workers": 2})
         result = run(image_folder, tmp_path / loader, params)
         assert result.computed == 36
-        stores[loader] = read_store(result.store)
-    assert stores["workers"].paths == stores["inline"].paths
-    assert stores["workers"].features.tobytes() == stores["inline"].features.tobytes()
+        stores[loader] = result.store.read_bytes()
+    assert stores["workers"] == stores["inline"]
 
 
 def test_a_file_changed_after_prepare_stops_inline_decoding_with_its_name(image_folder, tmp_path):

@@ -86,3 +86,14 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     assert changed["log_loss"]["old"] != changed["log_loss"]["new"]
     assert changed["hyperparameters.C"] == {"old": 1.0, "new": 1e-6, "diff": 1e-6 - 1.0}
     assert set(diff) == {"metrics/models/probe.json"}
+
+    # How images are decoded is not what they are: extract reruns, reuses every embedding and writes the same
+    # bytes, so DVC reruns nothing downstream of the store; only the report, which reads the extraction
+    # metrics, and quotes the same extraction cost as before (recorded in the cache, not re-timed).
+    cost = json.loads((project / "metrics" / "extract.json").read_text())["extraction_seconds"]
+    params["extract"].update(loader="workers", num_workers=1)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = dvc(project, "repro")
+    assert stages_run(third) == {"extract", "report"}
+    extraction = json.loads((project / "metrics" / "extract.json").read_text())
+    assert (extraction["reused"], extraction["extraction_seconds"]) == (30, cost)
