@@ -7,6 +7,7 @@ import math
 import platform
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import h5py
@@ -87,6 +88,8 @@ def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, pa
         compute_seconds = write_start - compute_start
         cache.compact()
         hashes = [r.sha256 for r in rows]
+        extraction_seconds = cache.seconds(sorted(set(hashes)))
+        created = cache.computed_at(sorted(set(hashes)))
         chunks = (cache.read(hashes[i : i + 1024]) for i in range(0, len(hashes), 1024))
         write_store(
             out,
@@ -109,10 +112,12 @@ def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, pa
                 "precision": precision,
                 "jpeg_draft": params.jpeg_draft,
                 "versions": library_versions(),
+                # When the newest embedding was computed, not when this file was written: rewriting the
+                # store from the cache (a changed loader, a renamed file) then gives the same bytes.
+                "created": None if math.isnan(created) else _iso(created),
             },
         )
         write_seconds = time.perf_counter() - write_start
-        extraction_seconds = cache.seconds(sorted(set(hashes)))
     return ExtractResult(
         store=Path(out),
         images=len(rows),
@@ -165,6 +170,10 @@ def embed_rows(
             cache.add([rows[i].sha256 for i in index.tolist()], embeddings, seconds=done - start)
             start = done
             bar.update(len(index))
+
+
+def _iso(unix_time: float) -> str:
+    return datetime.fromtimestamp(unix_time, timezone.utc).isoformat(timespec="seconds")
 
 
 def _first_occurrences(rows: list[ManifestRow]) -> list[ManifestRow]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +166,11 @@ def _decode_attrs(raw: h5py.AttributeManager) -> dict:
     return out
 
 
+# Per embedding, beside its features: compute seconds (its share of its batch's decoding and forward pass)
+# and when it was computed (Unix time). Stores report both for the embeddings they hold, reused or not.
+RECORD = ("seconds", "computed_at")
+
+
 class CacheBusy(PipelineError):
     """Another process holds the embedding cache."""
 
@@ -221,16 +227,31 @@ class EmbeddingCache:
         """Flush one batch of new embeddings to disk as a shard; `seconds` is what computing the batch took."""
         keep = [i for i, h in enumerate(hashes) if h not in self._index]
         if keep:
-            cost = np.full(len(keep), seconds / len(hashes), dtype=np.float64)
-            self._write_shard([hashes[i] for i in keep], [np.asarray(features, dtype=np.float32)[keep]], [cost])
+            record = {
+                "seconds": np.full(len(keep), seconds / len(hashes)),
+                "computed_at": np.full(len(keep), time.time()),
+            }
+            self._write_shard([hashes[i] for i in keep], [np.asarray(features, dtype=np.float32)[keep]], record)
 
     def seconds(self, hashes: Sequence[str]) -> float:
         """What computing these embeddings took, whenever they were computed (nan where unrecorded)."""
-        by_shard: dict[Path, list[int]] = {}
-        for h in hashes:
+        return float(self._record("seconds", hashes).sum())
+
+    def computed_at(self, hashes: Sequence[str]) -> float:
+        """When the last of these embeddings was computed (Unix time; nan where unrecorded)."""
+        times = self._record("computed_at", hashes)
+        return float(times.max()) if len(times) else float("nan")
+
+    def _record(self, key: str, hashes: Sequence[str]) -> np.ndarray:
+        """One `RECORD` column for `hashes`, in that order."""
+        columns = {}
+        out = np.empty(len(hashes))
+        for i, h in enumerate(hashes):
             shard, row = self._index[h]
-            by_shard.setdefault(shard, []).append(row)
-        return float(sum(_costs(self._reader(shard))[rows].sum() for shard, rows in by_shard.items()))
+            if shard not in columns:
+                columns[shard] = _record_of(self._reader(shard), key)
+            out[i] = columns[shard][row]
+        return out
 
     def read(self, hashes: Sequence[str]) -> np.ndarray:
         """Embeddings for `hashes`, in that order."""
@@ -254,27 +275,22 @@ class EmbeddingCache:
             return
         hashes = list(self._index)
         blocks = (self.read(hashes[i : i + 4096]) for i in range(0, len(hashes), 4096))
-        position = {h: i for i, h in enumerate(hashes)}
-        costs = np.full(len(hashes), np.nan)
-        for shard in shards:
-            f = self._reader(shard)
-            for key, cost in zip(f["sha256"][:], _costs(f), strict=True):
-                if self._index[key.decode()][0] == shard:  # the row the index (and read) uses
-                    costs[position[key.decode()]] = cost
-        self._write_shard(hashes, blocks, [costs])
+        record = {key: self._record(key, hashes) for key in RECORD}
+        self._write_shard(hashes, blocks, record)
         for shard in shards:
             if shard in self._readers:
                 self._readers.pop(shard).close()
             shard.unlink()
 
-    def _write_shard(self, hashes: list[str], blocks: Iterable[np.ndarray], costs: list[np.ndarray]) -> None:
+    def _write_shard(self, hashes: list[str], blocks: Iterable[np.ndarray], record: dict[str, np.ndarray]) -> None:
         """Write a shard under a temporary name and rename it: readers only ever see whole shards."""
         shard = self.dir / f"shard-{self._next_number:08d}.h5"
         self._next_number += 1
         tmp = self.dir / f".tmp-{shard.name}"
         with h5py.File(tmp, "w") as f:
             f.create_dataset("sha256", data=np.array(hashes, dtype="S64"))
-            f.create_dataset("seconds", data=np.concatenate(costs))  # compute seconds of each embedding
+            for key in RECORD:
+                f.create_dataset(key, data=np.asarray(record[key], dtype=np.float64))
             features = f.create_dataset("features", shape=(len(hashes), self.feature_dim), dtype="float32")
             start = 0
             for block in blocks:
@@ -289,9 +305,9 @@ class EmbeddingCache:
         return self._readers[shard]
 
 
-def _costs(shard: h5py.File) -> np.ndarray:
-    """Compute seconds of a shard's rows; nan for shards written before they were recorded."""
-    return shard["seconds"][:] if "seconds" in shard else np.full(len(shard["sha256"]), np.nan)
+def _record_of(shard: h5py.File, key: str) -> np.ndarray:
+    """One `RECORD` column of a shard; nan for shards written before it was recorded."""
+    return shard[key][:] if key in shard else np.full(len(shard["sha256"]), np.nan)
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:

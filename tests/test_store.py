@@ -113,6 +113,23 @@ def test_cache_flushes_shards_and_reads_in_any_order(tmp_path):
         np.testing.assert_array_equal(cache.read(_hashes(2, 1)), [[2, 3], [4, 5]])
 
 
+def test_cache_keeps_each_embeddings_cost_and_time_through_compaction(tmp_path):
+    with EmbeddingCache(tmp_path, "fp", 1) as cache:
+        cache.add(_hashes(3), np.zeros((3, 1), np.float32), seconds=3.0)  # 1 s per embedding
+        first = cache.computed_at(_hashes(3))
+        cache.add(_hashes(2, 3), np.zeros((2, 1), np.float32), seconds=1.0)  # 0.5 s per embedding
+        later = cache.computed_at(_hashes(2, 3))
+        cache.add(_hashes(1, 5), np.zeros((1, 1), np.float32))  # cost not given: unknown
+        before = [(cache.seconds([h]), cache.computed_at([h])) for h in _hashes(6)]
+        cache.compact()
+        after = [(cache.seconds([h]), cache.computed_at([h])) for h in _hashes(6)]
+    np.testing.assert_array_equal(after, before)  # row by row, not just in total
+    assert [cost for cost, _ in after[:5]] == [1.0, 1.0, 1.0, 0.5, 0.5] and np.isnan(after[5][0])
+    assert first <= later and [t for _, t in after[:5]] == [first] * 3 + [later] * 2
+    with EmbeddingCache(tmp_path, "fp", 1) as cache:
+        assert cache.seconds(_hashes(5)) == 4.0 and cache.computed_at(_hashes(5)) == later
+
+
 def test_cache_ignores_known_hashes_and_cleans_temporary_shards(tmp_path):
     (tmp_path / "fp").mkdir()
     (tmp_path / "fp" / ".tmp-shard-00000007.h5").write_bytes(b"half written")
