@@ -95,7 +95,8 @@ def main(
         precision=precision,
     )
     full = build_manifest(data, 0.15, 0.15, seed=0)
-    rows = full.ok_rows()
+    seen: set[str] = set()  # one row per content hash: each slice's images are all computed
+    rows = [r for r in full.ok_rows() if not (r.sha256 in seen or seen.add(r.sha256))]
     random.Random(0).shuffle(rows)  # every slice mixes classes and image sizes
     per_slice = min(slice_batches * batch_size, len(rows) // batch_size * batch_size) or len(rows)
     slices = [rows[i : i + per_slice] for i in range(0, len(rows) - per_slice + 1, per_slice)]

@@ -49,7 +49,11 @@ def evaluate_finetuned(
     device: str = "auto",
     precision: str = "auto",
 ) -> tuple[dict, list[dict]]:
-    """Test-split metrics of the fine-tuned model, in the same schema as the heads'."""
+    """Test-split metrics of the fine-tuned model, in the same schema as the heads'.
+
+    `num_workers` decoding processes are used on an accelerator; on CPU, threads decode between forward
+    passes (`dataset.image_batches`).
+    """
     model, config, preprocessing = load_finetuned(model_dir)
     classes = config["classes"]
     manifest = read_manifest(manifest_path)

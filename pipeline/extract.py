@@ -166,7 +166,9 @@ def embed_rows(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 embeddings = model(images)
             embeddings = embeddings.float().cpu().numpy()
-            done = time.perf_counter()  # the batch's cost: waiting for its decoding, and its forward pass
+            # The batch's cost: wall time since the previous batch was flushed (decoding or waiting for it, the
+            # forward pass, the previous flush; the first batch also starts the loader and warms the model).
+            done = time.perf_counter()
             cache.add([rows[i].sha256 for i in index.tolist()], embeddings, seconds=done - start)
             start = done
             bar.update(len(index))

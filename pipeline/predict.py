@@ -90,6 +90,8 @@ class Predictor:
     def predict(
         self, paths: list[Path], top_k: int = 3, batch_size: int = 32, num_workers: int = 0
     ) -> tuple[list[Prediction], list[Rejected]]:
+        """Top-k classes of every readable file; the others with why. `num_workers` decoding processes are
+        used on an accelerator; on CPU, threads decode between forward passes (`dataset.image_batches`)."""
         loader = image_batches(
             _Images(paths, self.preprocessing, self.draft), batch_size, num_workers, self.device, collate_fn=_collate
         )

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from pipeline.config import load_params
-from pipeline.errors import user_errors
+from pipeline.errors import PipelineError, user_errors
 from pipeline.metrics import write_json, write_text
 from pipeline.report import build_report, finetune_curve, write_figures
 from pipeline.store import read_store
@@ -31,10 +31,13 @@ PathArg = click.Path(path_type=Path)
 def main(features, heads, metrics, finetuned, extract_metrics, manifest, data, out, curve, params) -> None:
     p = load_params(params)
     head_paths = [heads / f"{name}.h5" for name in p.heads]
-    extraction = json.loads(extract_metrics.read_text())
-    # The cost of computing every embedding, even those a rerun took from the cache; the run's own time where
-    # a cache written before those costs were recorded left it unknown.
-    extract_seconds = float(extraction.get("extraction_seconds") or extraction["seconds"])
+    # The cost of computing every embedding of the store, even those a rerun took from the cache.
+    extract_seconds = json.loads(extract_metrics.read_text()).get("extraction_seconds")
+    if extract_seconds is None:
+        raise PipelineError(
+            f"{extract_metrics} has no extraction cost: the embedding cache holds embeddings from a version that "
+            "did not record it; delete .cache/embeddings and run `dvc repro` again"
+        )
     tuned_curve = None
     if p.report.finetune_curve:
         tuning = replace(p.finetune, image_size=p.finetune.image_size or p.extract.image_size)

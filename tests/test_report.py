@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -26,6 +27,8 @@ from pipeline.report import (
     subsample_train,
 )
 from pipeline.store import FeatureStore
+from stages.report import main as report_stage
+from tests.conftest import REPO
 
 
 def blobs(n_per_class: int = 40, dim: int = 6, seed: int = 0) -> FeatureStore:
@@ -120,3 +123,14 @@ def test_learning_curve_skips_sizes_too_small_for_knn():
 def test_recommendation_when_fine_tuning_is_the_cheaper_run():
     rows = [_row("logreg", "feature_extraction", 0.95, 20.0), _row("finetune", "fine_tuning", 0.95, 5.0)]
     assert "at 4.0x the training time" in recommend(rows, extract_seconds=0.0)
+
+
+def test_report_refuses_an_unknown_extraction_cost_in_one_line(tmp_path):
+    """A cache whose embeddings carry no recorded cost must not be quoted as a few ms of extraction."""
+    metrics = tmp_path / "extract.json"
+    metrics.write_text(json.dumps({"seconds": 0.1, "computed": 0, "reused": 36, "extraction_seconds": None}))
+    args = ["--features", "f.h5", "--heads", "h", "--metrics", "m", "--extract-metrics", str(metrics)]
+    args += ["--manifest", "m.csv", "--data", "raw", "--out", str(tmp_path / "out"), "--curve", "c.json"]
+    result = CliRunner().invoke(report_stage, [*args, "--params", str(REPO / "params.yaml")])
+    assert result.exit_code == 1 and "has no extraction cost" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
