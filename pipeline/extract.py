@@ -88,8 +88,8 @@ def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, pa
         compute_seconds = write_start - compute_start
         cache.compact()
         hashes = [r.sha256 for r in rows]
-        extraction_seconds = cache.seconds(sorted(set(hashes)))
-        created = cache.computed_at(sorted(set(hashes)))
+        unique = list(dict.fromkeys(hashes))  # identical files share one embedding, counted once
+        extraction_seconds, created = cache.seconds(unique), cache.computed_at(unique)
         chunks = (cache.read(hashes[i : i + 1024]) for i in range(0, len(hashes), 1024))
         write_store(
             out,
