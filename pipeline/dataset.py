@@ -331,8 +331,8 @@ def image_batches(
     the CPU is otherwise idle, so decoding costs nothing; batches land in pinned memory for non-blocking copies.
     `inline`: each batch is decoded by one thread per torch thread (Pillow releases the GIL while it decodes and
     resamples), between forward passes. On CPU the forward pass already keeps every core busy: decoding beside
-    it only takes cores away, and a preempted intra-op thread stalls the others at the next barrier, so the
-    forward pass slows by more than the decoding costs (README, "Extraction speed", has the measurements).
+    it only takes cores away (measured on 2 cores: each forward pass 11-17% slower, more than decoding costs;
+    likely a preempted intra-op thread stalling the others). README, "Extraction speed", has the figures.
     `auto`: workers on an accelerator, inline on CPU.
     """
     if loader == "auto":

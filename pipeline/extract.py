@@ -113,7 +113,7 @@ def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, pa
                 "jpeg_draft": params.jpeg_draft,
                 "versions": library_versions(),
                 # When the newest embedding was computed, not when this file was written: rewriting the
-                # store from the cache (a changed loader, a renamed file) then gives the same bytes.
+                # store from the cache (another loader, num_workers or batch_size) then gives the same bytes.
                 "created": None if math.isnan(created) else _iso(created),
             },
         )
