@@ -22,10 +22,11 @@ from pathlib import Path
 import click
 import torch
 
-from pipeline.backbones import build_backbone, resolve_device
+from pipeline.backbones import build_backbone
 from pipeline.config import ExtractParams
 from pipeline.dataset import Manifest, build_manifest, write_manifest
-from pipeline.extract import extract, resolve_precision
+from pipeline.extract import extract
+from pipeline.runtime import Runtime
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
 
@@ -35,17 +36,18 @@ class PureForward:
 
     def __init__(self, params: ExtractParams):
         backbone = build_backbone(params.backbone)
-        self.device = resolve_device(params.device)
-        self.precision = resolve_precision(params.precision, self.device)
+        # As extract runs it (channels_last everywhere).
+        self.runtime = Runtime.resolve(params.device, params.precision, option="--device", channels_last=True)
+        self.device, self.precision = self.runtime.device, self.runtime.precision
         size = backbone.preprocessing.with_image_size(params.image_size).crop
-        self.model = backbone.features.to(self.device).eval().to(memory_format=torch.channels_last)
+        self.model = self.runtime.place(backbone.features).eval()
         self.batch = torch.randn(params.batch_size, 3, size, size, device=self.device)
         self.batch = self.batch.contiguous(memory_format=torch.channels_last)
         self.seconds(2)  # warm-up: allocator, kernel selection
 
     @torch.inference_mode()
     def seconds(self, n_batches: int) -> float:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with self.runtime.autocast():
             _sync(self.device)
             start = time.perf_counter()
             for _ in range(n_batches):

@@ -100,12 +100,13 @@ def predict(inputs, head, features, finetuned, top_k, batch_size, num_workers, d
     import io
     import json
 
+    from pipeline.io import write_text
     from pipeline.predict import finetuned_predictor, head_predictor, list_images
 
     if bool(head) + bool(finetuned) != 1 or bool(head) != bool(features):
         raise click.UsageError("give either --head with --features, or --finetuned")
+    paths = list_images(list(inputs))  # a mistyped path fails before any model is loaded
     predictor = head_predictor(head, features, device) if head else finetuned_predictor(finetuned, device)
-    paths = list_images(list(inputs))
     predictions, rejected = predictor.predict(paths, top_k, batch_size, num_workers)
     buffer = io.StringIO()
     if fmt == "json":
@@ -123,7 +124,7 @@ def predict(inputs, head, features, finetuned, top_k, batch_size, num_workers, d
         for p in predictions:
             writer.writerow([p.path, *[v for c, q in p.top for v in (c, f"{q:.6f}")]])
     if output:
-        output.write_text(buffer.getvalue())
+        write_text(output, buffer.getvalue())
     else:
         click.echo(buffer.getvalue(), nl=False)
     for r in rejected:

@@ -60,6 +60,10 @@ class ExtractParams:
     def __post_init__(self) -> None:
         _at_least("extract", self, batch_size=1, num_workers=0, image_size=1)
 
+    @property
+    def weights_path(self) -> Path | None:
+        return Path(self.weights) if self.weights else None
+
 
 @dataclass(frozen=True)
 class HeadParams:
@@ -90,7 +94,8 @@ class FinetuneParams:
     init_head: Literal["logreg", "random"] = "logreg"  # logreg: start from the trained logistic head
     early_stopping_patience: int = 3  # epochs without a lower val loss before stopping; 0 = never stop
     seed: int = 0
-    image_size: int | None = None  # None: extract.image_size, the inputs the frozen features came from
+    # None: extract.image_size, the inputs the frozen features came from (`load_params` fills it in).
+    image_size: int | None = None
     num_workers: int = 2
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
@@ -110,16 +115,27 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
-class ReportParams:
-    # Training images per class for the learning curve of the best head (plus "all").
-    learning_curve_sizes: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50])
+class LearningCurveParams:
+    # Training images per class for the learning curve of the head chosen on val (plus "all").
+    sizes: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50])
     seeds: int = 5  # random subsets per size: the curve shows their mean and spread
-    # Also fine-tune on subsets of these sizes (expensive: one fine-tuning run per size).
-    finetune_curve: bool = False
-    finetune_curve_sizes: list[int] = field(default_factory=lambda: [10, 50])
 
     def __post_init__(self) -> None:
-        _at_least("report", self, seeds=1)
+        _at_least("learning_curve", self, seeds=1)
+        for size in self.sizes:
+            if size < 1:
+                raise ConfigError(f"learning_curve.sizes must be >= 1 each; got {size}")
+
+
+@dataclass(frozen=True)
+class FinetuneCurveParams:
+    # Fine-tune on subsets of these many training images per class (one run each; expensive). Empty: off.
+    sizes: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for size in self.sizes:
+            if size < 1:
+                raise ConfigError(f"finetune_curve.sizes must be >= 1 each; got {size}")
 
 
 @dataclass(frozen=True)
@@ -129,7 +145,8 @@ class Params:
     heads: dict[str, HeadParams] = field(default_factory=lambda: {"logreg": HeadParams()})
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    report: ReportParams = field(default_factory=ReportParams)
+    learning_curve: LearningCurveParams = field(default_factory=LearningCurveParams)
+    finetune_curve: FinetuneCurveParams = field(default_factory=FinetuneCurveParams)
 
 
 def _at_least(section: str, params: object, **minimum: int) -> None:
@@ -148,7 +165,15 @@ def load_params(path: Path) -> Params:
         raise ConfigError(f"{path}: file not found") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    return parse(Params, raw, "")
+    return resolve(parse(Params, raw, ""))
+
+
+def resolve(params: Params) -> Params:
+    """Fill in the values that default to another section's, once, so no caller derives them again."""
+    finetune = params.finetune
+    if finetune.image_size is None:
+        finetune = dataclasses.replace(finetune, image_size=params.extract.image_size)
+    return dataclasses.replace(params, finetune=finetune)
 
 
 def parse(cls: type, raw: Any, key: str) -> Any:

@@ -1,4 +1,4 @@
-"""Scan an ImageFolder into a manifest (path, class, split, content hash, status) and read images from it."""
+"""Scan an ImageFolder into a manifest (path, class, split, content hash, status), and read and write it."""
 
 from __future__ import annotations
 
@@ -6,27 +6,21 @@ import csv
 import hashlib
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
-from pipeline.errors import PipelineError
+from pipeline.errors import DataError
 from pipeline.images import REASONS, ImageRejected, decode_rgb, read_bytes
+from pipeline.io import atomic_path
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 # Operating-system droppings that are not the user's data: skipped, and counted.
 JUNK_NAMES = {"Thumbs.db", "desktop.ini", "__MACOSX"}
-
-
-class DataError(PipelineError):
-    """The data root cannot be turned into a dataset; the message says what to fix."""
 
 
 @dataclass(frozen=True)
@@ -139,10 +133,11 @@ def scan(root: Path) -> tuple[str, list[tuple[str, str, str]], list[str]]:
 
 
 def _visible_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_junk(p.name))
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not is_junk(p.name))
 
 
-def _is_junk(name: str) -> bool:
+def is_junk(name: str) -> bool:
+    """Hidden files and folders and operating-system droppings: not the user's images."""
     return name.startswith(".") or name in JUNK_NAMES
 
 
@@ -154,7 +149,7 @@ def _class_files(root: Path, folder: Path, skipped: list[str]) -> Iterable[tuple
     rather than silently lost.
     """
     for entry in sorted(folder.iterdir()):
-        if _is_junk(entry.name):
+        if is_junk(entry.name):
             if entry.is_file():
                 skipped.append(entry.relative_to(root).as_posix())
             continue
@@ -168,7 +163,7 @@ def _class_files(root: Path, folder: Path, skipped: list[str]) -> Iterable[tuple
             if path.is_dir():
                 continue
             rel = path.relative_to(root).as_posix()
-            if any(_is_junk(part) for part in path.relative_to(entry).parts):
+            if any(is_junk(part) for part in path.relative_to(entry).parts):
                 skipped.append(rel)
             elif path.is_file() or not path.exists():
                 found = True
@@ -266,14 +261,10 @@ def write_quarantine(manifest: Manifest, path: Path) -> None:
 
 
 def _write_rows(rows: Sequence[ManifestRow], path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=_COLUMNS)
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
-    tmp.replace(path)
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -291,61 +282,3 @@ def manifest_sha256(manifest: Manifest) -> str:
     for r in manifest.ok_rows():
         digest.update(f"{r.path}\0{r.class_name}\0{r.split}\0{r.sha256}\n".encode())
     return digest.hexdigest()
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Images of manifest rows, decoded and preprocessed: item i is (tensor, i)."""
-
-    def __init__(self, root: Path, rows: Sequence[ManifestRow], transform, draft_short_side: int | None = None):
-        self.root = Path(root)
-        self.rows = list(rows)
-        self.transform = transform
-        self.draft_short_side = draft_short_side
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        row = self.rows[i]
-        try:
-            data = read_bytes(self.root / row.path)
-            if hashlib.sha256(data).hexdigest() != row.sha256:
-                raise DataError(f"{row.path} changed since prepare ran; run `dvc repro` again")
-            img = decode_rgb(data, self.draft_short_side)
-        except ImageRejected as err:
-            raise DataError(f"{row.path} passed prepare but now fails: {err}; run `dvc repro` again") from err
-        return self.transform(img), i
-
-
-def image_batches(
-    dataset: torch.utils.data.Dataset,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-    loader: str = "auto",
-    collate_fn: Callable = default_collate,
-) -> Iterator:
-    """Batches of `dataset` in order, decoded where decoding slows the forward pass least.
-
-    `workers`: `num_workers` DataLoader processes decode ahead while the forward pass runs. On an accelerator
-    the CPU is otherwise idle, so decoding costs nothing; batches land in pinned memory for non-blocking copies.
-    `inline`: each batch is decoded by one thread per torch thread (Pillow releases the GIL while it decodes and
-    resamples), between forward passes. On CPU the forward pass already keeps every core busy: decoding beside
-    it only takes cores away (measured on 2 cores: each forward pass 11-17% slower, more than decoding costs;
-    likely a preempted intra-op thread stalling the others). README, "Extraction speed", has the figures.
-    `auto`: workers on an accelerator, inline on CPU.
-    """
-    if loader == "auto":
-        loader = "inline" if device.type == "cpu" else "workers"
-    if loader == "workers":
-        yield from DataLoader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=collate_fn,
-            pin_memory=device.type == "cuda",
-        )
-        return
-    with ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="decode") as pool:
-        for start in range(0, len(dataset), batch_size):
-            yield collate_fn(list(pool.map(dataset.__getitem__, range(start, min(start + batch_size, len(dataset))))))

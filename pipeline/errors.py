@@ -16,6 +16,10 @@ class PipelineError(ValueError):
     """Bad configuration, bad data, missing inputs: the message names the problem and the fix."""
 
 
+class DataError(PipelineError):
+    """The data root or a file in it cannot be used as prepared; the message says what to fix."""
+
+
 def user_errors(command: F) -> F:
     """Wrap a click command: set up logging, and turn a `PipelineError` into click's one-line error (exit 1)."""
 

@@ -18,9 +18,10 @@ import torch
 import torchvision
 from tqdm import tqdm
 
-from pipeline.backbones import Backbone, build_backbone, fingerprint, resolve_device
+from pipeline.backbones import Backbone, Preprocessing, build_backbone, fingerprint
 from pipeline.config import ExtractParams
-from pipeline.dataset import ImageDataset, ManifestRow, image_batches, manifest_sha256, read_manifest
+from pipeline.dataset import ManifestRow, manifest_sha256, read_manifest
+from pipeline.runtime import Images, Runtime, forward_batches, image_batches
 from pipeline.store import SPLIT_CODES, EmbeddingCache, write_store
 
 log = logging.getLogger(__name__)
@@ -60,30 +61,23 @@ class ExtractResult:
         }
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """`auto` means bf16 autocast on CUDA and exact fp32 elsewhere."""
-    if requested == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return requested
-
-
 def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, params: ExtractParams) -> ExtractResult:
     """Embed every usable manifest row, computing only what the embedding cache lacks."""
     start = time.perf_counter()
     manifest = read_manifest(manifest_path)
     rows = manifest.ok_rows()
     classes = manifest.classes
-    backbone = build_backbone(params.backbone, Path(params.weights) if params.weights else None, params.allow_download)
-    device = resolve_device(params.device)
-    precision = resolve_precision(params.precision, device)
+    backbone = build_backbone(params.backbone, params.weights_path, params.allow_download)
+    # channels_last on CPU too: the store's bytes were fixed with it, and the fingerprint does not record it.
+    runtime = Runtime.resolve(params.device, params.precision, option="extract.device", channels_last=True)
     preprocessing = backbone.preprocessing.with_image_size(params.image_size)
-    fp = fingerprint(backbone, preprocessing, precision, params.jpeg_draft)
-    log.info("extract: %s on %s (%s), fingerprint %s", backbone.name, device, precision, fp)
+    fp = fingerprint(backbone, preprocessing, runtime.precision, params.jpeg_draft)
+    log.info("extract: %s on %s (%s), fingerprint %s", backbone.name, runtime.device, runtime.precision, fp)
 
     with EmbeddingCache(cache_dir, fp, backbone.feature_dim) as cache:
         missing = _first_occurrences([r for r in rows if r.sha256 not in cache])
         compute_start = time.perf_counter()
-        embed_rows(backbone, preprocessing, missing, data_root, cache, params, device, precision)
+        embed_rows(backbone, preprocessing, missing, data_root, cache, params, runtime)
         write_start = time.perf_counter()
         compute_seconds = write_start - compute_start
         cache.compact()
@@ -109,7 +103,7 @@ def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, pa
                 "classes": classes,
                 "fingerprint": fp,
                 "manifest_sha256": manifest_sha256(manifest),
-                "precision": precision,
+                "precision": runtime.precision,
                 "jpeg_draft": params.jpeg_draft,
                 "versions": library_versions(),
                 # When the newest embedding was computed, not when this file was written: rewriting the
@@ -128,50 +122,38 @@ def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, pa
         compute_seconds=compute_seconds,
         write_seconds=write_seconds,
         extraction_seconds=extraction_seconds,
-        device=str(device),
-        precision=precision,
+        device=str(runtime.device),
+        precision=runtime.precision,
         fingerprint=fp,
     )
 
 
-def backbone_of_store(attrs: dict) -> Backbone:
-    """The backbone a store was extracted with: its name and, when one was given, its weights file."""
-    weights = attrs.get("weights_file")
-    return build_backbone(attrs["backbone"], Path(weights) if weights else None)
-
-
 def embed_rows(
     backbone: Backbone,
-    preprocessing,
+    preprocessing: Preprocessing,
     rows: list[ManifestRow],
     data_root: Path,
     cache: EmbeddingCache,
     params: ExtractParams,
-    device: torch.device,
-    precision: str,
+    runtime: Runtime,
 ) -> None:
     """Forward `rows` through the frozen backbone, flushing each batch to the cache as it completes."""
     if not rows:
         return
     draft = preprocessing.resize if params.jpeg_draft else None
-    dataset = ImageDataset(data_root, rows, preprocessing.to_uint8, draft)
-    batches = image_batches(dataset, params.batch_size, params.num_workers, device, params.loader)
-    model = backbone.features.to(device).eval().to(memory_format=torch.channels_last)
-    with torch.inference_mode(), tqdm(total=len(rows), desc="extract", unit="img") as bar:
+    dataset = Images.of_rows(data_root, rows, preprocessing.to_uint8, draft)
+    batches = image_batches(dataset, params.batch_size, params.num_workers, runtime.device, params.loader)
+    model = runtime.place(backbone.features)
+    with tqdm(total=len(rows), desc="extract", unit="img") as bar:
         start = time.perf_counter()
-        for images, index in batches:
-            # channels_last while still uint8 (a quarter of the bytes to move); normalising keeps the layout.
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            images = preprocessing.normalize(images)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                embeddings = model(images)
+        for batch, embeddings in forward_batches(model, batches, runtime, preprocessing.normalize):
             embeddings = embeddings.float().cpu().numpy()
             # The batch's cost: wall time since the previous batch was flushed (decoding or waiting for it, the
             # forward pass, the previous flush; the first batch also starts the loader and warms the model).
             done = time.perf_counter()
-            cache.add([rows[i].sha256 for i in index.tolist()], embeddings, seconds=done - start)
+            cache.add([rows[i].sha256 for i in batch.index.tolist()], embeddings, seconds=done - start)
             start = done
-            bar.update(len(index))
+            bar.update(len(batch.index))
 
 
 def _iso(unix_time: float) -> str:

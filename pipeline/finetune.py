@@ -6,26 +6,24 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
-from pipeline.backbones import PIXELS_VERSION, Backbone, Preprocessing, build_backbone, resolve_device
+from pipeline.backbones import PIXELS_VERSION, Backbone, Preprocessing, build_backbone
 from pipeline.config import FinetuneParams
-from pipeline.dataset import ImageDataset, Manifest, ManifestRow, manifest_sha256, read_manifest
+from pipeline.dataset import Manifest, ManifestRow, manifest_sha256, read_manifest
 from pipeline.errors import PipelineError
-from pipeline.extract import resolve_precision
+from pipeline.finetuned import Classifier, save_finetuned
 from pipeline.heads import TrainedHead
+from pipeline.io import atomic_path
+from pipeline.runtime import Images, Runtime, image_batches, predict_proba, shuffled_batches
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +32,6 @@ BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 class FinetuneError(PipelineError):
     """Fine-tuning cannot start: e.g. a warm-start head trained on other classes or another backbone."""
-
-
-class Classifier(nn.Module):
-    """A backbone's feature extractor followed by a new output layer."""
-
-    def __init__(self, features: nn.Module, feature_dim: int, n_classes: int):
-        super().__init__()
-        self.features = features
-        self.head = nn.Linear(feature_dim, n_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 @dataclass
@@ -117,8 +103,6 @@ def init_from_head(layer: nn.Linear, head: TrainedHead) -> None:
     logits = ((f - mean) / scale) @ coef.T + b = f @ (coef / scale).T + (b - coef @ (mean / scale)).
     scikit-learn stores a binary problem as one row (the logit of class 1); class 0 gets a zero row.
     """
-    if head.kind != "logreg":
-        raise FinetuneError(f"init_head needs a logreg head; {head.name} is a {head.kind} head")
     scaler, clf = head.model.named_steps["scale"], head.model.named_steps["clf"]
     coef, intercept = clf.coef_ / scaler.scale_, clf.intercept_ - clf.coef_ @ (scaler.mean_ / scaler.scale_)
     if coef.shape[0] == 1:
@@ -131,27 +115,23 @@ def init_from_head(layer: nn.Linear, head: TrainedHead) -> None:
         layer.bias.copy_(torch.as_tensor(bias, dtype=layer.bias.dtype))
 
 
-def check_warm_start(
-    head: TrainedHead, store_attrs: dict, backbone: str, image_size: int | None, weights: str | None = None
-) -> None:
-    """A head can seed the new layer only if it saw the features this backbone (with these weights) gives at
-    this image size."""
-    if head.store_fingerprint != store_attrs.get("fingerprint"):
+def check_warm_start(head: TrainedHead, classes: list[str], backbone: str, crop: int, weights: str | None) -> None:
+    """A head can seed the new layer only if it saw these classes, and the features this backbone (with these
+    weights) gives at this image size."""
+    if head.kind != "logreg":
+        raise FinetuneError(f"init_head needs a logreg head; {head.name} is a {head.kind} head")
+    if head.classes != classes:
+        raise FinetuneError(f"the logreg head has classes {head.classes}, the manifest {classes}; rerun train_head")
+    seen = head.store_attrs
+    if seen.get("weights_file") != weights:
         raise FinetuneError(
-            f"the logreg head was trained on features {head.store_fingerprint}, the store is "
-            f"{store_attrs.get('fingerprint')}; rerun train_head"
-        )
-    size = image_size or store_attrs["preprocessing"]["crop"]
-    if store_attrs.get("weights_file") != weights:
-        raise FinetuneError(
-            f"the logreg head was trained on features of weights {store_attrs.get('weights_file') or 'the defaults'}, "
+            f"the logreg head was trained on features of weights {seen.get('weights_file') or 'the defaults'}, "
             f"fine-tuning starts from {weights or 'the defaults'}: rerun extract and train_head"
         )
-    seen = (store_attrs.get("backbone"), store_attrs.get("image_size"))
-    if seen != (backbone, size):
+    if (seen.get("backbone"), seen.get("image_size")) != (backbone, crop):
         raise FinetuneError(
-            f"the logreg head was trained on {seen[0]} features at {seen[1]} px, fine-tuning runs {backbone} "
-            f"at {size} px: set finetune.image_size to null or init_head to random"
+            f"the logreg head was trained on {seen.get('backbone')} features at {seen.get('image_size')} px, "
+            f"fine-tuning runs {backbone} at {crop} px: set finetune.image_size to null or init_head to random"
         )
 
 
@@ -196,14 +176,56 @@ class FinetuneResult:
         }
 
 
-def run_key(backbone: Backbone, params: FinetuneParams, manifest: Manifest, head_path: Path | None) -> str:
-    """What a checkpoint must match to be resumed: data, backbone, params, warm start, training code."""
+@dataclass
+class TrainingState:
+    """Where a run stands after an epoch: what a checkpoint holds besides the model, optimizer and scheduler."""
+
+    epoch: int = 0  # epochs completed
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0  # epochs since the val loss last improved
+    history: list[dict] = field(default_factory=list)
+    best_weights: dict[str, torch.Tensor] | None = None
+
+    def stopped_early(self, patience: int) -> bool:
+        return bool(patience) and self.bad_epochs >= patience
+
+
+@dataclass
+class Training:
+    """Everything one fine-tuning run works with, built once."""
+
+    model: Classifier
+    split: Frozen
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    runtime: Runtime
+    preprocessing: Preprocessing
+    params: FinetuneParams
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The manifest's usable train and val rows, their labels, and the class names."""
+
+    manifest: Manifest
+    classes: list[str]
+    rows: dict[str, list[ManifestRow]]
+    labels: dict[str, torch.Tensor]
+
+
+def run_key(backbone: Backbone, params: FinetuneParams, manifest: Manifest, initial_layer: nn.Linear) -> str:
+    """What a checkpoint must match to be resumed: data, backbone, params, the new layer's starting weights (the
+    warm start, or the seeded random ones), and the training code and pixels."""
+    layer = hashlib.sha256()
+    for tensor in (initial_layer.weight, initial_layer.bias):
+        layer.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     spec = {
         "backbone": backbone.name,
         "weights": backbone.weights_sha256(),
         "params": asdict(params),
         "manifest": manifest_sha256(manifest),
-        "head": hashlib.sha256(head_path.read_bytes()).hexdigest() if head_path else None,
+        "initial_layer": layer.hexdigest(),
         # A change to the training code or to the pixels it is fed must not resume a checkpoint of the old.
         "preprocessing": backbone.preprocessing.to_json(),
         "pixels_version": PIXELS_VERSION,
@@ -219,255 +241,188 @@ def finetune(
     params: FinetuneParams,
     out_dir: Path,
     checkpoint_dir: Path,
+    *,
     head: TrainedHead | None = None,
-    head_path: Path | None = None,
     weights: Path | None = None,
 ) -> FinetuneResult:
-    """Fine-tune `backbone_name` on the manifest's train split, early-stopping on val loss.
+    """Fine-tune `backbone_name` (with `weights`, extract's, when given) on the manifest's train split,
+    early-stopping on val loss; `head` seeds the new layer when `params.init_head` is logreg.
 
-    A checkpoint (model, optimizer, scheduler, epoch, RNG state, history) is written after every epoch
-    under `checkpoint_dir/<run key>/`; a rerun with the same inputs resumes from it. Every source of
-    randomness is derived from (seed, epoch), so a resumed run on CPU ends with the same weights as an
-    uninterrupted one.
+    A checkpoint (model, optimizer, scheduler, RNG state, training state) is written after every epoch under
+    `checkpoint_dir/<run key>/`; a rerun with the same inputs resumes from it. Every source of randomness is
+    derived from (seed, epoch), so a resumed run on CPU ends with the same weights as an uninterrupted one.
     """
     start = time.perf_counter()
+    data = read_splits(manifest_path)
+    backbone = build_backbone(backbone_name, weights)
+    training = build_training(backbone, data, params, head, weights)
+    checkpoint = Path(checkpoint_dir) / run_key(backbone, params, data.manifest, training.model.head) / "checkpoint.pt"
+    state = resume(checkpoint, training)
+    resumed_from = state.epoch
+    fit(training, data, Path(data_root), state, checkpoint)
+    model = training.model
+    model.load_state_dict(state.best_weights)
+    result = FinetuneResult(
+        model_path=Path(out_dir) / "model.safetensors",
+        epochs_run=state.epoch,
+        resumed_from_epoch=resumed_from,
+        best_epoch=state.best_epoch,
+        history=state.history,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        total_params=sum(p.numel() for p in model.parameters()),
+        train_seconds=sum(h["seconds"] for h in state.history),
+        device=str(training.runtime.device),
+        precision=training.runtime.precision,
+    )
+    save_finetuned(model, out_dir, saved_config(backbone, training, data.classes, result))
+    log.info("finetune: done in %.1fs", time.perf_counter() - start)
+    return result
+
+
+def read_splits(manifest_path: Path) -> Splits:
     manifest = read_manifest(manifest_path)
     classes = manifest.classes
     rows = {s: [r for r in manifest.ok_rows() if r.split == s] for s in ("train", "val")}
     if not rows["val"]:
         raise FinetuneError(f"{manifest_path} has no val images for early stopping; set prepare.val_fraction above 0")
     labels = {s: torch.tensor([classes.index(r.class_name) for r in rows[s]]) for s in rows}
-    backbone = build_backbone(backbone_name, weights)  # extract.weights: the same network the features came from
-    preprocessing = backbone.preprocessing.with_image_size(params.image_size)
-    device = resolve_device(params.device)
-    precision = resolve_precision(params.precision, device)
+    return Splits(manifest, classes, rows, labels)
 
-    torch.manual_seed(params.seed)
-    model = Classifier(backbone.features, backbone.feature_dim, len(classes))
+
+def build_training(
+    backbone: Backbone, data: Splits, params: FinetuneParams, head: TrainedHead | None, weights: Path | None
+) -> Training:
+    """The model (new layer seeded, or warm-started from `head`), its frozen blocks, optimizer and schedule."""
+    preprocessing = backbone.preprocessing.with_image_size(params.image_size)
+    torch.manual_seed(params.seed)  # the new layer's random initialisation
+    model = Classifier(backbone.features, backbone.feature_dim, len(data.classes))
     if params.init_head == "logreg":
         if head is None:
             raise FinetuneError("finetune.init_head is logreg but no trained logreg head was given")
-        if head.classes != classes:
-            raise FinetuneError(f"the logreg head has classes {head.classes}, the manifest {classes}")
+        check_warm_start(head, data.classes, backbone.name, preprocessing.crop, str(weights) if weights else None)
         init_from_head(model.head, head)
     split = freeze(model, backbone.blocks(), params.unfreeze)
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    runtime = Runtime.resolve(params.device, params.precision, option="finetune.device")
+    runtime.place(model)
     optimizer = torch.optim.AdamW(parameter_groups(model, split, params), weight_decay=params.weight_decay)
-    steps_per_epoch = math.ceil(len(rows["train"]) / params.batch_size)
+    steps_per_epoch = math.ceil(len(data.rows["train"]) / params.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(params.warmup_epochs * steps_per_epoch, params.epochs * steps_per_epoch)
     )
+    return Training(model, split, optimizer, scheduler, runtime, preprocessing, params)
 
-    key = run_key(backbone, params, manifest, head_path if params.init_head == "logreg" else None)
-    checkpoint = Path(checkpoint_dir) / key / "checkpoint.pt"
-    state = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0, "history": []}
-    best_weights = None
-    if checkpoint.is_file():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"])
-        best_weights = saved["best_weights"]
-        state = {k: saved[k] for k in state}
-        log.info("finetune: resuming from %s at epoch %d", checkpoint, state["epoch"] + 1)
-    resumed_from = state["epoch"]
 
-    train_seconds = sum(h["seconds"] for h in state["history"])
-    loaders = _loaders(data_root, rows, labels, preprocessing, params, device)
-    for epoch in range(state["epoch"], params.epochs):
-        if params.early_stopping_patience and state["bad_epochs"] >= params.early_stopping_patience:
+def resume(checkpoint: Path, training: Training) -> TrainingState:
+    """The state saved after the last completed epoch, loaded into the model and optimizer; a fresh one if none."""
+    if not checkpoint.is_file():
+        return TrainingState()
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    training.model.load_state_dict(saved["model"])
+    training.optimizer.load_state_dict(saved["optimizer"])
+    training.scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"])
+    state = TrainingState(**{f.name: saved[f.name] for f in fields(TrainingState)})
+    log.info("finetune: resuming from %s at epoch %d", checkpoint, state.epoch + 1)
+    return state
+
+
+def fit(training: Training, data: Splits, data_root: Path, state: TrainingState, checkpoint: Path) -> None:
+    """Train epoch after epoch until `params.epochs` or early stopping; a checkpoint after each."""
+    params, runtime, p = training.params, training.runtime, training.preprocessing
+    train = Images.of_rows(data_root, data.rows["train"], train_transform(p, params.augment))
+    val = Images.of_rows(data_root, data.rows["val"], p.to_uint8)
+    for epoch in range(state.epoch, params.epochs):
+        if state.stopped_early(params.early_stopping_patience):
             break
         epoch_start = time.perf_counter()
         torch.manual_seed(params.seed * 100_003 + epoch)  # dropout and friends: a function of the epoch
         generator = torch.Generator().manual_seed(params.seed * 100_003 + epoch)  # order and augmentation
-        train_loss, train_acc = _train_epoch(
-            model, split, loaders["train"](generator), optimizer, scheduler, preprocessing, params, device, precision
-        )
-        val_loss, val_acc = evaluate_loss(model, loaders["val"](None), preprocessing, device, precision)
-        seconds = time.perf_counter() - epoch_start
-        train_seconds += seconds
-        state["history"].append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                "train_accuracy": train_acc,
-                "val_loss": val_loss,
-                "val_accuracy": val_acc,
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": seconds,
-            }
-        )
-        if val_loss < state["best_val_loss"]:
-            state.update(best_val_loss=val_loss, best_epoch=epoch + 1, bad_epochs=0)
-            best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch + 1
-        _save_checkpoint(checkpoint, model, optimizer, scheduler, best_weights, state)
+        batches = shuffled_batches(train, params.batch_size, params.num_workers, runtime.device, generator)
+        train_loss, train_acc = train_epoch(training, batches, data.labels["train"])
+        val_batches = image_batches(val, params.batch_size, params.num_workers, runtime.device)
+        val_loss, val_acc = evaluate_loss(training, val_batches, data.labels["val"])
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_accuracy": train_acc,
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "lr": training.optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - epoch_start,
+        }
+        end_epoch(training, state, record)
+        save_checkpoint(checkpoint, training, state)
         log.info(
             "epoch %d: train loss %.4f acc %.4f, val loss %.4f acc %.4f; checkpoint saved",
             *(epoch + 1, train_loss, train_acc, val_loss, val_acc),
         )
 
-    model.load_state_dict(best_weights)
-    result = FinetuneResult(
-        model_path=Path(out_dir) / "model.safetensors",
-        epochs_run=state["epoch"],
-        resumed_from_epoch=resumed_from,
-        best_epoch=state["best_epoch"],
-        history=state["history"],
-        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        total_params=sum(p.numel() for p in model.parameters()),
-        train_seconds=train_seconds,
-        device=str(device),
-        precision=precision,
-    )
-    save_finetuned(model, out_dir, backbone, preprocessing, classes, split, params, result.summary())
-    log.info("finetune: done in %.1fs", time.perf_counter() - start)
-    return result
+
+def end_epoch(training: Training, state: TrainingState, record: dict) -> None:
+    """Record the epoch; keep the weights with the lowest val loss so far."""
+    state.history.append(record)
+    if record["val_loss"] < state.best_val_loss:
+        state.best_val_loss, state.best_epoch, state.bad_epochs = record["val_loss"], record["epoch"], 0
+        state.best_weights = {k: v.detach().cpu().clone() for k, v in training.model.state_dict().items()}
+    else:
+        state.bad_epochs += 1
+    state.epoch = record["epoch"]
 
 
-def _loaders(data_root, rows, labels, preprocessing, params, device):
-    """Loader factories: the train loader takes the epoch's generator (shuffling and worker seeds)."""
-
-    def make(split: str, transform, shuffle: bool):
-        dataset = LabelledImages(data_root, rows[split], labels[split], transform)
-
-        def loader(generator):
-            return DataLoader(
-                dataset,
-                batch_size=params.batch_size,
-                shuffle=shuffle,
-                generator=generator,
-                num_workers=params.num_workers,
-                pin_memory=device.type == "cuda",
-            )
-
-        return loader
-
-    return {
-        "train": make("train", train_transform(preprocessing, params.augment), True),
-        "val": make("val", preprocessing.to_uint8, False),
-    }
-
-
-class LabelledImages(torch.utils.data.Dataset):
-    """(uint8 image tensor, label) for manifest rows."""
-
-    def __init__(self, root: Path, rows: list[ManifestRow], labels: torch.Tensor, transform):
-        self.images = ImageDataset(root, rows, transform)
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[i][0], self.labels[i]
-
-
-def _train_epoch(model, split, loader, optimizer, scheduler, preprocessing, params, device, precision):
-    set_train_mode(model, split, params.batchnorm)
+def train_epoch(training: Training, batches, labels: torch.Tensor) -> tuple[float, float]:
+    """One pass over the training batches; mean loss and accuracy."""
+    model, runtime = training.model, training.runtime
+    set_train_mode(model, training.split, training.params.batchnorm)
     loss_fn = nn.CrossEntropyLoss()
     total_loss, correct, seen = 0.0, 0, 0
-    for images, targets in tqdm(loader, desc="finetune", unit="batch", leave=False):
-        images, targets = _to_device(images, targets, preprocessing, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    for batch in tqdm(batches, desc="finetune", unit="batch", leave=False):
+        images = runtime.inputs(batch.images, training.preprocessing.normalize)
+        targets = labels[batch.index].to(runtime.device, non_blocking=True)
+        with runtime.autocast():
             logits = model(images)
             loss = loss_fn(logits.float(), targets)
-        optimizer.zero_grad(set_to_none=True)
+        training.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        scheduler.step()
+        training.optimizer.step()
+        training.scheduler.step()
         total_loss += loss.item() * len(targets)
         correct += int((logits.argmax(1) == targets).sum())
         seen += len(targets)
     return total_loss / seen, correct / seen
 
 
-def _to_device(images, targets, preprocessing, device):
-    images = preprocessing.normalize(images.to(device, non_blocking=True))
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, targets.to(device, non_blocking=True)
+def evaluate_loss(training: Training, batches, labels: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of the model on labelled batches."""
+    proba = predict_proba(training.model, batches, training.runtime, training.preprocessing.normalize)
+    targets = labels.numpy()
+    p_true = np.clip(proba[np.arange(len(targets)), targets], 1e-12, 1.0)
+    return float(-np.log(p_true).mean()), float((proba.argmax(1) == targets).mean())
 
 
-@torch.inference_mode()
-def predict_proba(model: nn.Module, loader, preprocessing: Preprocessing, device, precision: str) -> np.ndarray:
-    """Softmax probabilities of every image the loader yields, in order."""
-    model.eval()
-    out = []
-    for images, _ in loader:
-        images, _ = _to_device(images, torch.zeros(0), preprocessing, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out.append(model(images).double().softmax(1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0))
-
-
-@torch.inference_mode()
-def evaluate_loss(model, loader, preprocessing, device, precision) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over a loader of `LabelledImages`."""
-    targets = loader.dataset.labels
-    proba = predict_proba(model, loader, preprocessing, device, precision)
-    p_true = np.clip(proba[np.arange(len(targets)), targets.numpy()], 1e-12, 1.0)
-    return float(-np.log(p_true).mean()), float((proba.argmax(1) == targets.numpy()).mean())
-
-
-def _save_checkpoint(path: Path, model, optimizer, scheduler, best_weights, state: dict) -> None:
+def save_checkpoint(path: Path, training: Training, state: TrainingState) -> None:
     """Atomically: a kill during the save leaves the previous epoch's checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "best_weights": best_weights,
-            **state,
-        },
-        tmp,
-    )
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(
+            {
+                "model": training.model.state_dict(),
+                "optimizer": training.optimizer.state_dict(),
+                "scheduler": training.scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+                **asdict(state),
+            },
+            tmp,
+        )
 
 
-def save_finetuned(model, out_dir, backbone, preprocessing, classes, split: Frozen, params, training: dict) -> Path:
-    """safetensors weights plus a JSON config (classes, backbone, preprocessing, unfrozen blocks).
-
-    Both are written into a temporary folder that then replaces `out_dir`, so weights and config always
-    belong together; a kill leaves the old pair or nothing.
-    """
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    config = {
+def saved_config(backbone: Backbone, training: Training, classes: list[str], result: FinetuneResult) -> dict:
+    """What travels with the weights: enough to rebuild, preprocess and describe the model."""
+    return {
         "backbone": backbone.name,
         "classes": classes,
         "feature_dim": backbone.feature_dim,
-        "preprocessing": json.loads(preprocessing.to_json()),
-        "unfrozen_blocks": len(split.trainable),
-        "total_blocks": len(split.trainable) + len(split.frozen),
-        "params": asdict(params),
-        "training": training,
+        "preprocessing": json.loads(training.preprocessing.to_json()),
+        "unfrozen_blocks": len(training.split.trainable),
+        "total_blocks": len(training.split.trainable) + len(training.split.frozen),
+        "params": asdict(training.params),
+        "training": result.summary(),
     }
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir / "model.safetensors"
-
-
-def load_finetuned(model_dir: Path) -> tuple[Classifier, dict, Preprocessing]:
-    """The fine-tuned classifier in eval mode, its config, and its preprocessing."""
-    model_dir = Path(model_dir)
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise FinetuneError(f"no fine-tuned model in {model_dir} (config.json missing); run the finetune stage")
-    config = json.loads(config_path.read_text())
-    backbone = build_backbone(config["backbone"])
-    model = Classifier(backbone.features, config["feature_dim"], len(config["classes"]))
-    model.load_state_dict(load_file(model_dir / "model.safetensors"))
-    return model.eval(), config, Preprocessing.from_dict(config["preprocessing"])

@@ -1,251 +1,50 @@
-"""Heads on cached features: a registry of scikit-learn pipelines, selection on val, plain-array saving."""
+"""Heads on cached features: a registry of scikit-learn pipelines, selection on val, saving as plain arrays."""
 
 from __future__ import annotations
 
 import itertools
 import logging
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from numbers import Integral, Real
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
-from scipy.optimize import minimize, minimize_scalar
-from scipy.special import log_softmax, softmax
-from sklearn.base import BaseEstimator, ClassifierMixin, clone
-from sklearn.exceptions import ConvergenceWarning
+from sklearn.base import BaseEstimator, clone
+from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.metrics import accuracy_score, log_loss
-from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import Normalizer, StandardScaler, normalize
-from sklearn.utils import check_scalar
-from sklearn.utils.class_weight import compute_class_weight
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
+from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.utils.validation import check_is_fitted
 
 from pipeline.config import HeadParams
 from pipeline.errors import PipelineError
+from pipeline.estimators import CosineCentroids, CosineNeighbors, LbfgsLinearSVC, TemperatureScaled
 from pipeline.store import FeatureStore, StoreError, check_matches, load_arrays, save_arrays
 
 log = logging.getLogger(__name__)
+
+# The store attributes a head keeps: what its features were (the fine-tuning warm start checks them).
+_STORE_ATTRS = ("backbone", "image_size", "weights_file", "fingerprint", "precision")
 
 
 class HeadError(PipelineError):
     """A head is misconfigured (unknown kind, bad argument)."""
 
 
-# --- estimators scikit-learn does not have ----------------------------------------------------------
-
-
-def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
-    """The T > 0 minimising the mean log loss of softmax(logits / T) against column indices `targets`.
-
-    The loss is convex in 1/T, hence unimodal in log T: a bounded 1-D search finds it. The bounds (1/1000
-    to 1000 times the logits' spread) only matter when the rows are perfectly separated, where the loss
-    keeps falling as T goes to 0: T then stops at the lower bound and the probabilities saturate.
-    """
-    logits = np.asarray(logits, dtype=np.float64)
-    rows = np.arange(len(targets))
-    spread = float(np.log(np.std(logits) or 1.0))
-
-    def mean_log_loss(log_t: float) -> float:
-        return -float(np.mean(log_softmax(logits / np.exp(log_t), axis=1)[rows, targets]))
-
-    best = minimize_scalar(
-        mean_log_loss, bounds=(spread - 7.0, spread + 7.0), method="bounded", options={"xatol": 1e-6}
-    )
-    return float(np.exp(best.x))
-
-
-class TemperatureScaled(ClassifierMixin, BaseEstimator):
-    """Probabilities for a classifier that only has a decision function: softmax(decision_function / T).
-
-    `fit` trains a clone of `estimator` and sets T to `temperature` (1 when None). `calibrate` then fits T
-    on held-out rows by minimising their log loss (temperature scaling, Guo et al. 2017). Dividing every
-    score by one positive number never changes the predicted class, only how confident it is.
-    """
-
-    def __init__(self, estimator: BaseEstimator, temperature: float | None = None):
-        self.estimator = estimator
-        self.temperature = temperature
-
-    def fit(self, X: np.ndarray, y: np.ndarray) -> TemperatureScaled:
-        self.estimator_ = clone(self.estimator).fit(X, y)
-        self.classes_ = self.estimator_.classes_
-        self.n_features_in_ = self.estimator_.n_features_in_
-        self.temperature_ = 1.0 if self.temperature is None else float(self.temperature)
-        return self
-
-    def calibrate(self, X: np.ndarray, y: np.ndarray) -> TemperatureScaled:
-        """Fit T on (X, y); rows of a class the estimator never saw cannot be scored and are left out."""
-        known = np.isin(y, self.classes_)
-        if not known.any():
-            log.warning("no calibration rows of a known class: temperature left at %s", self.temperature_)
-            return self
-        targets = np.searchsorted(self.classes_, y[known])
-        self.temperature_ = fit_temperature(self.decision_function(X[known]), targets)
-        return self
-
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
-        """One score per class, [N, n_classes]."""
-        check_is_fitted(self)
-        scores = np.asarray(self.estimator_.decision_function(X), dtype=np.float64)
-        # A two-class estimator returns one score, the logit of classes_[1] against classes_[0].
-        return np.column_stack([np.zeros_like(scores), scores]) if scores.ndim == 1 else scores
-
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return softmax(self.decision_function(X) / self.temperature_, axis=1)
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.classes_[self.decision_function(X).argmax(axis=1)]
-
-
-class LbfgsLinearSVC(ClassifierMixin, BaseEstimator):
-    """LinearSVC's model and objective, minimised by L-BFGS over all classes at once.
-
-    For each class k against the rest (one-vs-rest; a single problem for two classes), the objective of
-    LinearSVC (liblinear's L2-regularised squared hinge, primal), with the bias as an extra feature of
-    value s = `intercept_scaling` and so regularised too, as in liblinear:
-
-        0.5 * (|w_k|^2 + v_k^2) + sum_i c_ik * max(0, 1 - y_ik * (x_i . w_k + s * v_k))^2,  intercept = s * v_k
-
-    where c_ik = C * class_weight[k] for the rows of class k and C for the others (liblinear's rule; for
-    two classes each class has its own weight). The arguments it shares with LinearSVC (C, class_weight,
-    fit_intercept, intercept_scaling, tol, max_iter) mean the same, and so do coef_, intercept_, classes_.
-    It stops when the largest gradient entry is below `tol` times that at w = 0.
-
-    Written by hand for speed: liblinear solves the one-vs-rest problems one after another with scalar
-    loops, which took about four minutes for a single value of C on 35,000 x 1,280 features and 100
-    classes (2 shared cores). Here each L-BFGS step costs two float32 matrix products for all classes
-    together (BLAS, every core): a five-point grid plus the refit took 40 s on the same problem. The
-    minimiser is the same (tests compare the coefficients with LinearSVC's).
-    """
-
-    def __init__(
-        self,
-        C: float = 1.0,
-        *,
-        class_weight: dict | str | None = None,
-        fit_intercept: bool = True,
-        intercept_scaling: float = 1.0,
-        tol: float = 1e-4,
-        max_iter: int = 1000,
-    ):
-        self.C = C
-        self.class_weight = class_weight
-        self.fit_intercept = fit_intercept
-        self.intercept_scaling = intercept_scaling
-        self.tol = tol
-        self.max_iter = max_iter
-
-    def fit(self, X: np.ndarray, y: np.ndarray) -> LbfgsLinearSVC:
-        check_scalar(self.C, "C", Real, min_val=0.0, include_boundaries="neither")
-        check_scalar(self.tol, "tol", Real, min_val=0.0, include_boundaries="neither")
-        check_scalar(self.max_iter, "max_iter", Integral, min_val=1)
-        X, y = check_X_y(X, y, dtype=[np.float32, np.float64], order="C")
-        check_classification_targets(y)
-        self.classes_, y_index = np.unique(y, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise ValueError(f"LbfgsLinearSVC needs at least two classes; got {self.classes_.tolist()}")
-        self.n_features_in_ = X.shape[1]
-        signs, costs = self._problems(y, y_index, X.dtype)
-        n_features, n_problems = X.shape[1], signs.shape[1]
-        scaling = float(self.intercept_scaling) if self.fit_intercept else 0.0
-
-        def loss_and_gradient(theta: np.ndarray) -> tuple[float, np.ndarray]:
-            w, v = theta[:-n_problems].reshape(n_features, n_problems), theta[-n_problems:]
-            slack = 1.0 - signs * (X @ w.astype(X.dtype) + (scaling * v).astype(X.dtype))
-            np.maximum(slack, 0.0, out=slack)
-            weighted = costs * slack
-            loss = 0.5 * float(theta @ theta) + float(np.sum(weighted * slack, dtype=np.float64))
-            d_scores = -2.0 * signs * weighted
-            grad_w = w + X.T @ d_scores
-            grad_v = v + scaling * d_scores.sum(axis=0, dtype=np.float64)
-            return loss, np.concatenate([grad_w.ravel(), grad_v])
-
-        theta0 = np.zeros((n_features + 1) * n_problems)
-        scale = np.abs(loss_and_gradient(theta0)[1]).max()
-        result = minimize(
-            loss_and_gradient,
-            theta0,
-            jac=True,
-            method="L-BFGS-B",
-            options={"maxiter": self.max_iter, "gtol": self.tol * scale},
-        )
-        if result.nit >= self.max_iter:
-            warnings.warn(f"LbfgsLinearSVC did not converge in {self.max_iter} iterations", ConvergenceWarning, 2)
-        self.n_iter_ = int(result.nit)
-        w, v = result.x[:-n_problems].reshape(n_features, n_problems), result.x[-n_problems:]
-        self.coef_ = np.ascontiguousarray(w.T)
-        self.intercept_ = scaling * v
-        return self
-
-    def _problems(self, y: np.ndarray, y_index: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-        """Targets (+1 / -1) and per-row costs, [N, n_problems]: one problem, or one per class."""
-        n_classes = len(self.classes_)
-        weights = np.ones(n_classes)
-        if self.class_weight is not None:  # a dict is keyed by the labels themselves, as in LinearSVC
-            weights = compute_class_weight(self.class_weight, classes=self.classes_, y=y)
-        if n_classes == 2:
-            positive = (y_index == 1)[:, None]
-            costs = np.where(positive, weights[1], weights[0])
-        else:
-            positive = y_index[:, None] == np.arange(n_classes)
-            costs = np.where(positive, weights, 1.0)
-        return np.where(positive, 1.0, -1.0).astype(dtype), (self.C * costs).astype(dtype)
-
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
-        check_is_fitted(self)
-        scores = check_array(X) @ self.coef_.T + self.intercept_
-        return scores.ravel() if scores.shape[1] == 1 else scores
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        scores = self.decision_function(X)
-        return self.classes_[(scores > 0).astype(int) if scores.ndim == 1 else scores.argmax(axis=1)]
-
-
-class CosineCentroids(ClassifierMixin, BaseEstimator):
-    """Nearest class mean by cosine similarity; decision_function = cosine to each class's mean direction.
-
-    Hand-written because NearestCentroid ranks by euclidean distance to the raw means and has no cosine
-    scores. The means are taken over L2-normalised rows, so every image weighs the same whatever its norm.
-    """
-
-    def fit(self, X: np.ndarray, y: np.ndarray) -> CosineCentroids:
-        X, y = check_X_y(X, y, dtype=[np.float64, np.float32])
-        check_classification_targets(y)
-        self.classes_, y_index = np.unique(y, return_inverse=True)
-        self.n_features_in_ = X.shape[1]
-        unit = normalize(X)
-        means = np.stack([unit[y_index == k].mean(axis=0, dtype=np.float64) for k in range(len(self.classes_))])
-        self.centroids_ = normalize(means)
-        return self
-
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
-        check_is_fitted(self)
-        return normalize(check_array(X, dtype=[np.float64, np.float32])) @ self.centroids_.T
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.classes_[self.decision_function(X).argmax(axis=1)]
-
-
-# --- the registry -----------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class HeadKind:
     """One kind of head: the estimator that params' `args` and `grid` configure (by its own argument
-    names), the pipeline around it, and how its learned state becomes plain arrays and back."""
+    names), the pipeline around it, and which of its fitted attributes are trainable parameters."""
 
     estimator: type[BaseEstimator]
     wrap: Callable[[BaseEstimator], Pipeline]  # configured estimator -> unfitted pipeline
-    to_arrays: Callable[[Pipeline], dict[str, np.ndarray]]
-    restore: Callable[[Pipeline, dict[str, np.ndarray]], None]  # learned state into a freshly built pipeline
-    trainable: tuple[str, ...]  # the arrays counted as trainable parameters (see TrainedHead.trainable_params)
+    # Fitted attributes of the pipeline's "clf" step (dotted paths) counted by TrainedHead.trainable_params.
+    trainable: tuple[str, ...] = ()
     defaults: dict[str, Any] = field(default_factory=dict)  # our defaults; params' args override them
     row_bounded: tuple[str, ...] = ()  # arguments that cannot exceed the number of rows fitted (k of k-NN)
 
@@ -255,163 +54,40 @@ class HeadKind:
     def build(self, args: dict) -> Pipeline:
         return self.wrap(self.estimator(**{**self.defaults, **args}))
 
-    def from_arrays(self, arrays: dict[str, np.ndarray], hyperparameters: dict) -> Pipeline:
-        model = self.build(hyperparameters)
-        self.restore(model, arrays)
-        return model
-
-
-def _scaler_arrays(scaler: StandardScaler) -> dict[str, np.ndarray]:
-    return {"scaler_mean": scaler.mean_, "scaler_scale": scaler.scale_}
-
-
-def _restore_scaler(scaler: StandardScaler, a: dict[str, np.ndarray]) -> None:
-    scaler.mean_, scaler.scale_ = a["scaler_mean"], a["scaler_scale"]
-    scaler.var_ = scaler.scale_**2
-    scaler.n_features_in_ = len(scaler.mean_)
-
-
-def _restore_linear(clf: BaseEstimator, a: dict[str, np.ndarray]) -> None:
-    clf.coef_, clf.intercept_ = a["coef"], a["intercept"]
-    clf.n_features_in_ = clf.coef_.shape[-1]
-
-
-def _calibrated_arrays(step: TemperatureScaled, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {**state, "classes": step.classes_, "temperature": np.float64(step.temperature_)}
-
-
-def _restore_calibrated(step: TemperatureScaled, a: dict[str, np.ndarray], restore_inner: Callable) -> None:
-    step.estimator_ = clone(step.estimator)
-    restore_inner(step.estimator_, a)
-    step.classes_, step.temperature_ = a["classes"], float(a["temperature"])
-    step.n_features_in_ = step.estimator_.n_features_in_
-
-
-# logreg: StandardScaler + multinomial logistic regression (lbfgs); its probabilities are its own.
-
 
 def _scaled(estimator: BaseEstimator) -> Pipeline:
+    """logreg: its probabilities are its own. The scaler lets one C grid suit every backbone's feature scale."""
     return Pipeline([("scale", StandardScaler()), ("clf", estimator)])
 
 
-def _logreg_to_arrays(model: Pipeline) -> dict[str, np.ndarray]:
-    clf = model.named_steps["clf"]
-    return {
-        **_scaler_arrays(model.named_steps["scale"]),
-        "coef": clf.coef_,
-        "intercept": clf.intercept_,
-        "classes": clf.classes_,
-    }
-
-
-def _logreg_restore(model: Pipeline, a: dict[str, np.ndarray]) -> None:
-    _restore_scaler(model.named_steps["scale"], a)
-    _restore_linear(model.named_steps["clf"], a)
-    model.named_steps["clf"].classes_ = a["classes"]
-
-
-# ridge and linear_svm: StandardScaler (one C / alpha grid then suits every backbone's feature scale) and
-# a linear classifier whose decision function is not a probability: temperature-scaled on val.
-
-
 def _scaled_calibrated(estimator: BaseEstimator) -> Pipeline:
+    """ridge and linear_svm: the decision function is no probability, so it is temperature-scaled on val."""
     return Pipeline([("scale", StandardScaler()), ("clf", TemperatureScaled(estimator))])
 
 
-def _linear_calibrated_to_arrays(model: Pipeline) -> dict[str, np.ndarray]:
-    step = model.named_steps["clf"]
-    state = {"coef": step.estimator_.coef_, "intercept": np.asarray(step.estimator_.intercept_)}
-    return {**_scaler_arrays(model.named_steps["scale"]), **_calibrated_arrays(step, state)}
-
-
-def _linear_calibrated_restore(model: Pipeline, a: dict[str, np.ndarray]) -> None:
-    _restore_scaler(model.named_steps["scale"], a)
-    _restore_calibrated(model.named_steps["clf"], a, _restore_linear)
-
-
-# knn: cosine k-NN on L2-normalised rows; probabilities are the neighbours' vote fractions (weighted by
-# inverse distance with weights: distance). Fitting only stores the rows, so the file keeps them.
-
-
 def _knn_pipeline(estimator: BaseEstimator) -> Pipeline:
-    # Normalised first so that the stored reference rows are the unit vectors the neighbours are found among.
+    """knn: cosine k-NN; probabilities are the neighbours' vote fractions. Normalised first so that the
+    stored reference rows are the unit vectors the neighbours are found among."""
     return Pipeline([("normalize", Normalizer()), ("clf", estimator)])
 
 
-def _knn_to_arrays(model: Pipeline) -> dict[str, np.ndarray]:
-    clf = model.named_steps["clf"]
-    # The fitted rows live in private attributes; the save/load round-trip test guards them.
-    return {"reference_features": clf._fit_X, "reference_labels": clf.classes_[clf._y], "classes": clf.classes_}
-
-
-def _knn_restore(model: Pipeline, a: dict[str, np.ndarray]) -> None:
-    reference = a["reference_features"]
-    model.named_steps["normalize"].fit(reference[:1])  # stateless; fit only records the width
-    # The saved rows are already normalised: refit the neighbour search on them as they are, bit for bit.
-    model.named_steps["clf"].fit(reference, a["reference_labels"])
-
-
-# centroid: cosine to each class's mean direction, temperature-scaled on val.
-
-
 def _centroid_pipeline(estimator: BaseEstimator) -> Pipeline:
+    """centroid: cosine to each class's mean direction (scale-free, so no scaler), temperature-scaled on val."""
     return Pipeline([("clf", TemperatureScaled(estimator))])
 
 
-def _centroid_to_arrays(model: Pipeline) -> dict[str, np.ndarray]:
-    step = model.named_steps["clf"]
-    return _calibrated_arrays(step, {"centroids": step.estimator_.centroids_})
-
-
-def _restore_centroids(clf: CosineCentroids, a: dict[str, np.ndarray]) -> None:
-    clf.centroids_, clf.classes_ = a["centroids"], a["classes"]
-    clf.n_features_in_ = clf.centroids_.shape[1]
-
-
-def _centroid_restore(model: Pipeline, a: dict[str, np.ndarray]) -> None:
-    _restore_calibrated(model.named_steps["clf"], a, _restore_centroids)
-
-
+# Adding a kind of head is one entry here; `trainable` is explained in TrainedHead.trainable_params. Its steps
+# must predict from public fitted attributes alone: save_head writes only those (see _fitted_arrays).
 HEADS: dict[str, HeadKind] = {
-    "logreg": HeadKind(
-        LogisticRegression,
-        _scaled,
-        _logreg_to_arrays,
-        _logreg_restore,
-        trainable=("coef", "intercept"),
-        defaults={"max_iter": 1000},
-    ),
+    "logreg": HeadKind(LogisticRegression, _scaled, trainable=("coef_", "intercept_"), defaults={"max_iter": 1000}),
     "ridge": HeadKind(
-        RidgeClassifier,
-        _scaled_calibrated,
-        _linear_calibrated_to_arrays,
-        _linear_calibrated_restore,
-        trainable=("coef", "intercept", "temperature"),
+        RidgeClassifier, _scaled_calibrated, trainable=("estimator_.coef_", "estimator_.intercept_", "temperature_")
     ),
     "linear_svm": HeadKind(
-        LbfgsLinearSVC,
-        _scaled_calibrated,
-        _linear_calibrated_to_arrays,
-        _linear_calibrated_restore,
-        trainable=("coef", "intercept", "temperature"),
+        LbfgsLinearSVC, _scaled_calibrated, trainable=("estimator_.coef_", "estimator_.intercept_", "temperature_")
     ),
-    "knn": HeadKind(
-        KNeighborsClassifier,
-        _knn_pipeline,
-        _knn_to_arrays,
-        _knn_restore,
-        trainable=(),
-        # Cosine is no tree metric; brute force (blocked matrix products) is the fast way in 1,000+ dimensions.
-        defaults={"metric": "cosine", "algorithm": "brute"},
-        row_bounded=("n_neighbors",),
-    ),
-    "centroid": HeadKind(
-        CosineCentroids,
-        _centroid_pipeline,
-        _centroid_to_arrays,
-        _centroid_restore,
-        trainable=("centroids", "temperature"),
-    ),
+    "knn": HeadKind(CosineNeighbors, _knn_pipeline, row_bounded=("n_neighbors",)),
+    "centroid": HeadKind(CosineCentroids, _centroid_pipeline, trainable=("estimator_.centroids_", "temperature_")),
 }
 
 
@@ -430,6 +106,7 @@ class TrainedHead:
     fit_seconds: float
     n_train: int
     n_val: int
+    store_attrs: dict = field(default_factory=dict)  # the store's _STORE_ATTRS: what the features were
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """Probabilities for every class of the store, columns in class-index order."""
@@ -440,8 +117,8 @@ class TrainedHead:
         """Numbers fitted to the data: coefficients and intercepts of the linear heads, the class means of
         centroid, plus 1 for a temperature fitted on val. Scaler statistics are not counted (they are not
         trained), nor k-NN's stored rows: its training only keeps the embeddings, so it has 0."""
-        arrays = HEADS[self.kind].to_arrays(self.model)
-        return int(sum(np.size(arrays[k]) for k in HEADS[self.kind].trainable))
+        clf = self.model.named_steps["clf"]
+        return int(sum(np.size(attrgetter(name)(clf)) for name in HEADS[self.kind].trainable))
 
 
 def check_head_params(name: str, params: HeadParams) -> HeadKind:
@@ -485,20 +162,8 @@ def train_head(store: FeatureStore, name: str, params: HeadParams) -> TrainedHea
     if "random_state" in kind.arg_names() and "random_state" not in fixed:
         fixed["random_state"] = params.seed
     start = time.perf_counter()
-    curve, best, best_model = [], None, None
-    for point in _grid_points(kind, params.grid):
-        if _too_big(kind, {**fixed, **point}, len(y_train), name):
-            continue
-        model = _fit(kind, {**fixed, **point}, x_train, y_train, name)
-        record = {**point, **_val_scores(model, x_val, y_val, n_classes)}
-        curve.append(record)
-        if best is None or _rank(record) > _rank(best):
-            best, best_model = record, model
-    if best is None:
-        bounded = ", ".join(kind.row_bounded)
-        raise HeadError(f"heads.{name}.grid: every value of {bounded} exceeds the {len(y_train)} train rows")
+    curve, best, model = _sweep(kind, fixed, params.grid, (x_train, y_train), (x_val, y_val), n_classes, name)
     chosen = {k: best[k] for k in params.grid}
-    model = best_model
     if params.refit_on_train_val:
         x_fit, y_fit = store.subset("train", "val")
         model = _fit(kind, {**fixed, **chosen}, x_fit, y_fit, name, temperature=best.get("temperature"))
@@ -515,7 +180,33 @@ def train_head(store: FeatureStore, name: str, params: HeadParams) -> TrainedHea
         fit_seconds=fit_seconds,
         n_train=len(y_train),
         n_val=len(y_val),
+        store_attrs={key: store.attrs.get(key) for key in _STORE_ATTRS},
     )
+
+
+def _sweep(
+    kind: HeadKind,
+    fixed: dict,
+    grid: dict[str, list[float]],
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    n_classes: int,
+    name: str,
+) -> tuple[list[dict], dict, Pipeline]:
+    """Fit each grid point on train and score it on val: the curve, the best point's record and its model."""
+    curve, best, best_model = [], None, None
+    for point in _grid_points(kind, grid):
+        if _too_big(kind, {**fixed, **point}, len(train[1]), name):
+            continue
+        model = _fit(kind, {**fixed, **point}, *train, name)
+        record = {**point, **_val_scores(model, *val, n_classes)}
+        curve.append(record)
+        if best is None or _rank(record) > _rank(best):
+            best, best_model = record, model
+    if best is None:
+        bounded = ", ".join(kind.row_bounded)
+        raise HeadError(f"heads.{name}.grid: every value of {bounded} exceeds the {len(train[1])} train rows")
+    return curve, best, best_model
 
 
 def _grid_points(kind: HeadKind, grid: dict[str, list[float]]) -> list[dict]:
@@ -583,9 +274,11 @@ def _full_proba(model: Pipeline, x: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def save_head(head: TrainedHead, path: Path) -> None:
+    """Write the head to HDF5: each public fitted attribute of its pipeline as a dataset named by its path
+    (`scale.mean_`, `clf.estimator_.coef_`), the rest as attributes. Plain arrays: no pickle, no code."""
     save_arrays(
         path,
-        HEADS[head.kind].to_arrays(head.model),
+        _fitted_arrays(head.model),
         {
             "name": head.name,
             "kind": head.kind,
@@ -596,12 +289,15 @@ def save_head(head: TrainedHead, path: Path) -> None:
             "fit_seconds": head.fit_seconds,
             "n_train": head.n_train,
             "n_val": head.n_val,
+            "store": head.store_attrs,
         },
     )
 
 
 def load_head(path: Path, store: FeatureStore | None = None) -> TrainedHead:
     """Load a head; given the store it will score, refuse it if it was trained on another one."""
+    if not Path(path).is_file():  # before load_arrays, whose message is about feature stores
+        raise StoreError(f"head file {path} not found; run the train_head stage first")
     arrays, attrs = load_arrays(path)
     if attrs.get("kind") not in HEADS:
         raise StoreError(f"{path}: not a head file (kind {attrs.get('kind')!r})")
@@ -615,7 +311,7 @@ def load_head(path: Path, store: FeatureStore | None = None) -> TrainedHead:
     return TrainedHead(
         name=attrs["name"],
         kind=attrs["kind"],
-        model=HEADS[attrs["kind"]].from_arrays(arrays, attrs["hyperparameters"]),
+        model=_restore(path, HEADS[attrs["kind"]], attrs["hyperparameters"], arrays),
         classes=attrs["classes"],
         store_fingerprint=attrs["store_fingerprint"],
         hyperparameters=attrs["hyperparameters"],
@@ -623,4 +319,100 @@ def load_head(path: Path, store: FeatureStore | None = None) -> TrainedHead:
         fit_seconds=float(attrs["fit_seconds"]),
         n_train=int(attrs["n_train"]),
         n_val=int(attrs["n_val"]),
+        store_attrs=attrs.get("store", {}),
     )
+
+
+def _is_fitted_name(name: str) -> bool:
+    """scikit-learn's convention for public fitted state: a trailing underscore, no leading one."""
+    return name.endswith("_") and not name.startswith("_")
+
+
+def _fitted_arrays(model: Pipeline) -> dict[str, Any]:
+    """Every public fitted attribute of the pipeline's steps by dotted path, a fitted sub-estimator's
+    (TemperatureScaled's `estimator_`) included; private state is never needed to predict with our steps."""
+    arrays = {}
+
+    def collect(estimator: BaseEstimator, prefix: str) -> None:
+        for attr, value in vars(estimator).items():
+            if not _is_fitted_name(attr):
+                continue
+            if isinstance(value, BaseEstimator):
+                collect(value, f"{prefix}.{attr}")
+            else:
+                arrays[f"{prefix}.{attr}"] = _as_dataset(f"{prefix}.{attr}", value)
+
+    for name, step in model.steps:
+        collect(step, name)
+    return arrays
+
+
+def _as_dataset(path: str, value: Any) -> Any:
+    """A fitted attribute as h5py can write it."""
+    if value is None:
+        return h5py.Empty("f")  # HDF5's null dataspace: a fitted None (RidgeClassifier's n_iter_) stays None
+    if isinstance(value, str):
+        return value  # h5py stores a str, not numpy's fixed-width unicode
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"{path}: a {type(value).__name__} cannot be saved in a head file, only numbers or text")
+    return array
+
+
+def _restore(path: Path, kind: HeadKind, hyperparameters: dict, arrays: dict[str, Any]) -> Pipeline:
+    """The kind's pipeline, built from the registry, with the saved fitted attributes set back on it.
+
+    Types come from the registry only: a dataset can set an attribute, never choose a class.
+    """
+    rerun = "rerun train_head"
+    if "model" in arrays:
+        raise StoreError(f"{path}: a head file in the old skops format; {rerun}")
+    try:
+        model = kind.build(hyperparameters)
+    except (TypeError, ValueError) as err:
+        raise StoreError(f"{path}: hyperparameters {hyperparameters} do not build this head ({err}); {rerun}") from err
+    steps = dict(model.steps)
+    for key, value in arrays.items():
+        owner, attr = _owner(steps, key)
+        if owner is None:
+            raise StoreError(f"{path}: unknown head file format (dataset {key!r}); {rerun}")
+        setattr(owner, attr, _as_value(value))
+    for step in steps.values():  # every step: the pipeline's own check only looks at the last
+        try:
+            check_is_fitted(step)
+        except NotFittedError as err:
+            raise StoreError(f"{path}: no fitted {type(step).__name__} in this head file; {rerun}") from err
+    return model
+
+
+def _owner(steps: dict[str, BaseEstimator], key: str) -> tuple[BaseEstimator | None, str]:
+    """The estimator a saved path's attribute belongs to (None if the pipeline has no place for it).
+
+    A fitted sub-estimator `x_` is a clone of the step's own unfitted argument `x`, the registry's type.
+    """
+    step, *names = key.split(".")
+    if step not in steps or not names or not all(map(_is_fitted_name, names)):
+        return None, key
+    *inner, attr = names
+    owner = steps[step]
+    for name in inner:
+        if not isinstance(vars(owner).get(name), BaseEstimator):
+            template = owner.get_params(deep=False).get(name[:-1])
+            if not isinstance(template, BaseEstimator):
+                return None, attr
+            setattr(owner, name, clone(template))
+        owner = getattr(owner, name)
+    if isinstance(getattr(type(owner), attr, None), property):  # a computed attribute: nothing to set
+        return None, attr
+    if isinstance(owner.get_params(deep=False).get(attr[:-1]), BaseEstimator):  # a sub-estimator's slot
+        return None, attr
+    return owner, attr
+
+
+def _as_value(value: Any) -> Any:
+    """A dataset as its attribute was: None, str, a Python scalar for 0-d (temperature_ a float), or the array."""
+    if isinstance(value, h5py.Empty):
+        return None
+    if isinstance(value, bytes):
+        return value.decode()
+    return value.item() if np.ndim(value) == 0 else value

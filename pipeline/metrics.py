@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 
 import numpy as np
+from dvclive import Live
+from scmrepo.exceptions import SCMError
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, log_loss
+
+from pipeline.errors import PipelineError
 
 
 def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: int = 15) -> float:
@@ -41,20 +45,47 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, n_bins: int = 
     }
 
 
-def confusion_rows(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> list[dict[str, str]]:
-    """One {actual, predicted} record per test image: the input of DVC's confusion-matrix plot."""
-    return [{"actual": classes[t], "predicted": classes[p]} for t, p in zip(y_true, y_pred, strict=True)]
+def class_names(indices: np.ndarray, classes: list[str]) -> list[str]:
+    """Class indices as names: what the confusion plot shows."""
+    return [classes[i] for i in indices]
 
 
-def write_json(path: Path, payload: object) -> None:
-    """Write JSON atomically, so a failed stage never leaves a half-written metrics file."""
-    write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+# DVCLive announces the experiment it logs to on every stage; the stage's own summary line says what matters.
+logging.getLogger("dvclive").setLevel(logging.WARNING)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write a text file through a temporary file and a rename: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def log_model(live_dir: Path, record: dict, actual: list[str], predicted: list[str]) -> None:
+    """One model's test metrics and confusion matrix, through DVCLive (DVC's own logger).
+
+    `live_dir`/metrics.json holds the record: its numbers logged as metrics, the model's description (name,
+    strategy, kind, backbone, hyperparameters) beside them, so `dvc metrics diff` and `dvc exp show` show both.
+    `live_dir`/plots/sklearn/confusion.json holds one {actual, predicted} record per test image.
+    """
+    with _live(live_dir) as live:
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                live.log_metric(key, value, plot=False)
+            else:
+                live.summary[key] = value  # descriptions: DVCLive's summary is the metrics file
+        live.log_sklearn_plot("confusion_matrix", actual, predicted, name="confusion.json")
+
+
+def log_epochs(live_dir: Path, history: list[dict], keys: tuple[str, ...]) -> None:
+    """Per-epoch values through DVCLive: `live_dir`/plots/metrics/<key>.tsv (one row per epoch, for `dvc plots`),
+    and the last epoch's in `live_dir`/metrics.json (for `dvc exp show`)."""
+    with _live(live_dir) as live:
+        for record in history:
+            for key in keys:
+                live.log_metric(key, record[key])
+            live.next_step()
+
+
+def _live(live_dir: Path) -> Live:
+    # The stages' outputs are declared in dvc.yaml; DVCLive neither edits it nor saves experiments itself.
+    try:
+        return Live(str(live_dir), save_dvc_exp=False, dvcyaml=False)
+    except SCMError as err:  # DVCLive reads the current commit, and a new repository has none (dvclive#522)
+        raise PipelineError(
+            f"DVCLive cannot log to {live_dir}: {err}; commit once (git add -A && git commit -m start), "
+            "then run `dvc repro` again (the stages that finished are kept)"
+        ) from err

@@ -10,13 +10,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.backbones import Preprocessing, fingerprint, resolve_device
-from pipeline.dataset import JUNK_NAMES, image_batches
+from pipeline.backbones import Preprocessing, backbone_of_store, fingerprint
+from pipeline.dataset import is_junk
 from pipeline.errors import PipelineError
-from pipeline.extract import backbone_of_store, resolve_precision
-from pipeline.finetune import load_finetuned
-from pipeline.heads import load_head
-from pipeline.images import ImageRejected, decode_rgb, read_bytes
+from pipeline.finetuned import load_finetuned
+from pipeline.heads import TrainedHead, load_head
+from pipeline.runtime import Images, Runtime, forward_batches, image_batches
 from pipeline.store import read_attrs
 
 log = logging.getLogger(__name__)
@@ -36,15 +35,19 @@ class Rejected:
 
 
 def list_images(inputs: list[Path]) -> list[Path]:
-    """Files as given, folders walked recursively (hidden and system files skipped), in sorted order."""
+    """Files as given, folders walked recursively, in sorted order. Hidden and system files and folders inside a
+    given folder are skipped; where the folder itself lies (`../photos`, `~/.data/photos`) does not matter."""
     paths: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            paths.extend(
+            found = [
                 p
                 for p in sorted(item.rglob("*"))
-                if p.is_file() and not any(part.startswith(".") or part in JUNK_NAMES for part in p.parts)
-            )
+                if p.is_file() and not any(is_junk(part) for part in p.relative_to(item).parts)
+            ]
+            if not found:
+                raise PipelineError(f"{item}: no image files in this folder (hidden and system files are skipped)")
+            paths.extend(found)
         elif item.exists() or item.is_symlink():
             paths.append(item)
         else:
@@ -52,70 +55,38 @@ def list_images(inputs: list[Path]) -> list[Path]:
     return paths
 
 
-class _Images(torch.utils.data.Dataset):
-    """uint8 tensors of the files, or an empty tensor and the rejection for a file that cannot be used."""
-
-    def __init__(self, paths: list[Path], preprocessing: Preprocessing, draft: int | None):
-        self.paths, self.preprocessing, self.draft = paths, preprocessing, draft
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            image = decode_rgb(read_bytes(self.paths[i]), self.draft)
-        except ImageRejected as err:
-            return torch.zeros(0, dtype=torch.uint8), i, f"{err.reason}\t{err.detail}"
-        return self.preprocessing.to_uint8(image), i, ""
-
-
-def _collate(items):
-    ok = [(x, i) for x, i, why in items if not why]
-    images = torch.stack([x for x, _ in ok]) if ok else torch.zeros(0)
-    return images, [i for _, i in ok], [(i, why) for _, i, why in items if why]
-
-
 class Predictor:
     """A network that maps a normalised image batch to class probabilities, with its preprocessing."""
 
-    def __init__(
-        self, network, preprocessing: Preprocessing, classes: list[str], draft: int | None, device: str, precision: str
-    ):
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        self.network = network.to(self.device).eval()
+    def __init__(self, network, preprocessing: Preprocessing, classes: list[str], draft: int | None, runtime: Runtime):
+        self.runtime = runtime
+        self.network = runtime.place(network)
         self.preprocessing, self.classes, self.draft = preprocessing, classes, draft
 
-    @torch.inference_mode()
     def predict(
         self, paths: list[Path], top_k: int = 3, batch_size: int = 32, num_workers: int = 0
     ) -> tuple[list[Prediction], list[Rejected]]:
         """Top-k classes of every readable file; the others with why. `num_workers` decoding processes are
-        used on an accelerator; on CPU, threads decode between forward passes (`dataset.image_batches`)."""
-        loader = image_batches(
-            _Images(paths, self.preprocessing, self.draft), batch_size, num_workers, self.device, collate_fn=_collate
-        )
+        used on an accelerator; on CPU, threads decode between forward passes (`runtime.image_batches`)."""
+        dataset = Images.of_files(paths, self.preprocessing.to_uint8, self.draft)
+        batches = image_batches(dataset, batch_size, num_workers, self.runtime.device)
         predictions: list[Prediction] = []
         rejected: list[Rejected] = []
         k = min(top_k, len(self.classes))
         with tqdm(total=len(paths), desc="predict", unit="img") as bar:
-            for images, index, failures in loader:
-                rejected += [Rejected(str(paths[i]), *why.split("\t", 1)) for i, why in failures]
-                if len(index):
-                    batch = self.preprocessing.normalize(images.to(self.device))
-                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                        proba = self.network(batch).double().cpu().numpy()
-                    for i, p in zip(index, proba, strict=True):
-                        order = np.argsort(-p, kind="stable")[:k]
-                        predictions.append(Prediction(str(paths[i]), [(self.classes[c], float(p[c])) for c in order]))
-                bar.update(len(index) + len(failures))
+            for batch, proba in forward_batches(self.network, batches, self.runtime, self.preprocessing.normalize):
+                rejected += [Rejected(str(paths[i]), reason, detail) for i, reason, detail in batch.rejected]
+                for i, p in zip(batch.index.tolist(), proba.double().cpu().numpy(), strict=True):
+                    order = np.argsort(-p, kind="stable")[:k]
+                    predictions.append(Prediction(str(paths[i]), [(self.classes[c], float(p[c])) for c in order]))
+                bar.update(len(batch.index) + len(batch.rejected))
         return predictions, rejected
 
 
 class _HeadOnFeatures(torch.nn.Module):
     """Frozen backbone features, then a scikit-learn head's probabilities (as a tensor)."""
 
-    def __init__(self, features: torch.nn.Module, head):
+    def __init__(self, features: torch.nn.Module, head: TrainedHead):
         super().__init__()
         self.features, self.head = features, head
 
@@ -150,10 +121,11 @@ def head_predictor(head_path: Path, store_path: Path, device: str = "auto") -> P
             "(other weights or code); rerun extract"
         )
     draft = preprocessing.resize if attrs["jpeg_draft"] else None
-    network = _HeadOnFeatures(backbone.features, head)
-    return Predictor(network, preprocessing, head.classes, draft, device, attrs["precision"])
+    runtime = Runtime.resolve(device, attrs["precision"], option="--device")
+    return Predictor(_HeadOnFeatures(backbone.features, head), preprocessing, head.classes, draft, runtime)
 
 
 def finetuned_predictor(model_dir: Path, device: str = "auto") -> Predictor:
     model, config, preprocessing = load_finetuned(model_dir)
-    return Predictor(_Softmax(model), preprocessing, config["classes"], None, device, config["training"]["precision"])
+    runtime = Runtime.resolve(device, config["training"]["precision"], option="--device")
+    return Predictor(_Softmax(model), preprocessing, config["classes"], None, runtime)

@@ -5,23 +5,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.backbones import Backbone
-from pipeline.config import FinetuneParams, HeadParams
-from pipeline.dataset import Manifest, read_manifest, write_manifest
+from pipeline.backbones import Backbone, backbone_of_store
 from pipeline.errors import PipelineError
-from pipeline.extract import backbone_of_store
-from pipeline.heads import HeadError, TrainedHead, load_head, train_head
-from pipeline.store import SPLIT_CODES, FeatureStore
+from pipeline.finetuned import load_finetuned
+from pipeline.heads import TrainedHead, load_head
+from pipeline.store import FeatureStore
 
 log = logging.getLogger(__name__)
-
-ALL = 0  # learning-curve size meaning "every training image"
 
 
 @dataclass(frozen=True)
@@ -95,8 +91,6 @@ def head_rows(
 
 
 def finetune_row(model_dir: Path, metrics: dict) -> ModelRow:
-    from pipeline.finetune import load_finetuned
-
     model, config, preprocessing = load_finetuned(model_dir)
     training = config["training"]
     train_accuracy = float(training["train_accuracy"])
@@ -114,96 +108,6 @@ def finetune_row(model_dir: Path, metrics: dict) -> ModelRow:
         train_accuracy=train_accuracy,
         gap=train_accuracy - metrics["accuracy"],
     )
-
-
-def subsample_train(store: FeatureStore, per_class: int, seed: int) -> FeatureStore:
-    """The store with at most `per_class` train rows of each class (seeded); val and test rows unchanged."""
-    rng = np.random.default_rng(seed)
-    keep = store.split != SPLIT_CODES["train"]
-    for label in np.unique(store.labels):
-        rows = np.flatnonzero((store.split == SPLIT_CODES["train"]) & (store.labels == label))
-        keep[rows if per_class == ALL else rng.permutation(rows)[:per_class]] = True
-    return replace(
-        store,
-        features=store.features[keep],
-        labels=store.labels[keep],
-        split=store.split[keep],
-        paths=[p for p, k in zip(store.paths, keep, strict=True) if k],
-        sha256=[h for h, k in zip(store.sha256, keep, strict=True) if k],
-    )
-
-
-def learning_curve(store: FeatureStore, head: TrainedHead, sizes: list[int], seeds: int) -> list[dict]:
-    """Test accuracy of the head's kind and chosen hyperparameters against training images per class."""
-    params = HeadParams(kind=head.kind, args=dict(head.hyperparameters), grid={}, refit_on_train_val=False)
-    smallest = min(int(((store.split == 0) & (store.labels == c)).sum()) for c in np.unique(store.labels))
-    points = []
-    for size in sorted({s for s in sizes if 0 < s < smallest} | {ALL}, key=lambda s: s or 10**9):
-        scores = []
-        for seed in range(1 if size == ALL else seeds):
-            sub = subsample_train(store, size, seed)
-            try:
-                fitted = train_head(sub, head.name, replace(params, seed=seed))
-            except HeadError as err:  # e.g. k-NN's k above the rows of a tiny subset
-                log.info("learning curve: %d per class skipped: %s", size, err)
-                break
-            x_test, y_test = sub.subset("test")
-            scores.append(float((fitted.predict_proba(x_test).argmax(1) == y_test).mean()))
-        if scores:
-            per_class = smallest if size == ALL else size
-            label = "all" if size == ALL else str(size)  # "all": at least `smallest` per class
-            points.append(
-                {
-                    "per_class": per_class,
-                    "label": label,
-                    "accuracy": float(np.mean(scores)),
-                    "std": float(np.std(scores)),
-                }
-            )
-    return points
-
-
-def subsample_manifest(manifest: Manifest, per_class: int, seed: int) -> Manifest:
-    """Usable rows with at most `per_class` train images of each class (seeded); val and test unchanged."""
-    rng = np.random.default_rng(seed)
-    ok = manifest.ok_rows()
-    keep = [r for r in ok if r.split != "train"]
-    for cls in manifest.classes:
-        train = [r for r in ok if r.split == "train" and r.class_name == cls]
-        keep += [train[i] for i in rng.permutation(len(train))[:per_class]]
-    order = {r.path: i for i, r in enumerate(ok)}
-    return Manifest(sorted(keep, key=lambda r: order[r.path]), manifest.layout, [])
-
-
-def finetune_curve(
-    manifest_path: Path,
-    data_root: Path,
-    backbone: str,
-    params: FinetuneParams,
-    sizes: list[int],
-    work: Path,
-    weights: Path | None = None,
-) -> list[dict]:
-    """Test accuracy of fine-tuning on `sizes` training images per class (one seeded subset each).
-
-    The new layer starts from random weights here: the trained logistic head saw every training image.
-    """
-    from pipeline.evaluate import evaluate_finetuned
-    from pipeline.finetune import finetune
-
-    manifest = read_manifest(manifest_path)
-    tuned = replace(params, init_head="random")
-    points = []
-    for size in sizes:
-        subset = work / f"manifest-{size}.csv"
-        write_manifest(subsample_manifest(manifest, size, params.seed), subset)
-        model = work / f"model-{size}"
-        finetune(subset, data_root, backbone, tuned, model, work / "checkpoints", weights=weights)
-        scores, _ = evaluate_finetuned(
-            model, subset, data_root, num_workers=params.num_workers, device=params.device, precision=params.precision
-        )
-        points.append({"per_class": size, "label": str(size), "accuracy": scores["accuracy"], "std": 0.0})
-    return points
 
 
 def recommend(rows: list[ModelRow], extract_seconds: float, best_head: str | None = None) -> str:
@@ -342,22 +246,21 @@ def build_report(
     metrics_dir: Path,
     finetuned: Path | None,
     extract_seconds: float,
-    sizes: list[int],
-    seeds: int,
-    tuned_curve: list[dict] | None = None,
-) -> tuple[str, list[ModelRow], list[dict], str]:
-    """Markdown, the rows, the learning curve and the head it was drawn for."""
+    curve: list[dict],
+    tuned_curve: list[dict],
+) -> tuple[str, list[ModelRow]]:
+    """Markdown and its rows. `curve` is the learning curve of the head chosen on val (the `learning_curve`
+    stage); `tuned_curve` fine-tuning's on subsets (the `finetune_curve` stage; empty when not asked for)."""
     heads = [load_head(p, store) for p in head_paths]
-    metrics = {p.stem: json.loads(p.read_text()) for p in sorted(Path(metrics_dir).glob("*.json"))}
+    metrics = {p.parent.name: json.loads(p.read_text()) for p in sorted(Path(metrics_dir).glob("*/metrics.json"))}
     missing = [h.name for h in heads if h.name not in metrics]
     if missing:
         raise PipelineError(f"no metrics for {', '.join(missing)} in {metrics_dir}; run evaluate first")
+    if not curve:
+        raise PipelineError("the learning curve is empty; run the learning_curve stage")
     rows = head_rows(store, heads, metrics, backbone_of_store(store.attrs))
     if finetuned is not None and "finetune" in metrics:
         rows.append(finetune_row(finetuned, metrics["finetune"]))
-    # The curve's head is picked on val, like every other choice here: the test split only scores.
-    best = max(heads, key=lambda h: max(c["val_accuracy"] for c in h.val_curve))
-    curve = learning_curve(store, best, sizes, seeds)
-    recommendation = recommend(rows, extract_seconds, best.name)
-    markdown = render(rows, curve, best.name, recommendation, extract_seconds, tuned_curve)
-    return markdown, rows, curve, best.name
+    best = curve[0]["model"]  # the head chosen on val, like every other choice here: the test split only scores
+    recommendation = recommend(rows, extract_seconds, best)
+    return render(rows, curve, best, recommendation, extract_seconds, tuned_curve), rows

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from pipeline.errors import PipelineError
+from pipeline.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -69,32 +69,25 @@ def write_store(
 
     `feature_chunks` yields consecutive row blocks, so memory holds one block, never the whole matrix.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     n = len(labels)
-    try:
-        with h5py.File(tmp, "w") as f:
-            feats = f.create_dataset(
-                "features",
-                shape=(n, feature_dim),
-                dtype="float32",
-                chunks=(min(ROWS_PER_CHUNK, max(n, 1)), feature_dim),
-            )
-            start = 0
-            for block in feature_chunks:
-                feats[start : start + len(block)] = block
-                start += len(block)
-            if start != n:
-                raise StoreError(f"{path}: {start} feature rows written for {n} images")
-            f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-            f.create_dataset("split", data=np.asarray(split, dtype=np.uint8))
-            f.create_dataset("paths", data=list(paths), dtype=h5py.string_dtype("utf-8"))
-            f.create_dataset("sha256", data=np.array(sha256, dtype="S64"))
-            _encode_attrs(f, attrs)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        feats = f.create_dataset(
+            "features",
+            shape=(n, feature_dim),
+            dtype="float32",
+            chunks=(min(ROWS_PER_CHUNK, max(n, 1)), feature_dim),
+        )
+        start = 0
+        for block in feature_chunks:
+            feats[start : start + len(block)] = block
+            start += len(block)
+        if start != n:
+            raise StoreError(f"{path}: {start} feature rows written for {n} images")
+        f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+        f.create_dataset("split", data=np.asarray(split, dtype=np.uint8))
+        f.create_dataset("paths", data=list(paths), dtype=h5py.string_dtype("utf-8"))
+        f.create_dataset("sha256", data=np.array(sha256, dtype="S64"))
+        _encode_attrs(f, attrs)
 
 
 def read_attrs(path: Path) -> dict:
@@ -201,7 +194,7 @@ class EmbeddingCache:
                 f"embedding cache {self.dir} is in use by another extract process "
                 f"(lock {self._lock.lock_file}); wait for it to finish"
             ) from err
-        for stale in self.dir.glob(".tmp-*"):  # left by a killed writer; never renamed, never valid
+        for stale in self.dir.glob(".*.tmp"):  # left by a killed writer; never renamed, never valid
             stale.unlink()
         shards = sorted(self.dir.glob("shard-*.h5"))
         self._next_number = max((int(p.stem.split("-")[1]) for p in shards), default=-1) + 1
@@ -286,8 +279,7 @@ class EmbeddingCache:
         """Write a shard under a temporary name and rename it: readers only ever see whole shards."""
         shard = self.dir / f"shard-{self._next_number:08d}.h5"
         self._next_number += 1
-        tmp = self.dir / f".tmp-{shard.name}"
-        with h5py.File(tmp, "w") as f:
+        with atomic_path(shard) as tmp, h5py.File(tmp, "w") as f:
             f.create_dataset("sha256", data=np.array(hashes, dtype="S64"))
             for key in RECORD:
                 f.create_dataset(key, data=np.asarray(record[key], dtype=np.float64))
@@ -296,7 +288,6 @@ class EmbeddingCache:
             for block in blocks:
                 features[start : start + len(block)] = block
                 start += len(block)
-        os.replace(tmp, shard)
         self._index.update({h: (shard, row) for row, h in enumerate(hashes)})
 
     def _reader(self, shard: Path) -> h5py.File:
@@ -312,17 +303,10 @@ def _record_of(shard: h5py.File, key: str) -> np.ndarray:
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
     """Write named arrays and JSON-able attributes to HDF5 atomically: how heads are saved (no pickle)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            for key, value in arrays.items():
-                f.create_dataset(key, data=value)
-            _encode_attrs(f, attrs)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for key, value in arrays.items():
+            f.create_dataset(key, data=value)
+        _encode_attrs(f, attrs)
 
 
 def load_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict]:

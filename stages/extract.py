@@ -7,7 +7,7 @@ import click
 from pipeline.config import load_params
 from pipeline.errors import user_errors
 from pipeline.extract import extract
-from pipeline.metrics import write_json
+from pipeline.io import write_json
 
 PathArg = click.Path(path_type=Path)
 

@@ -8,7 +8,7 @@ import click
 from pipeline.config import load_params
 from pipeline.dataset import build_manifest, write_manifest, write_quarantine
 from pipeline.errors import user_errors
-from pipeline.metrics import write_json
+from pipeline.io import write_json
 
 PathArg = click.Path(path_type=Path)
 

@@ -1,16 +1,14 @@
-"""DVC stage `report`: reports/strategy.md, its figures, and the learning curve as a DVC plot."""
+"""DVC stage `report`: reports/strategy.md and its figures, from every model's metrics and the learning curves."""
 
 import json
-import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from pipeline.config import load_params
 from pipeline.errors import PipelineError, user_errors
-from pipeline.metrics import write_json, write_text
-from pipeline.report import build_report, finetune_curve, write_figures
+from pipeline.io import write_text
+from pipeline.report import build_report, write_figures
 from pipeline.store import read_store
 
 PathArg = click.Path(path_type=Path)
@@ -19,18 +17,16 @@ PathArg = click.Path(path_type=Path)
 @click.command()
 @click.option("--features", type=PathArg, required=True)
 @click.option("--heads", type=PathArg, required=True, help="Folder of trained heads (<name>.h5).")
-@click.option("--metrics", type=PathArg, required=True, help="Folder of test metrics (<model>.json).")
+@click.option("--metrics", type=PathArg, required=True, help="Folder of test metrics (<model>/metrics.json).")
 @click.option("--finetuned", type=PathArg, help="Fine-tuned model folder, if the pipeline has one.")
 @click.option("--extract-metrics", type=PathArg, required=True)
-@click.option("--manifest", type=PathArg, required=True, help="For the fine-tuning curve (report.finetune_curve).")
-@click.option("--data", type=PathArg, required=True, help="ImageFolder root the manifest's paths are relative to.")
+@click.option("--curve", type=PathArg, required=True, help="The learning_curve stage's output.")
+@click.option("--finetune-curve", type=PathArg, required=True, help="The finetune_curve stage's output.")
 @click.option("--out", type=PathArg, required=True, help="Folder for strategy.md and its figures.")
-@click.option("--curve", type=PathArg, required=True, help="Learning curve (DVC plot data, JSON).")
 @click.option("--params", type=PathArg, default=Path("params.yaml"), show_default=True)
 @user_errors
-def main(features, heads, metrics, finetuned, extract_metrics, manifest, data, out, curve, params) -> None:
+def main(features, heads, metrics, finetuned, extract_metrics, curve, finetune_curve, out, params) -> None:
     p = load_params(params)
-    head_paths = [heads / f"{name}.h5" for name in p.heads]
     # The cost of computing every embedding of the store, even those a rerun took from the cache.
     extract_seconds = json.loads(extract_metrics.read_text()).get("extraction_seconds")
     if extract_seconds is None:
@@ -38,27 +34,13 @@ def main(features, heads, metrics, finetuned, extract_metrics, manifest, data, o
             f"{extract_metrics} has no extraction cost: the embedding cache holds embeddings from a version that "
             "did not record it; delete .cache/embeddings and run `dvc repro` again"
         )
-    tuned_curve = None
-    if p.report.finetune_curve:
-        tuning = replace(p.finetune, image_size=p.finetune.image_size or p.extract.image_size)
-        with tempfile.TemporaryDirectory() as work:
-            sizes = p.report.finetune_curve_sizes
-            weights = Path(p.extract.weights) if p.extract.weights else None
-            tuned_curve = finetune_curve(manifest, data, p.extract.backbone, tuning, sizes, Path(work), weights)
-    markdown, rows, points, curve_head = build_report(
-        read_store(features),
-        head_paths,
-        metrics,
-        finetuned,
-        extract_seconds,
-        p.report.learning_curve_sizes,
-        p.report.seeds,
-        tuned_curve,
-    )
-    write_figures(rows, points, curve_head, out, tuned_curve)
+    points, tuned = json.loads(curve.read_text()), json.loads(finetune_curve.read_text())
+    head_paths = [heads / f"{name}.h5" for name in p.heads]
+    store = read_store(features)
+    markdown, rows = build_report(store, head_paths, metrics, finetuned, extract_seconds, points, tuned)
+    write_figures(rows, points, points[0]["model"], out, tuned)
     write_text(out / "strategy.md", markdown)
-    write_json(curve, points)
-    click.echo(f"report: {len(rows)} models, learning curve of {curve_head} -> {out / 'strategy.md'}")
+    click.echo(f"report: {len(rows)} models, learning curve of {points[0]['model']} -> {out / 'strategy.md'}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import click
 from pipeline.config import load_params
 from pipeline.errors import user_errors
 from pipeline.heads import HeadError, check_head_params, save_head, train_head
-from pipeline.metrics import write_json
+from pipeline.io import write_json
 from pipeline.store import read_store
 
 PathArg = click.Path(path_type=Path)

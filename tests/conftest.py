@@ -1,4 +1,4 @@
-"""Shared fixtures: small generated ImageFolders, the repository root, the shared datasets."""
+"""Shared fixtures: small generated ImageFolders and manifests, in-memory feature stores, the shared datasets."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from pipeline.dataset import build_manifest, write_manifest
+from pipeline.store import FeatureStore
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
@@ -33,6 +36,25 @@ def write_image_folder(
             Image.fromarray(pixels).save(path)
             paths.append(path)
     return paths
+
+
+def prepare_manifest(root: Path, path: Path, val_fraction: float = 0.2, test_fraction: float = 0.2) -> Path:
+    """What the prepare stage writes for `root` (seed 0), at `path`."""
+    write_manifest(build_manifest(root, val_fraction, test_fraction, seed=0), path)
+    return path
+
+
+def make_store(features, labels, split, classes: list[str], **attrs) -> FeatureStore:
+    """A feature store in memory (row i of every array is one image), fingerprint "f" unless given."""
+    n = len(labels)
+    return FeatureStore(
+        features=np.asarray(features, dtype=np.float32),
+        labels=np.asarray(labels, dtype=np.int64),
+        split=np.asarray(split, dtype=np.uint8),
+        paths=[f"{i}.png" for i in range(n)],
+        sha256=["0" * 64] * n,
+        attrs={"classes": classes, "fingerprint": "f", **attrs},
+    )
 
 
 @pytest.fixture

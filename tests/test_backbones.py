@@ -19,7 +19,6 @@ from pipeline.backbones import (
     imagenet_categories,
     load_state_dict,
     ordered_blocks,
-    resolve_device,
 )
 
 
@@ -166,11 +165,3 @@ def test_uncached_weights_fail_at_once_with_the_fix(tmp_path):
             build_backbone("torchvision/resnet18", allow_download=False)
     finally:
         torch.hub.set_dir(previous)
-
-
-def test_cpu_device_resolves():
-    assert resolve_device("cpu") == torch.device("cpu")
-    if not torch.cuda.is_available():
-        assert resolve_device("auto").type in ("cpu", "mps")
-        with pytest.raises(BackboneError, match="no CUDA device"):
-            resolve_device("cuda")

@@ -86,7 +86,9 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path):
         ("extract:\n  batch_size: 0\n", r"extract\.batch_size must be >= 1; got 0"),
         ("extract:\n  num_workers: -1\n", r"extract\.num_workers must be >= 0; got -1"),
         ("evaluate:\n  ece_bins: 0\n", r"evaluate\.ece_bins must be >= 1"),
-        ("report:\n  seeds: 0\n", r"report\.seeds must be >= 1"),
+        ("learning_curve:\n  seeds: 0\n", r"learning_curve\.seeds must be >= 1"),
+        ("learning_curve:\n  sizes: [5, 0]\n", r"learning_curve\.sizes must be >= 1 each; got 0"),
+        ("finetune_curve:\n  sizes: [-1]\n", r"finetune_curve\.sizes must be >= 1 each; got -1"),
         ("finetune:\n  epochs: 0\n", r"finetune\.epochs must be >= 1; got 0"),
     ],
 )

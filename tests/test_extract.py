@@ -14,22 +14,16 @@ from PIL import Image
 
 from pipeline.backbones import build_backbone, fingerprint
 from pipeline.config import ExtractParams
-from pipeline.dataset import DataError, build_manifest, write_manifest
+from pipeline.errors import DataError
 from pipeline.extract import extract
 from pipeline.store import EmbeddingCache, read_store
-from tests.conftest import REPO, write_image_folder
+from tests.conftest import REPO, prepare_manifest, write_image_folder
 
 TINY = ExtractParams(backbone="test_resnet", image_size=32, batch_size=8, num_workers=0, device="cpu")
 
 
-def prepare(root: Path, out: Path) -> Path:
-    manifest = out / "manifest.csv"
-    write_manifest(build_manifest(root, 0.2, 0.2, seed=0), manifest)
-    return manifest
-
-
 def run(root: Path, work: Path, params: ExtractParams = TINY, cache: str = "cache"):
-    manifest = prepare(root, work)
+    manifest = prepare_manifest(root, work / "manifest.csv")
     return extract(manifest, root, work / "features.h5", work / cache, params)
 
 
@@ -120,7 +114,7 @@ def test_kill_minus_nine_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp
     write_image_folder(root, {"a": 60, "b": 60}, size=64)
     work = tmp_path / "killed"
     work.mkdir()
-    prepare(root, work)
+    prepare_manifest(root, work / "manifest.csv")
     params_file = _params_file(work, batch_size=1)
     proc = subprocess.Popen(_stage(work, root, params_file), cwd=REPO, stderr=subprocess.DEVNULL)
     shards = work / "cache"
@@ -139,14 +133,14 @@ def test_kill_minus_nine_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp
 
     clean = tmp_path / "clean"
     clean.mkdir()
-    prepare(root, clean)
+    prepare_manifest(root, clean / "manifest.csv")
     subprocess.run(_stage(clean, root, _params_file(clean, 1)), cwd=REPO, check=True, capture_output=True)
     resumed_bytes = read_store(work / "features.h5").features.tobytes()
     assert resumed_bytes == read_store(clean / "features.h5").features.tobytes()
 
 
 def test_a_second_extract_on_the_same_cache_fails_at_once(image_folder, tmp_path):
-    prepare(image_folder, tmp_path)
+    prepare_manifest(image_folder, tmp_path / "manifest.csv")
     params_file = _params_file(tmp_path, batch_size=8)
     backbone = build_backbone("test_resnet")
     fp = fingerprint(backbone, backbone.preprocessing.with_image_size(64), "fp32", True)
@@ -184,7 +178,7 @@ def test_workers_and_inline_decoding_give_the_same_store(image_folder, tmp_path)
 
 
 def test_a_file_changed_after_prepare_stops_inline_decoding_with_its_name(image_folder, tmp_path):
-    manifest = prepare(image_folder, tmp_path)
+    manifest = prepare_manifest(image_folder, tmp_path / "manifest.csv")
     victim = sorted(image_folder.glob("square/*"))[1]
     victim.write_bytes(victim.read_bytes() + b"edited")
     params = ExtractParams(**{**TINY.__dict__, "loader": "inline"})

@@ -13,11 +13,9 @@ from torch import nn
 
 from pipeline.backbones import build_backbone, ordered_blocks
 from pipeline.config import FinetuneParams, HeadParams
-from pipeline.dataset import build_manifest, read_manifest, write_manifest
+from pipeline.dataset import read_manifest
 from pipeline.finetune import (
-    Classifier,
     FinetuneError,
-    LabelledImages,
     check_warm_start,
     finetune,
     freeze,
@@ -26,9 +24,10 @@ from pipeline.finetune import (
     run_key,
     warmup_cosine,
 )
+from pipeline.finetuned import Classifier
 from pipeline.heads import train_head
-from pipeline.store import FeatureStore
-from tests.conftest import REPO, write_image_folder
+from pipeline.runtime import Images, collate
+from tests.conftest import REPO, make_store, prepare_manifest, write_image_folder
 
 FAST = FinetuneParams(
     unfreeze=2, epochs=2, batch_size=8, init_head="random", augment=False, image_size=32, num_workers=0, device="cpu"
@@ -39,9 +38,7 @@ FAST = FinetuneParams(
 def data(tmp_path: Path) -> tuple[Path, Path]:
     root = tmp_path / "raw"
     write_image_folder(root, {"a": 12, "b": 12, "c": 12})
-    manifest = tmp_path / "manifest.csv"
-    write_manifest(build_manifest(root, 0.2, 0.2, seed=0), manifest)
-    return root, manifest
+    return root, prepare_manifest(root, tmp_path / "manifest.csv")
 
 
 def _initial_state(name: str) -> dict[str, torch.Tensor]:
@@ -134,15 +131,16 @@ def test_unfreeze_zero_trains_the_same_layer_as_training_it_alone(data, tmp_path
     steps = -(-len(rows) // params.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, steps))
     loader = torch.utils.data.DataLoader(
-        LabelledImages(root, rows, labels, preprocessing.to_uint8),
+        Images.of_rows(root, rows, preprocessing.to_uint8),
         batch_size=params.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(params.seed * 100_003),
+        collate_fn=collate,
     )
-    for images, targets in loader:
+    for batch in loader:
         with torch.no_grad():
-            features = backbone.features(preprocessing.normalize(images))
-        loss = nn.functional.cross_entropy(layer(features), targets)
+            features = backbone.features(preprocessing.normalize(batch.images))
+        loss = nn.functional.cross_entropy(layer(features), labels[batch.index])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -153,15 +151,7 @@ def test_unfreeze_zero_trains_the_same_layer_as_training_it_alone(data, tmp_path
 
 def _assert_warm_start_reproduces_head(features: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:
     """Train a logistic head on the features, copy it into a new layer: same probabilities."""
-    n = len(features)
-    store = FeatureStore(
-        features=features,
-        labels=labels,
-        split=np.tile([0, 0, 0, 1], n // 4).astype(np.uint8),
-        paths=[str(i) for i in range(n)],
-        sha256=["0" * 64] * n,
-        attrs={"classes": classes, "fingerprint": "f"},
-    )
+    store = make_store(features, labels, np.tile([0, 0, 0, 1], len(features) // 4), classes)
     head = train_head(store, "logreg", HeadParams(grid={"C": [1.0]}))
     layer = nn.Linear(features.shape[1], len(classes))
     init_from_head(layer, head)
@@ -186,14 +176,14 @@ def test_binary_warm_start_fills_both_rows():
 def _stage(work: Path, root: Path) -> list[str]:
     return [
         sys.executable, "-m", "stages.finetune", "--data", str(root), "--manifest", str(work / "manifest.csv"),
-        "--head", str(work / "none.h5"), "--out", str(work / "out"), "--checkpoints", str(work / "ckpt"),
-        "--history", str(work / "history.json"), "--params", str(work / "params.yaml"),
+        "--out", str(work / "out"), "--checkpoints", str(work / "ckpt"),
+        "--live", str(work / "live"), "--params", str(work / "params.yaml"),
     ]  # fmt: skip
 
 
 def _setup(work: Path, root: Path) -> None:
     work.mkdir()
-    write_manifest(build_manifest(root, 0.2, 0.2, seed=0), work / "manifest.csv")
+    prepare_manifest(root, work / "manifest.csv")
     (work / "params.yaml").write_text(
         "extract:\n  backbone: test_resnet\nfinetune:\n  epochs: 5\n  batch_size: 4\n  init_head: random\n"
         "  augment: true\n  image_size: 64\n  num_workers: 0\n  device: cpu\n  early_stopping_patience: 0\n"
@@ -229,15 +219,23 @@ def test_kill_during_epoch_three_resumes_there_with_identical_final_weights(tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_warm_start_is_refused_for_features_of_another_size_or_store():
-    head = type("Head", (), {"store_fingerprint": "f1"})()
-    attrs = {"fingerprint": "f1", "backbone": "efficientnet_lite0", "image_size": 224, "preprocessing": {"crop": 224}}
-    check_warm_start(head, attrs, "efficientnet_lite0", None)  # the weights' size, as the store
-    check_warm_start(head, attrs, "efficientnet_lite0", 224)
+def test_warm_start_is_refused_for_other_classes_features_weights_or_size():
+    def head(**seen):
+        store = {"backbone": "efficientnet_lite0", "image_size": 224, "weights_file": None, **seen}
+        return type("Head", (), {"name": "logreg", "kind": "logreg", "classes": ["a", "b"], "store_attrs": store})()
+
+    check_warm_start(head(), ["a", "b"], "efficientnet_lite0", 224, None)
     with pytest.raises(FinetuneError, match="at 224 px, fine-tuning runs efficientnet_lite0 at 128 px"):
-        check_warm_start(head, attrs, "efficientnet_lite0", 128)
-    with pytest.raises(FinetuneError, match="trained on features f1, the store is f2; rerun train_head"):
-        check_warm_start(head, {**attrs, "fingerprint": "f2"}, "efficientnet_lite0", None)
+        check_warm_start(head(), ["a", "b"], "efficientnet_lite0", 128, None)
+    with pytest.raises(FinetuneError, match="trained on test_resnet features at 224 px"):
+        check_warm_start(head(backbone="test_resnet"), ["a", "b"], "efficientnet_lite0", 224, None)
+    with pytest.raises(FinetuneError, match="weights w.safetensors, fine-tuning starts from the defaults"):
+        check_warm_start(head(weights_file="w.safetensors"), ["a", "b"], "efficientnet_lite0", 224, None)
+    with pytest.raises(FinetuneError, match=r"has classes \['a', 'b'\], the manifest \['a', 'c'\]"):
+        check_warm_start(head(), ["a", "c"], "efficientnet_lite0", 224, None)
+    knn = type("Head", (), {"name": "knn", "kind": "knn"})()
+    with pytest.raises(FinetuneError, match="needs a logreg head"):
+        check_warm_start(knn, ["a", "b"], "efficientnet_lite0", 224, None)
 
 
 def test_checkpoints_are_not_resumed_across_a_change_of_pixels(data, monkeypatch):
@@ -245,10 +243,14 @@ def test_checkpoints_are_not_resumed_across_a_change_of_pixels(data, monkeypatch
     _, manifest_path = data
     manifest = read_manifest(manifest_path)
     backbone = build_backbone("test_efficientnet")
-    key = run_key(backbone, FAST, manifest, None)
-    assert run_key(build_backbone("test_efficientnet"), FAST, manifest, None) == key
+    layer = nn.Linear(4, 3)
+    key = run_key(backbone, FAST, manifest, layer)
+    assert run_key(build_backbone("test_efficientnet"), FAST, manifest, layer) == key
     monkeypatch.setattr("pipeline.finetune.PIXELS_VERSION", 999)
-    assert run_key(backbone, FAST, manifest, None) != key
+    assert run_key(backbone, FAST, manifest, layer) != key
     monkeypatch.undo()
     other = replace(backbone, preprocessing=replace(backbone.preprocessing, interpolation="bilinear"))
-    assert run_key(other, FAST, manifest, None) != key
+    assert run_key(other, FAST, manifest, layer) != key
+    with torch.no_grad():
+        layer.bias[0] += 1  # another warm start
+    assert run_key(backbone, FAST, manifest, layer) != key

@@ -44,6 +44,8 @@ def project(tmp_path: Path) -> Path:
     sh(repo, "git", "config", "user.name", "ci")
     dvc(repo, "init", "-q")
     dvc(repo, "config", "core.analytics", "false")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "the pipeline")  # DVCLive, like `dvc exp`, needs a commit to start from
     return repo
 
 
@@ -59,14 +61,24 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
         "extract",
         "finetune",
         "evaluate_finetune",
+        "learning_curve",
+        "finetune_curve",
         "report",
         *(f"train_head@{h}" for h in heads),
         *(f"evaluate@{h}" for h in heads),
     }
     assert "Recommendation" in (project / "reports" / "strategy.md").read_text()
     for model in ("logreg", "probe", "finetune"):
-        metrics = json.loads((project / "metrics" / "models" / f"{model}.json").read_text())
-        assert metrics["n_test"] == 6 and 0.0 <= metrics["accuracy"] <= 1.0
+        metrics = json.loads((project / "metrics" / "models" / model / "metrics.json").read_text())
+        assert metrics["n_test"] == 6 and metrics["model"] == model
+        # The confusion plot holds one record per test image, and the accuracy is the share on its diagonal.
+        confusion = json.loads(
+            (project / "metrics" / "models" / model / "plots" / "sklearn" / "confusion.json").read_text()
+        )
+        assert len(confusion) == 6
+        assert metrics["accuracy"] == sum(r["actual"] == r["predicted"] for r in confusion) / 6
+    epochs = (project / "metrics" / "finetune" / "plots" / "metrics" / "val_loss.tsv").read_text().splitlines()
+    assert epochs[0].split("\t") == ["step", "val_loss"] and len(epochs) == 2  # header and the one epoch
     assert json.loads((project / "metrics" / "extract.json").read_text())["computed"] == 30
     sh(project, "git", "add", "-A")
     sh(project, "git", "commit", "-qm", "baseline")
@@ -77,15 +89,23 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     params["heads"]["probe"]["grid"]["C"] = [1e-6]  # heavy regularisation: near-uniform probabilities
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = dvc(project, "repro")
-    # That head, its evaluation, and the report that compares every model; nothing upstream.
-    assert stages_run(second) == {"train_head@probe", "evaluate@probe", "report"}
+    # That head, its evaluation, the learning curve (drawn for the head chosen on val among all of them) and the
+    # report that compares every model; nothing upstream.
+    assert stages_run(second) == {"train_head@probe", "evaluate@probe", "learning_curve", "report"}
     assert "Stage 'extract' didn't change, skipping" in second
 
     diff = json.loads(dvc(project, "metrics", "diff", "--json"))
-    changed = diff["metrics/models/probe.json"]
+    changed = diff["metrics/models/probe/metrics.json"]
     assert changed["log_loss"]["old"] != changed["log_loss"]["new"]
     assert changed["hyperparameters.C"] == {"old": 1.0, "new": 1e-6, "diff": 1e-6 - 1.0}
-    assert set(diff) == {"metrics/models/probe.json"}
+    assert set(diff) == {"metrics/models/probe/metrics.json"}
+
+    # The learning curve is its own stage: DVC knows what a change to it makes stale, and reruns only that.
+    params["learning_curve"]["seeds"] = 2
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "learning_curve" in dvc(project, "status") and "finetune_curve" not in dvc(project, "status")
+    # (The report follows only if the curve's numbers moved: on these easy images every subset may score 1.0.)
+    assert {"learning_curve"} <= stages_run(dvc(project, "repro")) <= {"learning_curve", "report"}
 
     # How images are decoded is not what they are: extract reruns, reuses every embedding and writes the same
     # bytes, so DVC reruns nothing downstream of the store; only the report, which reads the extraction

@@ -10,18 +10,19 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.config import ExtractParams, FinetuneParams, HeadParams
-from pipeline.dataset import build_manifest, read_manifest, write_manifest
-from pipeline.evaluate import evaluate_finetuned, evaluate_head
+from pipeline.dataset import read_manifest
+from pipeline.evaluate import evaluate_head
+from pipeline.evaluate_finetune import evaluate_finetuned
 from pipeline.extract import extract
 from pipeline.finetune import finetune
 from pipeline.heads import load_head, save_head, train_head
 from pipeline.store import read_store
+from tests.conftest import prepare_manifest
 
 
 @pytest.fixture
 def trained(image_folder: Path, tmp_path: Path) -> dict:
-    manifest = tmp_path / "manifest.csv"
-    write_manifest(build_manifest(image_folder, 0.2, 0.2, seed=0), manifest)
+    manifest = prepare_manifest(image_folder, tmp_path / "manifest.csv")
     params = ExtractParams(backbone="test_resnet", image_size=32, num_workers=0, device="cpu")
     store = extract(manifest, image_folder, tmp_path / "features.h5", tmp_path / "cache", params).store
     save_head(train_head(read_store(store), "logreg", HeadParams(grid={"C": [1.0]})), tmp_path / "logreg.h5")
@@ -36,12 +37,12 @@ def _predict(*args: str) -> tuple[int, dict, str]:
 
 
 def test_head_predictions_agree_with_evaluate_on_the_test_split(trained):
-    _, records = evaluate_head(trained["store"], trained["head"])
+    _, _, predicted = evaluate_head(trained["store"], trained["head"])
     code, payload, _ = _predict(
         "--head", str(trained["head"]), "--features", str(trained["store"]), *map(str, trained["test"])
     )
     assert code == 0
-    assert [p["top"][0]["class"] for p in payload["predictions"]] == [r["predicted"] for r in records]
+    assert [p["top"][0]["class"] for p in payload["predictions"]] == predicted
     store = read_store(trained["store"])
     expected = load_head(trained["head"]).predict_proba(store.subset("test")[0])
     got = [{t["class"]: t["probability"] for t in p["top"]} for p in payload["predictions"]]
@@ -81,10 +82,10 @@ def test_finetuned_predictions_agree_with_evaluate(trained, tmp_path):
         FinetuneParams(), epochs=1, init_head="random", augment=False, image_size=32, num_workers=0, device="cpu"
     )
     finetune(trained["manifest"], trained["root"], "test_resnet", params, tmp_path / "ft", tmp_path / "ckpt")
-    scores, records = evaluate_finetuned(tmp_path / "ft", trained["manifest"], trained["root"], num_workers=0)
+    _, _, predicted = evaluate_finetuned(tmp_path / "ft", trained["manifest"], trained["root"], params=params)
     code, payload, _ = _predict("--finetuned", str(tmp_path / "ft"), *map(str, trained["test"]))
     assert code == 0
-    assert [p["top"][0]["class"] for p in payload["predictions"]] == [r["predicted"] for r in records]
+    assert [p["top"][0]["class"] for p in payload["predictions"]] == predicted
     assert np.isclose(sum(t["probability"] for t in payload["predictions"][0]["top"]), 1.0)
 
 
@@ -93,3 +94,29 @@ def test_mixing_model_options_is_a_usage_error(trained):
     assert result.exit_code == 2 and "give either --head with --features, or --finetuned" in result.output
     missing = CliRunner().invoke(main, ["predict", "--finetuned", str(trained["root"]), "nope.png"])
     assert missing.exit_code == 1 and "Traceback" not in missing.output
+
+
+@pytest.mark.parametrize("where", ["../photos", ".hidden/photos"])
+def test_folders_given_by_a_relative_or_dotted_path_are_predicted(trained, tmp_path, monkeypatch, where):
+    """Hidden files are skipped inside the folder given, wherever that folder lies."""
+    folder = tmp_path / where.removeprefix("../")
+    folder.mkdir(parents=True)
+    for path in trained["test"][:2]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / ".DS_Store").write_bytes(b"\0")
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd if where.startswith("..") else tmp_path)
+    code, payload, stderr = _predict("--head", str(trained["head"]), "--features", str(trained["store"]), where)
+    assert code == 0, stderr
+    assert sorted(Path(p["path"]).name for p in payload["predictions"]) == sorted(p.name for p in trained["test"][:2])
+    assert payload["rejected"] == []
+
+
+def test_a_folder_without_images_is_an_error_not_zero_predictions(trained, tmp_path):
+    empty = tmp_path / "empty"
+    (empty / ".thumbnails").mkdir(parents=True)
+    (empty / ".thumbnails" / "a.png").write_bytes(trained["test"][0].read_bytes())
+    code, _, stderr = _predict("--head", str(trained["head"]), "--features", str(trained["store"]), str(empty))
+    assert code == 1
+    assert "no image files in this folder" in stderr and "Traceback" not in stderr

@@ -14,32 +14,23 @@ from sklearn.preprocessing import StandardScaler
 
 from pipeline.backbones import build_backbone
 from pipeline.config import FinetuneParams, HeadParams
-from pipeline.dataset import build_manifest, read_manifest, write_manifest
-from pipeline.finetune import Classifier, finetune, freeze
+from pipeline.curves import finetune_curve, learning_curve, subsample_train
+from pipeline.dataset import read_manifest
+from pipeline.finetune import finetune, freeze
+from pipeline.finetuned import Classifier
 from pipeline.heads import train_head
-from pipeline.report import (
-    ModelRow,
-    finetune_curve,
-    finetune_row,
-    head_rows,
-    learning_curve,
-    recommend,
-    subsample_train,
-)
+from pipeline.report import ModelRow, finetune_row, head_rows, recommend
 from pipeline.store import FeatureStore
 from stages.report import main as report_stage
-from tests.conftest import REPO
+from tests.conftest import REPO, make_store, prepare_manifest
 
 
 def blobs(n_per_class: int = 40, dim: int = 6, seed: int = 0) -> FeatureStore:
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(3), n_per_class)
     features = (rng.normal(size=(len(labels), dim)) + np.eye(3, dim)[labels] * 1.5).astype(np.float32)
-    split = np.tile([0, 0, 0, 0, 1, 2], len(labels) // 6).astype(np.uint8)
-    return FeatureStore(
-        features, labels, split, [str(i) for i in range(len(labels))], ["0" * 64] * len(labels),
-        {"classes": ["a", "b", "c"], "fingerprint": "f", "backbone": "test_resnet", "image_size": 32},
-    )  # fmt: skip
+    split = np.tile([0, 0, 0, 0, 1, 2], len(labels) // 6)
+    return make_store(features, labels, split, ["a", "b", "c"], backbone="test_resnet", image_size=32)
 
 
 def test_a_learning_curve_point_matches_scikit_learn_fitted_by_hand():
@@ -69,8 +60,7 @@ def test_head_rows_count_the_backbone_with_torch():
 
 
 def test_finetune_row_counts_what_torch_says_was_trainable(image_folder: Path, tmp_path: Path):
-    manifest = tmp_path / "manifest.csv"
-    write_manifest(build_manifest(image_folder, 0.2, 0.2, seed=0), manifest)
+    manifest = prepare_manifest(image_folder, tmp_path / "manifest.csv")
     params = replace(
         FinetuneParams(), unfreeze=2, epochs=1, init_head="random", image_size=32, num_workers=0, device="cpu"
     )
@@ -100,8 +90,7 @@ def test_recommendation_follows_the_numbers():
 
 
 def test_finetune_curve_trains_on_subsets_and_scores_the_full_test_split(image_folder: Path, tmp_path: Path):
-    manifest = tmp_path / "manifest.csv"
-    write_manifest(build_manifest(image_folder, 0.2, 0.2, seed=0), manifest)
+    manifest = prepare_manifest(image_folder, tmp_path / "manifest.csv")
     params = replace(FinetuneParams(), epochs=1, image_size=32, num_workers=0, device="cpu", init_head="logreg")
     points = finetune_curve(manifest, image_folder, "test_resnet", params, [2, 4], tmp_path / "work")
     assert [p["per_class"] for p in points] == [2, 4]
@@ -130,7 +119,7 @@ def test_report_refuses_an_unknown_extraction_cost_in_one_line(tmp_path):
     metrics = tmp_path / "extract.json"
     metrics.write_text(json.dumps({"seconds": 0.1, "computed": 0, "reused": 36, "extraction_seconds": None}))
     args = ["--features", "f.h5", "--heads", "h", "--metrics", "m", "--extract-metrics", str(metrics)]
-    args += ["--manifest", "m.csv", "--data", "raw", "--out", str(tmp_path / "out"), "--curve", "c.json"]
+    args += ["--curve", "c.json", "--finetune-curve", "t.json", "--out", str(tmp_path / "out")]
     result = CliRunner().invoke(report_stage, [*args, "--params", str(REPO / "params.yaml")])
     assert result.exit_code == 1 and "has no extraction cost" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()

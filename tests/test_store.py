@@ -132,12 +132,12 @@ def test_cache_keeps_each_embeddings_cost_and_time_through_compaction(tmp_path):
 
 def test_cache_ignores_known_hashes_and_cleans_temporary_shards(tmp_path):
     (tmp_path / "fp").mkdir()
-    (tmp_path / "fp" / ".tmp-shard-00000007.h5").write_bytes(b"half written")
+    (tmp_path / "fp" / ".shard-00000007.h5.tmp").write_bytes(b"half written")
     with EmbeddingCache(tmp_path, "fp", 1) as cache:
         cache.add(_hashes(2), np.ones((2, 1), np.float32))
         cache.add(_hashes(2), np.zeros((2, 1), np.float32))  # already cached: first value wins
         np.testing.assert_array_equal(cache.read(_hashes(2)), [[1], [1]])
-    assert not (tmp_path / "fp" / ".tmp-shard-00000007.h5").exists()
+    assert not (tmp_path / "fp" / ".shard-00000007.h5.tmp").exists()
 
 
 def test_second_user_of_a_cache_fails_at_once(tmp_path):

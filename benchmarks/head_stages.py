@@ -1,0 +1,90 @@
+"""What a head costs through DVC: wall time of its stages beside its own fit time, and the feature-extraction DAG.
+
+    .venv/bin/python benchmarks/head_stages.py [--data ../shared/datasets/hymenoptera] [--repeats 3]
+
+Copies the pipeline into a temporary git + DVC project with the photos as data/raw at the backbone's own size
+(`extract.image_size: null`), then prints:
+- the wall time of `dvc repro` of prepare, extract, every head and every head's evaluation (fine-tuning, the
+  curves and the report left out), on a fresh embedding cache, with extraction's own compute time beside it;
+- for every head, the median wall time of `dvc repro -f -s train_head@<head>` and of `evaluate@<head>` over
+  `--repeats` runs, beside the head's fit seconds (its grid search and refit, from its metrics);
+- `dvc status` and `python -c "import torch"` on the same machine, the floor any stage sits on.
+Wall times on a shared machine drift; the medians and the floors put them in proportion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "hymenoptera"
+# The feature-extraction half of the DAG: `dvc repro evaluate` runs these and everything upstream of them.
+TARGETS = ("evaluate",)
+
+
+def timed(cwd: Path, *args: str) -> float:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    start = time.perf_counter()
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise click.ClickException(f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return seconds
+
+
+def make_project(work: Path, data: Path) -> Path:
+    """A copy of the pipeline in its own git and DVC repository, with `data` as data/raw."""
+    project = work / "project"
+    project.mkdir()
+    for name in ("pipeline", "stages"):
+        shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", project)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["extract"]["image_size"] = None  # photos: the weights' own 224 px
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(data, project / "data" / "raw")
+    for args in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
+        timed(project, *(args if args[0] == "git" else [sys.executable, "-m", *args]))
+    return project
+
+
+@click.command()
+@click.option("--data", type=click.Path(path_type=Path, exists=True), default=DEFAULT_DATA, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+def main(data: Path, repeats: int) -> None:
+    dvc = [sys.executable, "-m", "dvc"]
+    with tempfile.TemporaryDirectory() as tmp:
+        project = make_project(Path(tmp), data)
+        heads = list(yaml.safe_load((project / "params.yaml").read_text())["heads"])
+        full = timed(project, *dvc, "repro", *TARGETS)
+        extract = json.loads((project / "metrics" / "extract.json").read_text())
+        click.echo(f"{data}: {extract['images']} images, {len(heads)} heads, python {sys.version.split()[0]}")
+        click.echo(
+            f"dvc repro (prepare, extract, {len(heads)} heads, {len(heads)} evaluations): {full:.1f} s wall; "
+            f"extraction compute {extract['compute_seconds']:.1f} s"
+        )
+        click.echo(f"{'head':<12} {'train_head s':>12} {'evaluate s':>11} {'together s':>11} {'fit s':>7}")
+        for head in heads:
+            train = [timed(project, *dvc, "repro", "-f", "-s", f"train_head@{head}") for _ in range(repeats)]
+            evaluate = [timed(project, *dvc, "repro", "-f", "-s", f"evaluate@{head}") for _ in range(repeats)]
+            fit = json.loads((project / "metrics" / "models" / head / "metrics.json").read_text())["fit_seconds"]
+            t, e = statistics.median(train), statistics.median(evaluate)
+            click.echo(f"{head:<12} {t:>12.2f} {e:>11.2f} {t + e:>11.2f} {fit:>7.2f}")
+        status = statistics.median(timed(project, *dvc, "status") for _ in range(repeats))
+        torch = statistics.median(timed(project, sys.executable, "-c", "import torch") for _ in range(repeats))
+        click.echo(f"floors: dvc status {status:.2f} s, python -c 'import torch' {torch:.2f} s (medians of {repeats})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The fine-tuned network: a backbone's feature extractor and a new output layer, saved and loaded as one folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.backbones import Preprocessing, build_backbone
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_folder
+
+
+class Classifier(nn.Module):
+    """A backbone's feature extractor followed by a new output layer."""
+
+    def __init__(self, features: nn.Module, feature_dim: int, n_classes: int):
+        super().__init__()
+        self.features = features
+        self.head = nn.Linear(feature_dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def save_finetuned(model: Classifier, out_dir: Path, config: dict) -> Path:
+    """safetensors weights plus a JSON config (classes, backbone, preprocessing, training), as one folder: the
+    weights and their config always belong together."""
+    with atomic_folder(out_dir) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return Path(out_dir) / "model.safetensors"
+
+
+def load_finetuned(model_dir: Path) -> tuple[Classifier, dict, Preprocessing]:
+    """The fine-tuned classifier in eval mode, its config, and its preprocessing."""
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise PipelineError(f"no fine-tuned model in {model_dir} (config.json missing); run the finetune stage")
+    config = json.loads(config_path.read_text())
+    backbone = build_backbone(config["backbone"])  # every weight is then replaced by the fine-tuned ones
+    model = Classifier(backbone.features, config["feature_dim"], len(config["classes"]))
+    model.load_state_dict(load_file(model_dir / "model.safetensors"))
+    return model.eval(), config, Preprocessing.from_dict(config["preprocessing"])

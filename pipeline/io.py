@@ -1,0 +1,71 @@
+"""One atomic writer for files and folders: a temporary name beside the target, fsync, then a rename."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; when the block ends without error it replaces `path`.
+
+    Readers see the old file or the new one, never half of one; a failed or killed writer leaves at most a
+    hidden `.<name>.tmp` that the next write replaces. The caller writes (and closes) the temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; when the block ends without error it replaces `path`.
+
+    The files inside it always belong together (a model's weights and its config): a kill leaves the old
+    folder or the new one. POSIX cannot rename over a non-empty folder, so the old one is first renamed aside;
+    between the two renames `path` is briefly absent, never half-written.
+    """
+    path = Path(path)
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for child in tmp.iterdir():
+            _fsync(child)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, payload: object) -> None:
+    """Write JSON atomically, so a failed stage never leaves a half-written metrics file."""
+    write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def _fsync(path: Path) -> None:
+    if path.is_file():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())

@@ -1,0 +1,90 @@
+"""The hand-written estimators: scikit-learn's estimator checks, and the minimisers they share with references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression, RidgeClassifier
+from sklearn.svm import LinearSVC
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from pipeline.estimators import CosineCentroids, CosineNeighbors, LbfgsLinearSVC, TemperatureScaled, fit_temperature
+
+
+def expected_failed_checks(estimator) -> dict[str, str]:
+    if isinstance(estimator, CosineCentroids):
+        reason = (
+            "decision_function keeps one cosine per class for two classes too (scikit-learn expects one score): "
+            "TemperatureScaled's softmax takes them as they are, so the binary centroid head's numbers stay put"
+        )
+        return {"check_classifiers_train": reason, "check_classifiers_classes": reason}
+    return {}
+
+
+@parametrize_with_checks(
+    [
+        LbfgsLinearSVC(),
+        CosineCentroids(),
+        CosineNeighbors(),
+        CosineNeighbors(n_neighbors=3, weights="distance"),
+        TemperatureScaled(LogisticRegression()),
+        TemperatureScaled(RidgeClassifier()),
+        TemperatureScaled(LbfgsLinearSVC()),
+    ],
+    expected_failed_checks=expected_failed_checks,
+    xfail_strict=True,  # a skipped check that starts passing is taken off the list
+)
+def test_scikit_learn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+def test_fit_temperature_recovers_the_temperature_that_made_the_labels():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=3.0, size=(20000, 4))
+    proba = np.exp(logits / 2.5)
+    proba /= proba.sum(axis=1, keepdims=True)
+    targets = (proba.cumsum(axis=1) < rng.random((20000, 1))).sum(axis=1)
+    assert fit_temperature(logits, targets) == pytest.approx(2.5, rel=0.05)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_calibrating_the_temperature_changes_confidence_never_the_class(n_classes):
+    rng = np.random.default_rng(n_classes)
+    x = rng.normal(size=(120, 4)) + np.repeat(np.eye(n_classes, 4), 120 // n_classes, axis=0)
+    y = np.repeat(np.arange(n_classes), 120 // n_classes)
+    model = TemperatureScaled(RidgeClassifier()).fit(x[::2], y[::2])
+    before_class, before_proba = model.predict(x), model.predict_proba(x)
+    model.calibrate(x[1::2], y[1::2])
+    assert model.temperature_ != 1.0
+    np.testing.assert_array_equal(model.predict(x), before_class)
+    np.testing.assert_array_equal(model.predict_proba(x).argmax(axis=1), before_proba.argmax(axis=1))
+    assert not np.allclose(model.predict_proba(x), before_proba)
+
+
+def test_temperature_must_be_positive():
+    with pytest.raises(ValueError, match="temperature == 0.0, must be > 0.0"):
+        TemperatureScaled(RidgeClassifier(), temperature=0.0).fit(np.eye(4), [0, 1, 0, 1])
+
+
+@pytest.mark.parametrize(("n_classes", "class_weight"), [(3, None), (3, "balanced"), (2, None), (2, "balanced")])
+def test_lbfgs_linear_svc_finds_liblinears_minimiser(n_classes, class_weight):
+    rng = np.random.default_rng(n_classes)
+    sizes = [40, 15, 25][:n_classes]
+    x = np.vstack([rng.normal(size=(m, 5)) + k for k, m in enumerate(sizes)])
+    y = np.repeat(np.arange(n_classes), sizes)
+    for c in (0.01, 1.0):
+        reference = LinearSVC(C=c, class_weight=class_weight, dual=False, tol=1e-10, max_iter=100_000).fit(x, y)
+        ours = LbfgsLinearSVC(C=c, class_weight=class_weight, tol=1e-8).fit(x, y)
+        np.testing.assert_allclose(ours.coef_, reference.coef_, atol=1e-4)
+        np.testing.assert_allclose(ours.intercept_, reference.intercept_, atol=1e-4)
+        np.testing.assert_array_equal(ours.predict(x), reference.predict(x))
+
+
+def test_lbfgs_linear_svc_takes_class_weights_keyed_by_label():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(90, 4)) + np.repeat(np.eye(3, 4) * 2, 30, axis=0)
+    y = np.repeat([3, 5, 9], 30)
+    weights = {3: 1.0, 5: 3.0, 9: 0.5}
+    reference = LinearSVC(C=0.5, class_weight=weights, dual=False, tol=1e-10, max_iter=100_000).fit(x, y)
+    ours = LbfgsLinearSVC(C=0.5, class_weight=weights, tol=1e-8).fit(x, y)
+    np.testing.assert_allclose(ours.coef_, reference.coef_, atol=1e-4)

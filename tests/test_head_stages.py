@@ -1,0 +1,78 @@
+"""A head's stages score cached features without torch: starting Python is most of what they cost."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.store import SPLIT_CODES, write_store
+from tests.conftest import REPO
+
+# Runs one stage's click command in this process, then reports which of the heavy modules it imported.
+PROBE = """
+import importlib, json, sys
+stage = importlib.import_module(sys.argv[1])
+stage.main(sys.argv[2:], standalone_mode=False)
+print(json.dumps([m for m in ("torch", "torchvision", "timm") if m in sys.modules]))
+"""
+
+
+def tiny_store(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 15)
+    split = np.tile([SPLIT_CODES["train"]] * 3 + [SPLIT_CODES["val"], SPLIT_CODES["test"]], 6)
+    features = (rng.normal(size=(30, 8)) + labels[:, None] * 3).astype(np.float32)
+    write_store(
+        path,
+        labels=labels,
+        split=split,
+        paths=[f"{i}.png" for i in range(30)],
+        sha256=["0" * 64] * 30,
+        feature_chunks=iter([features]),
+        feature_dim=8,
+        attrs={"classes": ["ant", "bee"], "fingerprint": "f", "backbone": "test_resnet", "image_size": 32},
+    )
+    return path
+
+
+def run_stage(module: str, *args: str) -> list[str]:
+    done = subprocess.run([sys.executable, "-c", PROBE, module, *args], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_train_head_and_evaluate_import_no_torch(tmp_path: Path):
+    store = tiny_store(tmp_path / "features.h5")
+    params = tmp_path / "params.yaml"
+    params.write_text("heads:\n  logreg:\n    kind: logreg\n    grid:\n      C: [0.1, 1.0]\n")
+    head, common = tmp_path / "logreg.h5", ["--features", str(store), "--params", str(params)]
+    train = ["--name", "logreg", "--out", str(head), "--curve", str(tmp_path / "curve.json"), *common]
+    assert run_stage("stages.train_head", *train) == []
+    assert run_stage("stages.evaluate", "--head", str(head), "--live", str(tmp_path / "live"), *common) == []
+    metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert metrics["model"] == "logreg" and metrics["n_test"] == 6 and metrics["accuracy"] == 1.0
+
+
+def test_a_repository_without_a_commit_gets_one_line_saying_to_commit(tmp_path: Path):
+    """DVCLive reads the current commit; a new repository has none (dvclive#522): say so, no traceback."""
+    project = tmp_path / "project"
+    project.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=project, check=True)
+    store = tiny_store(tmp_path / "features.h5")
+    params = tmp_path / "params.yaml"
+    params.write_text("heads:\n  logreg:\n    kind: logreg\n    grid:\n      C: [1.0]\n")
+    head, common = tmp_path / "logreg.h5", ["--features", str(store), "--params", str(params)]
+    run_stage("stages.train_head", "--name", "logreg", "--out", str(head), "--curve", str(tmp_path / "c.json"), *common)
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.evaluate", "--head", str(head), "--live", "metrics", *common],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "commit once (git add -A && git commit -m start), then run `dvc repro` again" in done.stderr

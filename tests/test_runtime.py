@@ -1,0 +1,68 @@
+"""The runtime: devices named by who asked for them, one image Dataset for manifest rows and plain files."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.backbones import build_backbone
+from pipeline.dataset import read_manifest
+from pipeline.errors import DataError
+from pipeline.runtime import DeviceError, Images, Runtime, forward_batches, image_batches, predict_proba, resolve_device
+from tests.conftest import prepare_manifest
+
+
+def test_devices_resolve_and_a_missing_one_names_the_option_that_asked():
+    assert resolve_device("cpu", "extract.device") == torch.device("cpu")
+    if torch.cuda.is_available():
+        pytest.skip("this check needs a machine without CUDA")
+    assert resolve_device("auto", "extract.device").type in ("cpu", "mps")
+    with pytest.raises(DeviceError, match="finetune.device is cuda but no CUDA device is available"):
+        resolve_device("cuda", "finetune.device")
+    with pytest.raises(DeviceError, match="--device is cuda"):
+        Runtime.resolve("cuda", "auto", option="--device")
+
+
+def test_precision_auto_is_fp32_on_cpu_and_channels_last_follows_the_device():
+    runtime = Runtime.resolve("cpu", "auto", option="extract.device")
+    assert (runtime.precision, runtime.channels_last) == ("fp32", False)
+    assert Runtime.resolve("cpu", "bf16", option="x", channels_last=True).channels_last
+
+
+def test_plain_files_report_unreadable_ones_and_decode_the_rest(image_folder: Path, tmp_path: Path):
+    good = sorted(image_folder.rglob("*.png"))[:3]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good[0].read_bytes()[:60])
+    to_uint8 = build_backbone("test_resnet").preprocessing.with_image_size(32).to_uint8
+    dataset = Images.of_files([good[0], broken, *good[1:]], to_uint8)
+    (batch,) = list(image_batches(dataset, batch_size=8, num_workers=0, device=torch.device("cpu")))
+    assert batch.index.tolist() == [0, 2, 3]
+    assert batch.images.shape == (3, 3, 32, 32) and batch.images.dtype == torch.uint8
+    assert [(i, reason) for i, reason, _ in batch.rejected] == [(1, "corrupt")]
+
+
+def test_manifest_rows_stop_the_run_on_a_file_changed_since_prepare(image_folder: Path, tmp_path: Path):
+    rows = read_manifest(prepare_manifest(image_folder, tmp_path / "manifest.csv")).ok_rows()
+    (image_folder / rows[1].path).write_bytes((image_folder / rows[0].path).read_bytes())
+    dataset = Images.of_rows(image_folder, rows, build_backbone("test_resnet").preprocessing.to_uint8)
+    dataset[0]
+    with pytest.raises(DataError, match=f"{rows[1].path} changed since prepare ran"):
+        dataset[1]
+
+
+def test_one_inference_loop_serves_probabilities_and_skips_batches_with_no_readable_image(tmp_path: Path):
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_text("not an image")
+    network = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    runtime = Runtime.resolve("cpu", "auto", option="test")
+    dataset = Images.of_files(sorted(tmp_path.iterdir()), lambda image: image)
+    batches = list(image_batches(dataset, 1, 0, runtime.device))
+    outputs = list(forward_batches(network, iter(batches), runtime, lambda x: x.float()))
+    assert [len(b.rejected) for b, _ in outputs] == [1, 1]
+    assert predict_proba(network, iter(batches), runtime, lambda x: x.float()).shape == (0, 0)
+    images = torch.randint(0, 255, (5, 3, 4, 4), dtype=torch.uint8)
+    batch = type(batches[0])(images, torch.arange(5), [])
+    proba = predict_proba(network, iter([batch]), runtime, lambda x: x.float() / 255)
+    assert proba.shape == (5, 4) and proba.dtype == np.float64
+    np.testing.assert_allclose(proba.sum(1), 1.0)
