@@ -54,8 +54,12 @@ def make_project(work: Path, data: Path) -> Path:
     params["extract"]["image_size"] = None  # photos: the weights' own 224 px
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copytree(data, project / "data" / "raw")
-    for args in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
-        timed(project, *(args if args[0] == "git" else [sys.executable, "-m", *args]))
+    dvc = [sys.executable, "-m", "dvc"]
+    timed(project, "git", "init", "-q")
+    timed(project, *dvc, "init", "-q")
+    timed(project, *dvc, "config", "core.analytics", "false")
+    timed(project, "git", "add", "-A")  # DVCLive, like `dvc exp`, starts from a commit
+    timed(project, "git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "pipeline")
     return project
 
 

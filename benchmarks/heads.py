@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere, without installing the package
 
 from pipeline.config import load_params  # noqa: E402
-from pipeline.heads import save_head, train_head  # noqa: E402
+from pipeline.heads import save_head  # noqa: E402
+from pipeline.selection import train_head  # noqa: E402
 from pipeline.store import SPLIT_CODES, FeatureStore, read_store  # noqa: E402
 
 

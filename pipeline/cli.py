@@ -129,4 +129,6 @@ def predict(inputs, head, features, finetuned, top_k, batch_size, num_workers, d
         click.echo(buffer.getvalue(), nl=False)
     for r in rejected:
         click.echo(f"rejected {r.path}: {r.reason} ({r.detail})", err=True)
+    if not predictions:
+        raise PipelineError(f"none of the {len(paths)} files given could be read as an image")
     click.echo(f"predicted {len(predictions)} images, rejected {len(rejected)}", err=True)

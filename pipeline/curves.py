@@ -1,18 +1,15 @@
-"""Learning curves: a model's test accuracy against the number of training images per class."""
+"""The learning curve of a head: its test accuracy against the number of training images per class."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import FinetuneParams, HeadParams
-from pipeline.dataset import Manifest, read_manifest, write_manifest
-from pipeline.evaluate_finetune import evaluate_finetuned
-from pipeline.finetune import finetune
-from pipeline.heads import HeadError, TrainedHead, train_head
+from pipeline.config import HeadParams
+from pipeline.heads import HeadError, TrainedHead
+from pipeline.selection import train_head
 from pipeline.store import SPLIT_CODES, FeatureStore
 
 log = logging.getLogger(__name__)
@@ -71,46 +68,4 @@ def learning_curve(store: FeatureStore, head: TrainedHead, sizes: list[int], see
                     "std": float(np.std(scores)),
                 }
             )
-    return points
-
-
-def subsample_manifest(manifest: Manifest, per_class: int, seed: int) -> Manifest:
-    """Usable rows with at most `per_class` train images of each class (seeded); val and test unchanged."""
-    rng = np.random.default_rng(seed)
-    ok = manifest.ok_rows()
-    keep = [r for r in ok if r.split != "train"]
-    for cls in manifest.classes:
-        train = [r for r in ok if r.split == "train" and r.class_name == cls]
-        keep += [train[i] for i in rng.permutation(len(train))[:per_class]]
-    order = {r.path: i for i, r in enumerate(ok)}
-    return Manifest(sorted(keep, key=lambda r: order[r.path]), manifest.layout, [])
-
-
-def finetune_curve(
-    manifest_path: Path,
-    data_root: Path,
-    backbone: str,
-    params: FinetuneParams,
-    sizes: list[int],
-    work: Path,
-    *,
-    weights: Path | None = None,
-) -> list[dict]:
-    """Test accuracy of fine-tuning on `sizes` training images per class (one seeded subset each). `work` keeps
-    the subsets, models and checkpoints, so a killed run resumes.
-
-    The new layer starts from random weights here: the trained logistic head saw every training image.
-    """
-    manifest = read_manifest(manifest_path)
-    tuned = replace(params, init_head="random")
-    points = []
-    for size in sizes:
-        subset = work / f"manifest-{size}.csv"
-        write_manifest(subsample_manifest(manifest, size, params.seed), subset)
-        model = work / f"model-{size}"
-        finetune(subset, data_root, backbone, tuned, model, work / "checkpoints", weights=weights)
-        scores, _, _ = evaluate_finetuned(model, subset, data_root, params=tuned)
-        points.append(
-            {"model": "finetune", "per_class": size, "label": str(size), "accuracy": scores["accuracy"], "std": 0.0}
-        )
     return points

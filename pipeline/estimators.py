@@ -112,10 +112,9 @@ class LbfgsLinearSVC(ClassifierMixin, BaseEstimator):
     It stops when the largest gradient entry is below `tol` times that at w = 0.
 
     Written by hand for speed: liblinear solves the one-vs-rest problems one after another with scalar
-    loops, which took about four minutes for a single value of C on 35,000 x 1,280 features and 100
-    classes (2 shared cores). Here each L-BFGS step costs two float32 matrix products for all classes
-    together (BLAS, every core): a five-point grid plus the refit took 40 s on the same problem. The
-    minimiser is the same (tests compare the coefficients with LinearSVC's).
+    loops, on one core. Here each L-BFGS step costs two float32 matrix products for all classes together
+    (BLAS, every core); `benchmarks/heads.py --synthetic` measures both. The minimiser is the same (tests
+    compare the coefficients with LinearSVC's).
     """
 
     def __init__(

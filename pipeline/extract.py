@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pipeline.backbones import Backbone, Preprocessing, build_backbone, fingerprint
 from pipeline.config import ExtractParams
-from pipeline.dataset import ManifestRow, manifest_sha256, read_manifest
+from pipeline.dataset import Manifest, ManifestRow, manifest_sha256, read_manifest
 from pipeline.runtime import Images, Runtime, forward_batches, image_batches
 from pipeline.store import SPLIT_CODES, EmbeddingCache, write_store
 
@@ -66,7 +66,6 @@ def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, pa
     start = time.perf_counter()
     manifest = read_manifest(manifest_path)
     rows = manifest.ok_rows()
-    classes = manifest.classes
     backbone = build_backbone(params.backbone, params.weights_path, params.allow_download)
     # channels_last on CPU too: the store's bytes were fixed with it, and the fingerprint does not record it.
     runtime = Runtime.resolve(params.device, params.precision, option="extract.device", channels_last=True)
@@ -81,36 +80,19 @@ def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, pa
         write_start = time.perf_counter()
         compute_seconds = write_start - compute_start
         cache.compact()
-        hashes = [r.sha256 for r in rows]
-        unique = list(dict.fromkeys(hashes))  # identical files share one embedding, counted once
-        extraction_seconds, created = cache.seconds(unique), cache.computed_at(unique)
-        chunks = (cache.read(hashes[i : i + 1024]) for i in range(0, len(hashes), 1024))
-        write_store(
-            out,
-            labels=np.array([classes.index(r.class_name) for r in rows], dtype=np.int64),
-            split=np.array([SPLIT_CODES[r.split] for r in rows], dtype=np.uint8),
-            paths=[r.path for r in rows],
-            sha256=hashes,
-            feature_chunks=chunks,
-            feature_dim=backbone.feature_dim,
-            attrs={
-                "backbone": backbone.name,
-                "weights_id": backbone.weights_id,
-                "weights_file": params.weights,
-                "preprocessing": preprocessing.to_json(),
-                "image_size": preprocessing.crop,
-                "feature_dim": backbone.feature_dim,
-                "classes": classes,
-                "fingerprint": fp,
-                "manifest_sha256": manifest_sha256(manifest),
-                "precision": runtime.precision,
-                "jpeg_draft": params.jpeg_draft,
-                "versions": library_versions(),
-                # When the newest embedding was computed, not when this file was written: rewriting the
-                # store from the cache (another loader, num_workers or batch_size) then gives the same bytes.
-                "created": None if math.isnan(created) else _iso(created),
-            },
-        )
+        attrs = {
+            "backbone": backbone.name,
+            "weights_id": backbone.weights_id,
+            "weights_file": params.weights,
+            "preprocessing": preprocessing.to_json(),
+            "image_size": preprocessing.crop,
+            "feature_dim": backbone.feature_dim,
+            "fingerprint": fp,
+            "precision": runtime.precision,
+            "jpeg_draft": params.jpeg_draft,
+            "versions": library_versions(),
+        }
+        extraction_seconds = assemble_store(out, manifest, cache, attrs)
         write_seconds = time.perf_counter() - write_start
     return ExtractResult(
         store=Path(out),
@@ -126,6 +108,33 @@ def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, pa
         precision=runtime.precision,
         fingerprint=fp,
     )
+
+
+def assemble_store(out: Path, manifest: Manifest, cache: EmbeddingCache, attrs: dict) -> float:
+    """Write the store from the cache (row i = usable manifest row i) and return what computing its embeddings
+    took, in this run or the earlier ones whose embeddings the cache kept."""
+    rows, classes = manifest.ok_rows(), manifest.classes
+    hashes = [r.sha256 for r in rows]
+    unique = list(dict.fromkeys(hashes))  # identical files share one embedding, counted once
+    extraction_seconds, created = cache.seconds(unique), cache.computed_at(unique)
+    write_store(
+        out,
+        labels=np.array([classes.index(r.class_name) for r in rows], dtype=np.int64),
+        split=np.array([SPLIT_CODES[r.split] for r in rows], dtype=np.uint8),
+        paths=[r.path for r in rows],
+        sha256=hashes,
+        feature_chunks=(cache.read(hashes[i : i + 1024]) for i in range(0, len(hashes), 1024)),
+        feature_dim=cache.feature_dim,
+        attrs={
+            **attrs,
+            "classes": classes,
+            "manifest_sha256": manifest_sha256(manifest),
+            # When the newest embedding was computed, not when this file was written: rewriting the store from
+            # the cache (another loader, num_workers or batch_size) then gives the same bytes.
+            "created": None if math.isnan(created) else _iso(created),
+        },
+    )
+    return extraction_seconds
 
 
 def embed_rows(

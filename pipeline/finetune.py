@@ -115,7 +115,9 @@ def init_from_head(layer: nn.Linear, head: TrainedHead) -> None:
         layer.bias.copy_(torch.as_tensor(bias, dtype=layer.bias.dtype))
 
 
-def check_warm_start(head: TrainedHead, classes: list[str], backbone: str, crop: int, weights: str | None) -> None:
+def check_warm_start(
+    head: TrainedHead, classes: list[str], backbone: str, crop: int, weights: str | Path | None
+) -> None:
     """A head can seed the new layer only if it saw these classes, and the features this backbone (with these
     weights) gives at this image size."""
     if head.kind != "logreg":
@@ -123,7 +125,7 @@ def check_warm_start(head: TrainedHead, classes: list[str], backbone: str, crop:
     if head.classes != classes:
         raise FinetuneError(f"the logreg head has classes {head.classes}, the manifest {classes}; rerun train_head")
     seen = head.store_attrs
-    if seen.get("weights_file") != weights:
+    if _as_path(seen.get("weights_file")) != _as_path(weights):  # `./w.safetensors` is `w.safetensors`
         raise FinetuneError(
             f"the logreg head was trained on features of weights {seen.get('weights_file') or 'the defaults'}, "
             f"fine-tuning starts from {weights or 'the defaults'}: rerun extract and train_head"
@@ -133,6 +135,31 @@ def check_warm_start(head: TrainedHead, classes: list[str], backbone: str, crop:
             f"the logreg head was trained on {seen.get('backbone')} features at {seen.get('image_size')} px, "
             f"fine-tuning runs {backbone} at {crop} px: set finetune.image_size to null or init_head to random"
         )
+
+
+def _as_path(value: str | Path | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def initial_layer(
+    backbone: Backbone,
+    classes: list[str],
+    params: FinetuneParams,
+    head: TrainedHead | None = None,
+    weights: str | Path | None = None,
+) -> dict[str, torch.Tensor]:
+    """The new output layer's starting weights: seeded random ones, or the trained logistic head folded in
+    (`params.init_head: logreg`, the linear probe then fine-tune recipe), after checking that the head saw
+    these classes and the features of this backbone, weights (`weights`, extract's) and image size."""
+    torch.manual_seed(params.seed)
+    layer = nn.Linear(backbone.feature_dim, len(classes))
+    if params.init_head == "logreg":
+        if head is None:
+            raise FinetuneError("finetune.init_head is logreg but no trained logreg head was given")
+        crop = backbone.preprocessing.with_image_size(params.image_size).crop
+        check_warm_start(head, classes, backbone.name, crop, weights)
+        init_from_head(layer, head)
+    return {name: tensor.detach().clone() for name, tensor in layer.state_dict().items()}
 
 
 def train_transform(p: Preprocessing, augment: bool):
@@ -242,11 +269,12 @@ def finetune(
     out_dir: Path,
     checkpoint_dir: Path,
     *,
-    head: TrainedHead | None = None,
+    initial: dict[str, torch.Tensor] | None = None,
     weights: Path | None = None,
 ) -> FinetuneResult:
     """Fine-tune `backbone_name` (with `weights`, extract's, when given) on the manifest's train split,
-    early-stopping on val loss; `head` seeds the new layer when `params.init_head` is logreg.
+    early-stopping on val loss. The new layer starts at `initial` (what the warm_start stage wrote with
+    `initial_layer`); by default at seeded random weights.
 
     A checkpoint (model, optimizer, scheduler, RNG state, training state) is written after every epoch under
     `checkpoint_dir/<run key>/`; a rerun with the same inputs resumes from it. Every source of randomness is
@@ -255,12 +283,16 @@ def finetune(
     start = time.perf_counter()
     data = read_splits(manifest_path)
     backbone = build_backbone(backbone_name, weights)
-    training = build_training(backbone, data, params, head, weights)
+    if initial is None:
+        initial = initial_layer(backbone, data.classes, params)  # init_head: logreg needs the head: refused here
+    training = build_training(backbone, data, params, initial)
     checkpoint = Path(checkpoint_dir) / run_key(backbone, params, data.manifest, training.model.head) / "checkpoint.pt"
     state = resume(checkpoint, training)
     resumed_from = state.epoch
     fit(training, data, Path(data_root), state, checkpoint)
     model = training.model
+    if state.best_weights is None:  # every val loss was NaN: nothing to keep
+        raise FinetuneError(f"the val loss was not a number in any of {state.epoch} epochs; lower finetune.lr")
     model.load_state_dict(state.best_weights)
     result = FinetuneResult(
         model_path=Path(out_dir) / "model.safetensors",
@@ -289,18 +321,16 @@ def read_splits(manifest_path: Path) -> Splits:
     return Splits(manifest, classes, rows, labels)
 
 
-def build_training(
-    backbone: Backbone, data: Splits, params: FinetuneParams, head: TrainedHead | None, weights: Path | None
-) -> Training:
-    """The model (new layer seeded, or warm-started from `head`), its frozen blocks, optimizer and schedule."""
+def build_training(backbone: Backbone, data: Splits, params: FinetuneParams, initial: dict) -> Training:
+    """The model with its new layer at `initial`, its frozen blocks, the optimizer and the schedule."""
     preprocessing = backbone.preprocessing.with_image_size(params.image_size)
-    torch.manual_seed(params.seed)  # the new layer's random initialisation
     model = Classifier(backbone.features, backbone.feature_dim, len(data.classes))
-    if params.init_head == "logreg":
-        if head is None:
-            raise FinetuneError("finetune.init_head is logreg but no trained logreg head was given")
-        check_warm_start(head, data.classes, backbone.name, preprocessing.crop, str(weights) if weights else None)
-        init_from_head(model.head, head)
+    try:
+        model.head.load_state_dict(initial)
+    except RuntimeError as err:  # a layer written for other classes or another backbone
+        raise FinetuneError(
+            f"the starting layer does not fit {backbone.name} and {len(data.classes)} classes ({err}); rerun warm_start"
+        ) from err
     split = freeze(model, backbone.blocks(), params.unfreeze)
     runtime = Runtime.resolve(params.device, params.precision, option="finetune.device")
     runtime.place(model)
@@ -408,7 +438,7 @@ def save_checkpoint(path: Path, training: Training, state: TrainingState) -> Non
                 "optimizer": training.optimizer.state_dict(),
                 "scheduler": training.scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
-                **asdict(state),
+                **{f.name: getattr(state, f.name) for f in fields(state)},  # asdict would deep-copy the weights
             },
             tmp,
         )

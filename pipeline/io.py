@@ -25,6 +25,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)  # the rename itself, so a power cut cannot undo it
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -33,12 +34,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def atomic_folder(path: Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; when the block ends without error it replaces `path`.
 
-    The files inside it always belong together (a model's weights and its config): a kill leaves the old
-    folder or the new one. POSIX cannot rename over a non-empty folder, so the old one is first renamed aside;
-    between the two renames `path` is briefly absent, never half-written.
+    The files inside it always belong together (a model's weights and its config). POSIX cannot rename over a
+    non-empty folder, so the old one is first renamed aside to `.<name>.old`: a kill between the two renames
+    leaves that, and the next call (or a failed second rename) puts it back. Readers see the old folder or the
+    new one; in that window, none.
     """
     path = Path(path)
     tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    if old.exists() and not path.exists():
+        os.replace(old, path)  # an earlier writer was killed between its renames: its old folder is the good one
     for leftover in (tmp, old):
         shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -48,7 +52,13 @@ def atomic_folder(path: Path) -> Iterator[Path]:
             _fsync(child)
         if path.exists():
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old.exists():
+                os.replace(old, path)
+            raise
+        _fsync(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
@@ -66,6 +76,9 @@ def write_json(path: Path, payload: object) -> None:
 
 
 def _fsync(path: Path) -> None:
-    if path.is_file():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+    """Flush a file's data, or a folder's entries (renames), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -70,14 +70,17 @@ def log_model(live_dir: Path, record: dict, actual: list[str], predicted: list[s
         live.log_sklearn_plot("confusion_matrix", actual, predicted, name="confusion.json")
 
 
-def log_epochs(live_dir: Path, history: list[dict], keys: tuple[str, ...]) -> None:
-    """Per-epoch values through DVCLive: `live_dir`/plots/metrics/<key>.tsv (one row per epoch, for `dvc plots`),
-    and the last epoch's in `live_dir`/metrics.json (for `dvc exp show`)."""
+def log_epochs(live_dir: Path, history: list[dict], keys: tuple[str, ...], best_epoch: int) -> None:
+    """Per-epoch values through DVCLive: `live_dir`/plots/metrics/<key>.tsv (one row per epoch, for `dvc plots`);
+    in `live_dir`/metrics.json (for `dvc exp show`) the values of `best_epoch`, the epoch whose weights were kept,
+    not those of the last epoch run."""
     with _live(live_dir) as live:
         for record in history:
             for key in keys:
                 live.log_metric(key, record[key])
             live.next_step()
+        live.summary = {"best_epoch": best_epoch, "epochs_run": len(history)}
+        live.summary.update({key: history[best_epoch - 1][key] for key in keys})
 
 
 def _live(live_dir: Path) -> Live:

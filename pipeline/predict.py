@@ -121,7 +121,8 @@ def head_predictor(head_path: Path, store_path: Path, device: str = "auto") -> P
             "(other weights or code); rerun extract"
         )
     draft = preprocessing.resize if attrs["jpeg_draft"] else None
-    runtime = Runtime.resolve(device, attrs["precision"], option="--device")
+    # Laid out as extract ran the backbone, so a photo of the store gets its stored embedding, bit for bit.
+    runtime = Runtime.resolve(device, attrs["precision"], option="--device", channels_last=True)
     return Predictor(_HeadOnFeatures(backbone.features, head), preprocessing, head.classes, draft, runtime)
 
 

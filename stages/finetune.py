@@ -3,11 +3,11 @@
 from pathlib import Path
 
 import click
+from safetensors.torch import load_file
 
 from pipeline.config import load_params
 from pipeline.errors import user_errors
 from pipeline.finetune import finetune
-from pipeline.heads import load_head
 from pipeline.metrics import log_epochs
 
 PathArg = click.Path(path_type=Path)
@@ -17,18 +17,19 @@ EPOCH_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
 @click.command()
 @click.option("--data", type=PathArg, required=True, help="ImageFolder root the manifest's paths are relative to.")
 @click.option("--manifest", type=PathArg, required=True)
-@click.option("--head", type=PathArg, help="Trained logistic head for the warm start (finetune.init_head: logreg).")
+@click.option("--init", type=PathArg, required=True, help="The new layer's starting weights (the warm_start stage).")
 @click.option("--out", type=PathArg, required=True, help="Directory for model.safetensors and config.json.")
 @click.option("--checkpoints", type=PathArg, required=True, help="Checkpoint cache, outside DVC's outputs.")
 @click.option("--live", type=PathArg, required=True, help="DVCLive folder for the per-epoch curves.")
 @click.option("--params", type=PathArg, default=Path("params.yaml"), show_default=True)
 @user_errors
-def main(data: Path, manifest: Path, head: Path | None, out: Path, checkpoints: Path, live: Path, params: Path) -> None:
+def main(data: Path, manifest: Path, init: Path, out: Path, checkpoints: Path, live: Path, params: Path) -> None:
     p = load_params(params)
-    warm = load_head(head) if p.finetune.init_head == "logreg" and head else None
     weights = p.extract.weights_path  # the same network the frozen features came from
-    result = finetune(manifest, data, p.extract.backbone, p.finetune, out, checkpoints, head=warm, weights=weights)
-    log_epochs(live, result.history, EPOCH_KEYS)
+    result = finetune(
+        manifest, data, p.extract.backbone, p.finetune, out, checkpoints, initial=load_file(init), weights=weights
+    )
+    log_epochs(live, result.history, EPOCH_KEYS, result.best_epoch)
     resumed = f", resumed at epoch {result.resumed_from_epoch + 1}" if result.resumed_from_epoch else ""
     click.echo(
         f"finetune: {result.epochs_run} epochs{resumed} (best {result.best_epoch}, val accuracy "

@@ -5,8 +5,8 @@ from pathlib import Path
 import click
 
 from pipeline.config import load_params
-from pipeline.curves import finetune_curve
 from pipeline.errors import user_errors
+from pipeline.finetune_curve import finetune_curve
 from pipeline.io import write_json
 
 PathArg = click.Path(path_type=Path)

@@ -6,8 +6,9 @@ import click
 
 from pipeline.config import load_params
 from pipeline.errors import user_errors
-from pipeline.heads import HeadError, check_head_params, save_head, train_head
+from pipeline.heads import HeadError, save_head
 from pipeline.io import write_json
+from pipeline.selection import check_head_params, train_head
 from pipeline.store import read_store
 
 PathArg = click.Path(path_type=Path)

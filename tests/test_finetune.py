@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.backbones import build_backbone, ordered_blocks
@@ -20,13 +21,16 @@ from pipeline.finetune import (
     finetune,
     freeze,
     init_from_head,
+    initial_layer,
     parameter_groups,
     run_key,
     warmup_cosine,
 )
 from pipeline.finetuned import Classifier
-from pipeline.heads import train_head
+from pipeline.heads import save_head
 from pipeline.runtime import Images, collate
+from pipeline.selection import train_head
+from stages.warm_start import main as warm_start_stage
 from tests.conftest import REPO, make_store, prepare_manifest, write_image_folder
 
 FAST = FinetuneParams(
@@ -176,14 +180,18 @@ def test_binary_warm_start_fills_both_rows():
 def _stage(work: Path, root: Path) -> list[str]:
     return [
         sys.executable, "-m", "stages.finetune", "--data", str(root), "--manifest", str(work / "manifest.csv"),
-        "--out", str(work / "out"), "--checkpoints", str(work / "ckpt"),
+        "--init", str(work / "init.safetensors"), "--out", str(work / "out"), "--checkpoints", str(work / "ckpt"),
         "--live", str(work / "live"), "--params", str(work / "params.yaml"),
     ]  # fmt: skip
 
 
 def _setup(work: Path, root: Path) -> None:
     work.mkdir()
-    prepare_manifest(root, work / "manifest.csv")
+    classes = read_manifest(prepare_manifest(root, work / "manifest.csv")).classes
+    save_file(
+        initial_layer(build_backbone("test_resnet"), classes, FinetuneParams(init_head="random")),
+        work / "init.safetensors",
+    )
     (work / "params.yaml").write_text(
         "extract:\n  backbone: test_resnet\nfinetune:\n  epochs: 5\n  batch_size: 4\n  init_head: random\n"
         "  augment: true\n  image_size: 64\n  num_workers: 0\n  device: cpu\n  early_stopping_patience: 0\n"
@@ -254,3 +262,40 @@ def test_checkpoints_are_not_resumed_across_a_change_of_pixels(data, monkeypatch
     with torch.no_grad():
         layer.bias[0] += 1  # another warm start
     assert run_key(backbone, FAST, manifest, layer) != key
+
+
+def _warm_start(tmp_path: Path, manifest: Path, head: Path, init_head: str) -> dict[str, torch.Tensor]:
+    params = tmp_path / "params.yaml"
+    params.write_text(f"extract:\n  backbone: test_resnet\n  image_size: 32\nfinetune:\n  init_head: {init_head}\n")
+    out = tmp_path / f"layer-{head.stem}-{init_head}.safetensors"
+    args = ["--manifest", str(manifest), "--head", str(head), "--out", str(out), "--params", str(params)]
+    result = CliRunner().invoke(warm_start_stage, args)
+    assert result.exit_code == 0, result.output
+    return load_file(out)
+
+
+def test_warm_start_stage_writes_the_same_random_layer_whatever_the_head(data, tmp_path):
+    """With init_head: random the logistic head is not read, so DVC sees the same bytes and keeps fine-tuning."""
+    _, manifest = data
+    first = _warm_start(tmp_path, manifest, tmp_path / "one.h5", "random")
+    second = _warm_start(tmp_path, manifest, tmp_path / "other.h5", "random")  # neither file exists
+    assert first.keys() == {"weight", "bias"} and first["weight"].shape == (3, 96)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    torch.manual_seed(0)  # what finetune.seed gives: the layer nn.Linear draws after seeding
+    layer = nn.Linear(96, 3)
+    assert torch.equal(first["weight"], layer.weight.detach())
+
+
+def test_warm_start_stage_folds_in_the_logistic_head(data, tmp_path):
+    _, manifest = data
+    classes = read_manifest(manifest).classes
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 8)
+    features = rng.normal(size=(24, 96)) + np.eye(3, 96)[labels] * 3
+    store = make_store(features, labels, np.tile([0, 0, 1], 8), classes, backbone="test_resnet", image_size=32)
+    head = train_head(store, "logreg", HeadParams(grid={"C": [1.0]}))
+    save_head(head, tmp_path / "logreg.h5")
+    layer = _warm_start(tmp_path, manifest, tmp_path / "logreg.h5", "logreg")
+    expected = nn.Linear(96, 3)
+    init_from_head(expected, head)
+    assert torch.equal(layer["weight"], expected.weight.detach()) and torch.equal(layer["bias"], expected.bias.detach())

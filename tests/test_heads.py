@@ -14,8 +14,10 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, normalize
 
 from pipeline.config import HeadParams
-from pipeline.heads import HEADS, HeadError, load_head, save_head, train_head
+from pipeline.heads import HEADS, HeadError, load_head, save_head
+from pipeline.selection import train_head
 from pipeline.store import SPLIT_CODES, FeatureStore, StoreError, load_arrays, save_arrays
+from tests.conftest import make_store
 
 DIM = 6
 
@@ -44,14 +46,8 @@ def blob_store(
             features.append(centres[k] + rng.normal(size=(m, DIM)))
             labels += [k] * m
             split += [SPLIT_CODES[name]] * m
-    return FeatureStore(
-        features=np.vstack(features).astype(np.float32),
-        labels=np.array(labels, dtype=np.int64),
-        split=np.array(split, dtype=np.uint8),
-        paths=[f"{i}.png" for i in range(len(labels))],
-        sha256=["0" * 64] * len(labels),
-        attrs={"classes": [f"c{k}" for k in range(n_classes)], "fingerprint": fingerprint, "backbone": "test"},
-    )
+    classes = [f"c{k}" for k in range(n_classes)]
+    return make_store(np.vstack(features), labels, split, classes, fingerprint=fingerprint, backbone="test")
 
 
 BALANCED = {"train": (30, 30, 30), "val": (12, 12, 12), "test": (12, 12, 12)}
@@ -322,7 +318,8 @@ NO_TORCH = """
 import sys
 import numpy as np
 from pipeline.config import HeadParams
-from pipeline.heads import load_head, save_head, train_head
+from pipeline.heads import load_head, save_head
+from pipeline.selection import train_head
 from pipeline.store import FeatureStore
 
 head = load_head(sys.argv[1])

@@ -8,7 +8,8 @@ from pipeline.config import ExtractParams, HeadParams
 from pipeline.dataset import build_manifest, write_manifest
 from pipeline.evaluate import evaluate_head
 from pipeline.extract import extract
-from pipeline.heads import save_head, train_head
+from pipeline.heads import save_head
+from pipeline.selection import train_head
 from pipeline.store import read_store
 
 

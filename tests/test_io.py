@@ -1,5 +1,6 @@
 """The atomic writer: readers see the old file or folder or the new one, never a half-written one."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -36,5 +37,34 @@ def test_a_failed_folder_write_keeps_the_old_folder(tmp_path: Path):
     with pytest.raises(OSError), atomic_folder(target) as tmp:
         (tmp / "weights").write_text("new")
         raise OSError("disk full")
+    assert (target / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_kill_between_the_two_renames_is_recovered_by_the_next_write(tmp_path: Path):
+    """The state a kill leaves after the old folder was renamed aside and before the new one took its place."""
+    target = tmp_path / "model"
+    (tmp_path / ".model.old").mkdir()
+    (tmp_path / ".model.old" / "weights").write_text("old")
+    with pytest.raises(OSError), atomic_folder(target):
+        assert (target / "weights").read_text() == "old"  # put back before anything else
+        raise OSError("disk full")
+    assert (target / "weights").read_text() == "old"
+
+
+def test_a_failed_second_rename_puts_the_old_folder_back(tmp_path: Path, monkeypatch):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src).name == ".model.tmp":
+            raise OSError("no space left")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="no space left"), atomic_folder(target) as tmp:
+        (tmp / "weights").write_text("new")
     assert (target / "weights").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

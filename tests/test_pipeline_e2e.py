@@ -59,6 +59,7 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     assert stages_run(first) == {
         "prepare",
         "extract",
+        "warm_start",
         "finetune",
         "evaluate_finetune",
         "learning_curve",
@@ -100,10 +101,18 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     assert changed["hyperparameters.C"] == {"old": 1.0, "new": 1e-6, "diff": 1e-6 - 1.0}
     assert set(diff) == {"metrics/models/probe/metrics.json"}
 
+    # Fine-tuning starts from random weights (init_head: random): a new logistic head does not rerun it. The
+    # warm_start stage reruns (DVC has no conditional dependency) and writes the same bytes, so DVC stops there.
+    params["heads"]["logreg"]["grid"]["C"] = [0.5]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = stages_run(dvc(project, "repro"))
+    assert {"train_head@logreg", "evaluate@logreg", "warm_start"} <= ran
+    assert not ran & {"finetune", "evaluate_finetune", "finetune_curve", "extract"}
+
     # The learning curve is its own stage: DVC knows what a change to it makes stale, and reruns only that.
     params["learning_curve"]["seeds"] = 2
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert "learning_curve" in dvc(project, "status") and "finetune_curve" not in dvc(project, "status")
+    assert set(json.loads(dvc(project, "status", "--json"))) == {"learning_curve"}
     # (The report follows only if the curve's numbers moved: on these easy images every subset may score 1.0.)
     assert {"learning_curve"} <= stages_run(dvc(project, "repro")) <= {"learning_curve", "report"}
 

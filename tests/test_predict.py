@@ -15,7 +15,8 @@ from pipeline.evaluate import evaluate_head
 from pipeline.evaluate_finetune import evaluate_finetuned
 from pipeline.extract import extract
 from pipeline.finetune import finetune
-from pipeline.heads import load_head, save_head, train_head
+from pipeline.heads import load_head, save_head
+from pipeline.selection import train_head
 from pipeline.store import read_store
 from tests.conftest import prepare_manifest
 
@@ -47,8 +48,8 @@ def test_head_predictions_agree_with_evaluate_on_the_test_split(trained):
     expected = load_head(trained["head"]).predict_proba(store.subset("test")[0])
     got = [{t["class"]: t["probability"] for t in p["top"]} for p in payload["predictions"]]
     for row, probabilities in zip(expected, got, strict=True):
-        for name, value in probabilities.items():
-            assert value == pytest.approx(row[store.classes.index(name)], abs=1e-5)
+        for name, value in probabilities.items():  # the stored embedding, bit for bit: the same probabilities
+            assert value == row[store.classes.index(name)]
 
 
 def test_corrupt_files_are_listed_and_the_rest_predicted(trained, tmp_path):
@@ -120,3 +121,12 @@ def test_a_folder_without_images_is_an_error_not_zero_predictions(trained, tmp_p
     code, _, stderr = _predict("--head", str(trained["head"]), "--features", str(trained["store"]), str(empty))
     assert code == 1
     assert "no image files in this folder" in stderr and "Traceback" not in stderr
+
+
+def test_files_of_which_none_is_an_image_are_an_error(trained, tmp_path):
+    (tmp_path / "notes.jpg").write_text("not an image")
+    code, _, stderr = _predict(
+        "--head", str(trained["head"]), "--features", str(trained["store"]), str(tmp_path / "notes.jpg")
+    )
+    assert code == 1 and "rejected" in stderr
+    assert "none of the 1 files given could be read as an image" in stderr and "Traceback" not in stderr

@@ -14,12 +14,13 @@ from sklearn.preprocessing import StandardScaler
 
 from pipeline.backbones import build_backbone
 from pipeline.config import FinetuneParams, HeadParams
-from pipeline.curves import finetune_curve, learning_curve, subsample_train
+from pipeline.curves import learning_curve, subsample_train
 from pipeline.dataset import read_manifest
 from pipeline.finetune import finetune, freeze
+from pipeline.finetune_curve import finetune_curve
 from pipeline.finetuned import Classifier
-from pipeline.heads import train_head
 from pipeline.report import ModelRow, finetune_row, head_rows, recommend
+from pipeline.selection import train_head
 from pipeline.store import FeatureStore
 from stages.report import main as report_stage
 from tests.conftest import REPO, make_store, prepare_manifest

@@ -46,7 +46,8 @@ def test_manifest_rows_stop_the_run_on_a_file_changed_since_prepare(image_folder
     rows = read_manifest(prepare_manifest(image_folder, tmp_path / "manifest.csv")).ok_rows()
     (image_folder / rows[1].path).write_bytes((image_folder / rows[0].path).read_bytes())
     dataset = Images.of_rows(image_folder, rows, build_backbone("test_resnet").preprocessing.to_uint8)
-    dataset[0]
+    image, index, rejection = dataset[0]
+    assert (image.dtype, index, rejection) == (torch.uint8, 0, None)
     with pytest.raises(DataError, match=f"{rows[1].path} changed since prepare ran"):
         dataset[1]
 

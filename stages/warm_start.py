@@ -1,0 +1,41 @@
+"""DVC stage `warm_start`: the fine-tuned network's new layer as it starts, seeded random or from the logistic head.
+
+Its own stage so that the DAG says what fine-tuning reads: with `finetune.init_head: random` this writes the same
+bytes whatever the logistic head, and DVC then has no reason to rerun fine-tuning when that head changes.
+"""
+
+from pathlib import Path
+
+import click
+from safetensors.torch import save_file
+
+from pipeline.backbones import build_backbone
+from pipeline.config import load_params
+from pipeline.dataset import read_manifest
+from pipeline.errors import user_errors
+from pipeline.finetune import initial_layer
+from pipeline.heads import load_head
+from pipeline.io import atomic_path
+
+PathArg = click.Path(path_type=Path)
+
+
+@click.command()
+@click.option("--manifest", type=PathArg, required=True, help="For the class names.")
+@click.option("--head", type=PathArg, required=True, help="Trained logistic head (read with init_head: logreg).")
+@click.option("--out", type=PathArg, required=True, help="The starting layer (safetensors).")
+@click.option("--params", type=PathArg, default=Path("params.yaml"), show_default=True)
+@user_errors
+def main(manifest: Path, head: Path, out: Path, params: Path) -> None:
+    p = load_params(params)
+    backbone = build_backbone(p.extract.backbone, p.extract.weights_path)
+    warm = load_head(head) if p.finetune.init_head == "logreg" else None
+    layer = initial_layer(backbone, read_manifest(manifest).classes, p.finetune, warm, p.extract.weights)
+    with atomic_path(out) as tmp:
+        save_file(layer, tmp)
+    start = f"the logistic head {head}" if warm else f"random weights (seed {p.finetune.seed})"
+    click.echo(f"warm_start: {backbone.name}'s new layer starts from {start} -> {out}")
+
+
+if __name__ == "__main__":
+    main()
