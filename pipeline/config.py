@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,8 +25,11 @@ class PrepareParams:
     # Fractions of each class's usable images; used when the data root has no train/val/test folders.
     val_fraction: float = 0.15
     test_fraction: float = 0.15
+    # Processes that decode the files; None: one per core the process may use (`load_params` fills it in).
+    num_workers: int | None = None
 
     def __post_init__(self) -> None:
+        _at_least("prepare", self, num_workers=1)
         for key in ("val_fraction", "test_fraction"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"prepare.{key} must be in [0, 1); got {getattr(self, key)}")
@@ -49,7 +53,7 @@ class ExtractParams:
     # Decoding processes that run ahead of the forward pass when it runs on an accelerator (loader: workers).
     num_workers: int = 2
     # Where images are decoded: workers (DataLoader processes, beside the forward pass), inline (threads,
-    # between forward passes), auto (workers on an accelerator, inline on CPU); see dataset.image_batches.
+    # between forward passes), auto (workers on an accelerator, inline on CPU); see runtime.image_batches.
     loader: Literal["auto", "workers", "inline"] = "auto"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     # auto = bf16 autocast on CUDA, fp32 elsewhere.
@@ -170,10 +174,12 @@ def load_params(path: Path) -> Params:
 
 def resolve(params: Params) -> Params:
     """Fill in the values that default to another section's, once, so no caller derives them again."""
-    finetune = params.finetune
+    finetune, prepare = params.finetune, params.prepare
     if finetune.image_size is None:
         finetune = dataclasses.replace(finetune, image_size=params.extract.image_size)
-    return dataclasses.replace(params, finetune=finetune)
+    if prepare.num_workers is None:
+        prepare = dataclasses.replace(prepare, num_workers=_usable_cores())
+    return dataclasses.replace(params, finetune=finetune, prepare=prepare)
 
 
 def parse(cls: type, raw: Any, key: str) -> Any:
@@ -189,6 +195,13 @@ def parse(cls: type, raw: Any, key: str) -> Any:
         raise ConfigError(f"unknown key '{bad}' (valid keys here: {', '.join(names)})")
     values = {name: _coerce(hints[name], raw[name], _join(key, name)) for name in names if name in raw}
     return cls(**values)
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (a container or `taskset` may allow fewer than the machine has)."""
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _join(prefix: str, name: str) -> str:

@@ -7,6 +7,7 @@ import hashlib
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -69,8 +70,11 @@ class Manifest:
         }
 
 
-def build_manifest(root: Path, val_fraction: float, test_fraction: float, seed: int) -> Manifest:
-    """Scan `root`, decode every file once, quarantine the unusable ones and split the rest.
+def build_manifest(
+    root: Path, val_fraction: float, test_fraction: float, seed: int, *, num_workers: int = 1
+) -> Manifest:
+    """Scan `root`, decode every file once (in `num_workers` processes), quarantine the unusable ones and split
+    the rest. The manifest is the same, row for row, whatever the number of processes.
 
     A flat root (`root/<class>/...`) is split per class, seeded. A root with split folders keeps them:
     `train/val/test` as they are; `train/val` keeps train, carves val from it and uses the folder's val
@@ -83,7 +87,7 @@ def build_manifest(root: Path, val_fraction: float, test_fraction: float, seed: 
     _check_classes(root, {cls for _, cls, _ in files}, "images")
     _check_splittable(Counter(cls for _, cls, split in files if split in ("", "train")), carve, "image files")
 
-    rows = [_inspect(root, rel, cls, split) for rel, cls, split in tqdm(files, desc="prepare", unit="img")]
+    rows = inspect_files(root, files, num_workers)
     _check_classes(root, {r.class_name for r in rows if r.status == "ok"}, "usable images")
     rows = assign_splits(rows, layout, val_fraction, test_fraction, seed)
     manifest = Manifest(rows, layout, skipped)
@@ -170,6 +174,18 @@ def _class_files(root: Path, folder: Path, skipped: list[str]) -> Iterable[tuple
                 yield entry.name, rel
         if not found:
             log.warning("class folder %s has no image files; ignored", entry)
+
+
+def inspect_files(root: Path, files: list[tuple[str, str, str]], num_workers: int) -> list[ManifestRow]:
+    """`_inspect` every listed file, in listing order. With several processes each takes the files in chunks
+    (decoding dominates; the chunks keep the hand-offs rare), and the results come back in order."""
+    jobs = [(Path(root), rel, cls, split) for rel, cls, split in files]
+    progress = {"desc": "prepare", "unit": "img", "total": len(jobs)}
+    if num_workers <= 1 or len(jobs) < 2:
+        return [_inspect(*job) for job in tqdm(jobs, **progress)]
+    chunk = max(1, min(64, len(jobs) // (64 * num_workers)))
+    with ProcessPoolExecutor(num_workers) as pool:
+        return list(tqdm(pool.map(_inspect, *zip(*jobs, strict=True), chunksize=chunk), **progress))
 
 
 def _inspect(root: Path, rel: str, class_name: str, split: str) -> ManifestRow:

@@ -23,7 +23,7 @@ PathArg = click.Path(path_type=Path)
 def main(data: Path, manifest: Path, quarantine: Path, metrics: Path, params: Path) -> None:
     start = time.perf_counter()
     p = load_params(params).prepare
-    result = build_manifest(data, p.val_fraction, p.test_fraction, p.seed)
+    result = build_manifest(data, p.val_fraction, p.test_fraction, p.seed, num_workers=p.num_workers)
     write_manifest(result, manifest)
     write_quarantine(result, quarantine)
     counts = result.counts()
@@ -31,7 +31,8 @@ def main(data: Path, manifest: Path, quarantine: Path, metrics: Path, params: Pa
     click.echo(
         f"prepare: {counts['ok']} images in {counts['classes']} classes ({result.layout} layout; "
         f"train {counts['n_train']} / val {counts['n_val']} / test {counts['n_test']}), "
-        f"{counts['quarantined']} quarantined, in {time.perf_counter() - start:.1f}s -> {manifest}"
+        f"{counts['quarantined']} quarantined, in {time.perf_counter() - start:.1f}s ({p.num_workers} processes) "
+        f"-> {manifest}"
     )
 
 

@@ -1,10 +1,11 @@
 """params.yaml loading: defaults, type checks, and errors that name the key."""
 
+import os
 from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, HeadParams, Params, load_params
+from pipeline.config import ConfigError, HeadParams, Params, load_params, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,7 @@ def test_repository_params_load():
 
 
 def test_empty_file_gives_defaults(tmp_path):
-    assert load_params(write(tmp_path, "")) == Params()
+    assert load_params(write(tmp_path, "")) == resolve(Params())  # the defaults, derived values filled in
 
 
 def test_values_are_read_and_ints_widen_to_float(tmp_path):
@@ -95,3 +96,10 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path):
 def test_out_of_range_values_are_rejected_by_name_split_fractions_included(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_params(write(tmp_path, text))
+
+
+def test_prepare_processes_default_to_the_usable_cores(tmp_path):
+    assert load_params(write(tmp_path, "")).prepare.num_workers == len(os.sched_getaffinity(0))
+    assert load_params(write(tmp_path, "prepare:\n  num_workers: 1\n")).prepare.num_workers == 1
+    with pytest.raises(ConfigError, match=r"prepare\.num_workers must be >= 1; got 0"):
+        load_params(write(tmp_path, "prepare:\n  num_workers: 0\n"))

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import dataset
-from pipeline.dataset import SPLITS, DataError, Manifest, build_manifest, scan
+from pipeline.dataset import SPLITS, DataError, Manifest, build_manifest, scan, write_manifest, write_quarantine
 from pipeline.images import decode_rgb
 from stages.prepare import main as prepare_main
 from tests import image_fixtures as fx
@@ -313,3 +313,16 @@ def test_hymenoptera_prepares_with_its_val_folder_as_test(hymenoptera: Path):
     counts = manifest.counts()
     assert counts["n_test"] == 153  # the folder's val/: 70 ants + 83 bees
     assert counts["n_train"] + counts["n_val"] == 245
+
+
+def test_several_processes_write_the_same_manifest_and_quarantine_byte_for_byte(image_folder: Path, tmp_path: Path):
+    (image_folder / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (image_folder / "square" / "empty.jpg").write_bytes(b"")
+    written = {}
+    for workers in (1, 2):
+        manifest = build_manifest(image_folder, 0.2, 0.2, seed=3, num_workers=workers)
+        write_manifest(manifest, tmp_path / f"manifest-{workers}.csv")
+        write_quarantine(manifest, tmp_path / f"quarantine-{workers}.csv")
+        written[workers] = [(tmp_path / f"{name}-{workers}.csv").read_bytes() for name in ("manifest", "quarantine")]
+    assert written[1] == written[2]
+    assert b"broken.png" in written[2][1] and b"empty.jpg" in written[2][1]
