@@ -12,7 +12,6 @@ in one process and once in each of N processes (on a shared virtual machine two 
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.config import usable_cores
 from pipeline.dataset import build_manifest
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
@@ -52,7 +52,7 @@ def seconds(data: Path, workers: int) -> tuple[float, list]:
 
 @click.command()
 @click.option("--data", type=click.Path(path_type=Path, exists=True), default=DEFAULT_DATA, show_default=True)
-@click.option("--workers", type=click.IntRange(min=2), default=len(os.sched_getaffinity(0)), show_default=True)
+@click.option("--workers", type=click.IntRange(min=2), default=max(2, usable_cores()), show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 def main(data: Path, workers: int, repeats: int) -> None:
     seconds(data, 1)  # warm the page cache: both sides then read from memory

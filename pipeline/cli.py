@@ -108,6 +108,10 @@ def predict(inputs, head, features, finetuned, top_k, batch_size, num_workers, d
     paths = list_images(list(inputs))  # a mistyped path fails before any model is loaded
     predictor = head_predictor(head, features, device) if head else finetuned_predictor(finetuned, device)
     predictions, rejected = predictor.predict(paths, top_k, batch_size, num_workers)
+    for r in rejected:
+        click.echo(f"rejected {r.path}: {r.reason} ({r.detail})", err=True)
+    if not predictions:  # before --output is written: no file that looks like an answer
+        raise PipelineError(f"none of the {len(paths)} files given could be read as an image")
     buffer = io.StringIO()
     if fmt == "json":
         payload = {
@@ -127,8 +131,4 @@ def predict(inputs, head, features, finetuned, top_k, batch_size, num_workers, d
         write_text(output, buffer.getvalue())
     else:
         click.echo(buffer.getvalue(), nl=False)
-    for r in rejected:
-        click.echo(f"rejected {r.path}: {r.reason} ({r.detail})", err=True)
-    if not predictions:
-        raise PipelineError(f"none of the {len(paths)} files given could be read as an image")
     click.echo(f"predicted {len(predictions)} images, rejected {len(rejected)}", err=True)

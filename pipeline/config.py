@@ -152,6 +152,13 @@ class Params:
     learning_curve: LearningCurveParams = field(default_factory=LearningCurveParams)
     finetune_curve: FinetuneCurveParams = field(default_factory=FinetuneCurveParams)
 
+    def __post_init__(self) -> None:
+        # dvc.yaml's warm_start stage depends on data/heads/logreg.h5 (and reads it with init_head: logreg).
+        if "logreg" not in self.heads or self.heads["logreg"].kind != "logreg":
+            raise ConfigError(
+                "heads.logreg: keep a head named logreg of kind logreg; fine-tuning's warm_start stage depends on it"
+            )
+
 
 def _at_least(section: str, params: object, **minimum: int) -> None:
     """Range checks: each named value (when set) must be at least its minimum."""
@@ -178,7 +185,7 @@ def resolve(params: Params) -> Params:
     if finetune.image_size is None:
         finetune = dataclasses.replace(finetune, image_size=params.extract.image_size)
     if prepare.num_workers is None:
-        prepare = dataclasses.replace(prepare, num_workers=_usable_cores())
+        prepare = dataclasses.replace(prepare, num_workers=usable_cores())
     return dataclasses.replace(params, finetune=finetune, prepare=prepare)
 
 
@@ -197,7 +204,7 @@ def parse(cls: type, raw: Any, key: str) -> Any:
     return cls(**values)
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
     """The cores this process may run on (a container or `taskset` may allow fewer than the machine has)."""
     if hasattr(os, "sched_getaffinity"):  # Linux
         return len(os.sched_getaffinity(0))

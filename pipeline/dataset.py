@@ -8,6 +8,7 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -184,8 +185,14 @@ def inspect_files(root: Path, files: list[tuple[str, str, str]], num_workers: in
     if num_workers <= 1 or len(jobs) < 2:
         return [_inspect(*job) for job in tqdm(jobs, **progress)]
     chunk = max(1, min(64, len(jobs) // (64 * num_workers)))
-    with ProcessPoolExecutor(num_workers) as pool:
-        return list(tqdm(pool.map(_inspect, *zip(*jobs, strict=True), chunksize=chunk), **progress))
+    try:
+        with ProcessPoolExecutor(num_workers) as pool:
+            return list(tqdm(pool.map(_inspect, *zip(*jobs, strict=True), chunksize=chunk), **progress))
+    except BrokenProcessPool as err:  # a decoding process died (out of memory, a crash in a decoder)
+        raise DataError(
+            f"a process decoding the images under {root} died ({err}); set prepare.num_workers to 1 to find the "
+            "file (and to use the least memory)"
+        ) from err
 
 
 def _inspect(root: Path, rel: str, class_name: str, split: str) -> ManifestRow:

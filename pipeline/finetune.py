@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
+from pipeline import backbones, dataset, finetuned, images, runtime
 from pipeline.backbones import PIXELS_VERSION, Backbone, Preprocessing, build_backbone
 from pipeline.config import FinetuneParams
 from pipeline.dataset import Manifest, ManifestRow, manifest_sha256, read_manifest
@@ -26,6 +27,10 @@ from pipeline.io import atomic_path
 from pipeline.runtime import Images, Runtime, image_batches, predict_proba, shuffled_batches
 
 log = logging.getLogger(__name__)
+
+# The code a fine-tuning run's weights depend on (what dvc.yaml lists for the stage): a change to any of it must
+# not resume a checkpoint written by the old code.
+TRAINING_CODE = (Path(__file__), *(Path(m.__file__) for m in (backbones, dataset, finetuned, images, runtime)))
 
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -241,6 +246,13 @@ class Splits:
     labels: dict[str, torch.Tensor]
 
 
+def code_sha256(files: tuple[Path, ...]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def run_key(backbone: Backbone, params: FinetuneParams, manifest: Manifest, initial_layer: nn.Linear) -> str:
     """What a checkpoint must match to be resumed: data, backbone, params, the new layer's starting weights (the
     warm start, or the seeded random ones), and the training code and pixels."""
@@ -256,7 +268,7 @@ def run_key(backbone: Backbone, params: FinetuneParams, manifest: Manifest, init
         # A change to the training code or to the pixels it is fed must not resume a checkpoint of the old.
         "preprocessing": backbone.preprocessing.to_json(),
         "pixels_version": PIXELS_VERSION,
-        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "code": code_sha256(TRAINING_CODE),
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 

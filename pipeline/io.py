@@ -48,7 +48,7 @@ def atomic_folder(path: Path) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        for child in tmp.iterdir():
+        for child in (*tmp.iterdir(), tmp):
             _fsync(child)
         if path.exists():
             os.replace(path, old)
@@ -61,7 +61,8 @@ def atomic_folder(path: Path) -> Iterator[Path]:
         _fsync(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():  # never the only good copy: a failed restore leaves it for the next call to put back
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -77,6 +78,8 @@ def write_json(path: Path, payload: object) -> None:
 
 def _fsync(path: Path) -> None:
     """Flush a file's data, or a folder's entries (renames), to the disk."""
+    if path.is_dir() and os.name != "posix":  # Windows cannot open a folder to flush it
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

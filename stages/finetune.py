@@ -31,6 +31,8 @@ def main(data: Path, manifest: Path, init: Path, out: Path, checkpoints: Path, l
     )
     log_epochs(live, result.history, EPOCH_KEYS, result.best_epoch)
     resumed = f", resumed at epoch {result.resumed_from_epoch + 1}" if result.resumed_from_epoch else ""
+    if result.resumed_from_epoch == result.epochs_run:
+        resumed = ", all from a finished checkpoint of the same inputs and code"
     click.echo(
         f"finetune: {result.epochs_run} epochs{resumed} (best {result.best_epoch}, val accuracy "
         f"{result.history[result.best_epoch - 1]['val_accuracy']:.4f}), {result.trainable_params:,} of "

@@ -28,7 +28,7 @@ PathArg = click.Path(path_type=Path)
 @user_errors
 def main(manifest: Path, head: Path, out: Path, params: Path) -> None:
     p = load_params(params)
-    backbone = build_backbone(p.extract.backbone, p.extract.weights_path)
+    backbone = build_backbone(p.extract.backbone, p.extract.weights_path, p.extract.allow_download)
     warm = load_head(head) if p.finetune.init_head == "logreg" else None
     layer = initial_layer(backbone, read_manifest(manifest).classes, p.finetune, warm, p.extract.weights)
     with atomic_path(out) as tmp:

@@ -1,11 +1,10 @@
 """params.yaml loading: defaults, type checks, and errors that name the key."""
 
-import os
 from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, HeadParams, Params, load_params, resolve
+from pipeline.config import ConfigError, HeadParams, Params, load_params, resolve, usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +98,13 @@ def test_out_of_range_values_are_rejected_by_name_split_fractions_included(tmp_p
 
 
 def test_prepare_processes_default_to_the_usable_cores(tmp_path):
-    assert load_params(write(tmp_path, "")).prepare.num_workers == len(os.sched_getaffinity(0))
+    assert load_params(write(tmp_path, "")).prepare.num_workers == usable_cores() >= 1
     assert load_params(write(tmp_path, "prepare:\n  num_workers: 1\n")).prepare.num_workers == 1
     with pytest.raises(ConfigError, match=r"prepare\.num_workers must be >= 1; got 0"):
         load_params(write(tmp_path, "prepare:\n  num_workers: 0\n"))
+
+
+@pytest.mark.parametrize("heads", ["heads:\n  probe:\n    kind: logreg\n", "heads:\n  logreg:\n    kind: knn\n"])
+def test_the_logistic_head_the_warm_start_depends_on_is_required(tmp_path, heads):
+    with pytest.raises(ConfigError, match="heads.logreg: keep a head named logreg of kind logreg"):
+        load_params(write(tmp_path, heads))

@@ -16,6 +16,7 @@ from pipeline.backbones import build_backbone, ordered_blocks
 from pipeline.config import FinetuneParams, HeadParams
 from pipeline.dataset import read_manifest
 from pipeline.finetune import (
+    TRAINING_CODE,
     FinetuneError,
     check_warm_start,
     finetune,
@@ -299,3 +300,17 @@ def test_warm_start_stage_folds_in_the_logistic_head(data, tmp_path):
     expected = nn.Linear(96, 3)
     init_from_head(expected, head)
     assert torch.equal(layer["weight"], expected.weight.detach()) and torch.equal(layer["bias"], expected.bias.detach())
+
+
+def test_a_change_to_the_training_code_is_not_resumed(data, tmp_path, monkeypatch):
+    """A checkpoint belongs to the code that wrote it: every module fine-tuning runs is in the key."""
+    names = {path.name for path in TRAINING_CODE}
+    assert names == {"finetune.py", "backbones.py", "dataset.py", "finetuned.py", "images.py", "runtime.py"}
+    _, manifest_path = data
+    manifest, backbone, layer = read_manifest(manifest_path), build_backbone("test_resnet"), nn.Linear(4, 3)
+    module = tmp_path / "runtime.py"
+    module.write_text("# one version\n")
+    monkeypatch.setattr("pipeline.finetune.TRAINING_CODE", (module,))
+    key = run_key(backbone, FAST, manifest, layer)
+    module.write_text("# another version\n")
+    assert run_key(backbone, FAST, manifest, layer) != key

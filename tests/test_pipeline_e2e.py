@@ -109,6 +109,14 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     assert {"train_head@logreg", "evaluate@logreg", "warm_start"} <= ran
     assert not ran & {"finetune", "evaluate_finetune", "finetune_curve", "extract"}
 
+    # With init_head: logreg the warm start is the logistic head, so a new head does rerun fine-tuning.
+    params["finetune"]["init_head"] = "logreg"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert {"warm_start", "finetune", "evaluate_finetune"} <= stages_run(dvc(project, "repro"))
+    params["heads"]["logreg"]["grid"]["C"] = [0.25]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert {"train_head@logreg", "warm_start", "finetune"} <= stages_run(dvc(project, "repro"))
+
     # The learning curve is its own stage: DVC knows what a change to it makes stale, and reruns only that.
     params["learning_curve"]["seeds"] = 2
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

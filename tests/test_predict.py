@@ -125,8 +125,16 @@ def test_a_folder_without_images_is_an_error_not_zero_predictions(trained, tmp_p
 
 def test_files_of_which_none_is_an_image_are_an_error(trained, tmp_path):
     (tmp_path / "notes.jpg").write_text("not an image")
+    out = tmp_path / "predictions.csv"
     code, _, stderr = _predict(
-        "--head", str(trained["head"]), "--features", str(trained["store"]), str(tmp_path / "notes.jpg")
+        "--head",
+        str(trained["head"]),
+        "--features",
+        str(trained["store"]),
+        "--output",
+        str(out),
+        str(tmp_path / "notes.jpg"),
     )
+    assert not out.exists()  # no file that looks like an answer
     assert code == 1 and "rejected" in stderr
     assert "none of the 1 files given could be read as an image" in stderr and "Traceback" not in stderr

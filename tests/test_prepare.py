@@ -315,7 +315,17 @@ def test_hymenoptera_prepares_with_its_val_folder_as_test(hymenoptera: Path):
     assert counts["n_train"] + counts["n_val"] == 245
 
 
-def test_several_processes_write_the_same_manifest_and_quarantine_byte_for_byte(image_folder: Path, tmp_path: Path):
+def test_several_processes_write_the_same_manifest_and_quarantine_byte_for_byte(
+    image_folder: Path, tmp_path: Path, monkeypatch
+):
+    pools = []
+
+    class CountedPool(dataset.ProcessPoolExecutor):
+        def __init__(self, workers: int):
+            pools.append(workers)
+            super().__init__(workers)
+
+    monkeypatch.setattr(dataset, "ProcessPoolExecutor", CountedPool)
     (image_folder / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (image_folder / "square" / "empty.jpg").write_bytes(b"")
     written = {}
@@ -324,5 +334,6 @@ def test_several_processes_write_the_same_manifest_and_quarantine_byte_for_byte(
         write_manifest(manifest, tmp_path / f"manifest-{workers}.csv")
         write_quarantine(manifest, tmp_path / f"quarantine-{workers}.csv")
         written[workers] = [(tmp_path / f"{name}-{workers}.csv").read_bytes() for name in ("manifest", "quarantine")]
+    assert pools == [2]  # one process alone decodes in place; two use a pool
     assert written[1] == written[2]
     assert b"broken.png" in written[2][1] and b"empty.jpg" in written[2][1]
