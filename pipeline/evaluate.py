@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.heads import load_head
-from pipeline.metrics import class_names, classification_metrics
+from pipeline.metrics import model_record
 from pipeline.store import StoreError, read_store
 
 
@@ -16,18 +16,19 @@ def evaluate_head(store_path: Path, head_path: Path, *, ece_bins: int = 15) -> t
     x_test, y_test = store.subset("test")
     if len(y_test) == 0:
         raise StoreError(f"{store_path} has no test images to score; set prepare.test_fraction above 0")
-    proba = head.predict_proba(x_test)
-    metrics = {
-        "model": head.name,
-        "strategy": "feature_extraction",
-        "kind": head.kind,
-        "backbone": store.attrs["backbone"],
-        **classification_metrics(y_test, proba, ece_bins),
-        "n_train": head.n_train,
-        "n_val": head.n_val,
-        "n_test": len(y_test),
-        "trainable_params": head.trainable_params,
-        "fit_seconds": round(head.fit_seconds, 3),
-        "hyperparameters": head.hyperparameters,
-    }
-    return metrics, class_names(y_test, store.classes), class_names(proba.argmax(1), store.classes)
+    return model_record(
+        y_test,
+        head.predict_proba(x_test),
+        store.classes,
+        describe={
+            "model": head.name,
+            "strategy": "feature_extraction",
+            "kind": head.kind,
+            "backbone": store.attrs["backbone"],
+        },
+        sizes=(head.n_train, head.n_val),
+        trainable_params=head.trainable_params,
+        fit_seconds=round(head.fit_seconds, 3),
+        hyperparameters=head.hyperparameters,
+        ece_bins=ece_bins,
+    )

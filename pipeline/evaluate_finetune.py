@@ -9,7 +9,7 @@ import numpy as np
 from pipeline.config import FinetuneParams
 from pipeline.dataset import read_manifest
 from pipeline.finetuned import load_finetuned
-from pipeline.metrics import class_names, classification_metrics
+from pipeline.metrics import model_record
 from pipeline.runtime import Images, Runtime, image_batches, predict_proba
 from pipeline.store import StoreError
 
@@ -27,7 +27,8 @@ def evaluate_finetuned(
     manifest = read_manifest(manifest_path)
     if manifest.classes != classes:
         raise StoreError(f"{model_dir} was trained on classes {classes}, the manifest has {manifest.classes}")
-    rows = [r for r in manifest.ok_rows() if r.split == "test"]
+    ok = manifest.ok_rows()
+    rows = [r for r in ok if r.split == "test"]
     if not rows:
         raise StoreError(f"{manifest_path} has no test images to score; set prepare.test_fraction above 0")
     y_test = np.array([classes.index(r.class_name) for r in rows], dtype=np.int64)
@@ -36,27 +37,23 @@ def evaluate_finetuned(
         Images.of_rows(data_root, rows, preprocessing.to_uint8), params.batch_size, params.num_workers, runtime.device
     )
     proba = predict_proba(runtime.place(model), batches, runtime, preprocessing.normalize)
-    training = config["training"]
-    ok = manifest.ok_rows()
-    metrics = {
-        "model": "finetune",
-        "strategy": "fine_tuning",
-        "kind": "finetune",
-        "backbone": config["backbone"],
-        **classification_metrics(y_test, proba, ece_bins),
-        "n_train": sum(r.split == "train" for r in ok),
-        "n_val": sum(r.split == "val" for r in ok),
-        "n_test": len(y_test),
-        "trainable_params": training["trainable_params"],
-        "fit_seconds": training["train_seconds"],
-        "hyperparameters": {
-            "unfreeze": config["params"]["unfreeze"],
+    training, settings = config["training"], config["params"]
+    return model_record(
+        y_test,
+        proba,
+        classes,
+        describe={"model": "finetune", "strategy": "fine_tuning", "kind": "finetune", "backbone": config["backbone"]},
+        sizes=(sum(r.split == "train" for r in ok), sum(r.split == "val" for r in ok)),
+        trainable_params=training["trainable_params"],
+        fit_seconds=training["train_seconds"],
+        hyperparameters={
+            "unfreeze": settings["unfreeze"],
             "unfrozen_blocks": config["unfrozen_blocks"],
-            "lr": config["params"]["lr"],
-            "backbone_lr_mult": config["params"]["backbone_lr_mult"],
+            "lr": settings["lr"],
+            "backbone_lr_mult": settings["backbone_lr_mult"],
             "epochs_run": training["epochs_run"],
             "best_epoch": training["best_epoch"],
             "image_size": config["preprocessing"]["crop"],
         },
-    }
-    return metrics, class_names(y_test, classes), class_names(proba.argmax(1), classes)
+        ece_bins=ece_bins,
+    )

@@ -50,6 +50,35 @@ def class_names(indices: np.ndarray, classes: list[str]) -> list[str]:
     return [classes[i] for i in indices]
 
 
+def model_record(
+    y_true: np.ndarray,
+    proba: np.ndarray,
+    classes: list[str],
+    *,
+    describe: dict,
+    sizes: tuple[int, int],
+    trainable_params: int,
+    fit_seconds: float,
+    hyperparameters: dict,
+    ece_bins: int,
+) -> tuple[dict, list[str], list[str]]:
+    """The one schema of every model's test metrics, and each test image's actual and predicted class.
+
+    `describe` names the model (model, strategy, kind, backbone); `sizes` are its train and val images.
+    """
+    record = {
+        **describe,
+        **classification_metrics(y_true, proba, ece_bins),
+        "n_train": sizes[0],
+        "n_val": sizes[1],
+        "n_test": len(y_true),
+        "trainable_params": trainable_params,
+        "fit_seconds": fit_seconds,
+        "hyperparameters": hyperparameters,
+    }
+    return record, class_names(y_true, classes), class_names(proba.argmax(1), classes)
+
+
 # DVCLive announces the experiment it logs to on every stage; the stage's own summary line says what matters.
 logging.getLogger("dvclive").setLevel(logging.WARNING)
 

@@ -259,7 +259,10 @@ def build_report(
     if missing:
         raise PipelineError(f"no metrics for {', '.join(missing)} in {metrics_dir}; run evaluate first")
     if not curve:
-        raise PipelineError("the learning curve is empty; run the learning_curve stage")
+        raise PipelineError(
+            "the learning curve has no point: every training subset was too small for the head chosen on val "
+            "(see learning_curve.sizes)"
+        )
     rows = head_rows(store, heads, metrics, backbone_of_store(store.attrs))
     if finetuned is not None and "finetune" in metrics:
         rows.append(finetune_row(finetuned, metrics["finetune"]))
