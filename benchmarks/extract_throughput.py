@@ -1,10 +1,19 @@
-"""Extraction throughput: end-to-end images/s over pure-forward images/s, measured in the same run.
+"""Extraction throughput: end-to-end images/s over pure-forward images/s, measured in the same run; then the
+loader alone (no forward pass) against Pillow's ceiling with as many processes.
 
-    python benchmarks/extract_throughput.py [--data ../shared/datasets/hymenoptera] [--loader auto|workers|inline]
+    python benchmarks/extract_throughput.py [--data ../shared/datasets/hymenoptera | --photos N]
+        [--loader auto|workers|inline] [--decode auto|cpu|device] [--batch-size B] [--num-workers W]
 
 End to end = the extract library call on a fresh embedding cache: read, hash, decode, preprocess,
 forward, cache flush and store write (model loading, once per call, is printed apart). Pure forward =
 the same backbone on ready tensors of the same batch size. Prints both and `ratio X` (target >= 0.85).
+
+`--photos N` makes N unique photo-like JPEGs from the hymenoptera photos (benchmarks/photos.py) and runs on
+them, so a GPU has more than 398 images to chew on. The decode-only comparison runs the extract stage's own
+loader (read, hash, decode, resize, crop; JPEGs on the device with `--decode device`) over every image, against
+a process pool that only reads, decodes with Pillow and resizes/crops the same files (`decode ceiling`), with
+as many processes as the loader decodes in (`--num-workers` for the workers loader, one thread per torch
+thread inline).
 
 A small shared machine's speed drifts by tens of percent within seconds, so the two are measured in short
 alternating slices (a few batches each, in ABBA order so a steady drift cancels) and the totals compared.
@@ -16,17 +25,21 @@ import random
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import click
 import torch
+from photos import make_photos
 
-from pipeline.backbones import build_backbone
-from pipeline.config import ExtractParams
-from pipeline.dataset import Manifest, build_manifest, write_manifest
+from pipeline.backbones import Preprocessing, build_backbone
+from pipeline.config import ExtractParams, usable_cores
+from pipeline.dataset import Manifest, ManifestRow, build_manifest, write_manifest
 from pipeline.extract import extract
-from pipeline.runtime import Runtime
+from pipeline.images import decode_rgb, read_bytes
+from pipeline.jpeg import JpegDecoder, resolve_decoder
+from pipeline.runtime import Images, Runtime, image_batches
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
 
@@ -72,39 +85,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-@click.command()
-@click.option("--data", type=click.Path(path_type=Path, exists=True), default=DEFAULT_DATA, show_default=True)
-@click.option("--backbone", default="efficientnet_lite0", show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--num-workers", type=int, default=2, show_default=True)
-@click.option("--loader", type=click.Choice(["auto", "workers", "inline"]), default="auto", show_default=True)
-@click.option("--jpeg-draft/--no-jpeg-draft", default=True, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--precision", default="auto", show_default=True)
-@click.option("--slice-batches", type=int, default=3, show_default=True, help="Batches per alternating slice.")
-@click.option("--repeats", type=int, default=3, show_default=True, help="Passes over the dataset.")
-def main(
-    data, backbone, batch_size, num_workers, loader, jpeg_draft, device, precision, slice_batches, repeats
+def throughput(
+    rows: list[ManifestRow], full: Manifest, data: Path, params: ExtractParams, slice_batches: int, repeats: int
 ) -> None:
-    params = replace(
-        ExtractParams(),
-        backbone=backbone,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        loader=loader,
-        jpeg_draft=jpeg_draft,
-        device=device,
-        precision=precision,
-    )
-    full = build_manifest(data, 0.15, 0.15, seed=0)
-    seen: set[str] = set()  # one row per content hash: each slice's images are all computed
-    rows = [r for r in full.ok_rows() if not (r.sha256 in seen or seen.add(r.sha256))]
-    random.Random(0).shuffle(rows)  # every slice mixes classes and image sizes
+    """Print end-to-end and pure-forward images/s, measured in alternating slices, and their ratio."""
+    batch_size = params.batch_size
     per_slice = min(slice_batches * batch_size, len(rows) // batch_size * batch_size) or len(rows)
     slices = [rows[i : i + per_slice] for i in range(0, len(rows) - per_slice + 1, per_slice)]
     print(
-        f"{len(rows)} images from {data}, {backbone}, batch {batch_size}, loader {loader}, workers {num_workers}, "
-        f"draft {jpeg_draft}; {repeats} x {len(slices)} slices of {per_slice} images"
+        f"{len(rows)} images from {data}, {params.backbone}, batch {batch_size}, loader {params.loader}, "
+        f"decode {params.decode}, workers {params.num_workers}, draft {params.jpeg_draft}; "
+        f"{repeats} x {len(slices)} slices of {per_slice} images"
     )
     forward = PureForward(params)
     fwd_images = fwd_seconds = e2e_images = e2e_seconds = 0.0
@@ -133,6 +124,86 @@ def main(
         f"range {min(pair_ratios):.3f}-{max(pair_ratios):.3f} ({len(pair_ratios)} slices)"
     )
     print(f"ratio {e2e_rate / fwd_rate:.3f}")
+
+
+def loader_seconds(rows: list[ManifestRow], data: Path, params: ExtractParams, runtime: Runtime) -> float:
+    """The extract stage's loader alone over `rows`: every image decoded, resized, cropped, on the device."""
+    p = build_backbone(params.backbone).preprocessing.with_image_size(params.image_size)
+    decoder = resolve_decoder(params.decode, runtime.device, p)
+    jpeg = None if decoder == "pillow" else JpegDecoder.on(runtime.device, p)
+    dataset = Images.of_rows(data, rows, p.to_uint8, p.resize if params.jpeg_draft else None, jpeg=jpeg)
+    start = time.perf_counter()
+    for batch in image_batches(dataset, params.batch_size, params.num_workers, runtime.device, params.loader):
+        assert not batch.rejected
+    _sync(runtime.device)
+    return time.perf_counter() - start
+
+
+def _pillow_one(job: tuple[Path, Preprocessing, int | None]) -> int:
+    path, p, draft = job
+    return p.to_uint8(decode_rgb(read_bytes(path), draft)).shape[0]
+
+
+def ceiling_seconds(paths: list[Path], p: Preprocessing, draft: int | None, processes: int) -> float:
+    """Read, decode with Pillow, resize and crop `paths` in a pool of `processes` (started before the clock)."""
+    with ProcessPoolExecutor(processes) as pool:
+        list(pool.map(_pillow_one, [(paths[0], p, draft)] * processes))  # start every process
+        start = time.perf_counter()
+        list(pool.map(_pillow_one, [(path, p, draft) for path in paths], chunksize=8))
+        return time.perf_counter() - start
+
+
+def decode_only(rows: list[ManifestRow], data: Path, params: ExtractParams, runtime: Runtime, repeats: int) -> None:
+    """Print the loader's rate beside the Pillow ceiling with as many processes, alternating (ABBA)."""
+    loader = params.loader if params.loader != "auto" else ("inline" if runtime.device.type == "cpu" else "workers")
+    processes = params.num_workers if loader == "workers" else torch.get_num_threads()
+    p = build_backbone(params.backbone).preprocessing.with_image_size(params.image_size)
+    paths = [data / r.path for r in rows]
+    draft = p.resize if params.jpeg_draft else None
+    totals = {"loader": 0.0, "ceiling": 0.0}
+    for k in range(repeats):
+        for step in ("loader", "ceiling") if k % 2 == 0 else ("ceiling", "loader"):
+            if step == "loader":
+                totals[step] += loader_seconds(rows, data, params, runtime)
+            else:
+                totals[step] += ceiling_seconds(paths, p, draft, processes)
+    n = len(rows) * repeats
+    rate, ceiling = n / totals["loader"], n / totals["ceiling"]
+    decoder = resolve_decoder(params.decode, runtime.device, p)
+    print(
+        f"decode only: loader ({loader}, {decoder}) {rate:.1f} img/s; Pillow ceiling with {processes} processes "
+        f"{ceiling:.1f} img/s; loader/ceiling {rate / ceiling:.3f} ({len(rows)} images x {repeats})"
+    )
+
+
+@click.command()
+@click.option("--data", type=click.Path(path_type=Path, exists=True), default=DEFAULT_DATA, show_default=True)
+@click.option("--photos", type=int, default=None, help="Run on N unique photo-like JPEGs made from --data.")
+@click.option("--photos-dir", type=click.Path(path_type=Path), default=None, help="Where to keep them (a temp dir).")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True)
+@click.option("--image-size", type=int, default=None, help="Default: the weights' size.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--num-workers", type=int, default=2, show_default=True)
+@click.option("--loader", type=click.Choice(["auto", "workers", "inline"]), default="auto", show_default=True)
+@click.option("--decode", type=click.Choice(["auto", "cpu", "device"]), default="auto", show_default=True)
+@click.option("--jpeg-draft/--no-jpeg-draft", default=True, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--precision", default="auto", show_default=True)
+@click.option("--slice-batches", type=int, default=3, show_default=True, help="Batches per alternating slice.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Passes over the dataset.")
+@click.option("--decode-repeats", type=int, default=2, show_default=True, help="Passes of the decode-only check.")
+def main(data, photos, photos_dir, slice_batches, repeats, decode_repeats, **options) -> None:
+    if photos:
+        folder = photos_dir or Path(tempfile.gettempdir()) / f"transfer-pipeline-photos-{photos}"
+        data = make_photos(photos, folder, data)
+    params = replace(ExtractParams(), **options)
+    full = build_manifest(data, 0.15, 0.15, seed=0, num_workers=usable_cores())
+    seen: set[str] = set()  # one row per content hash: each slice's images are all computed
+    rows = [r for r in full.ok_rows() if not (r.sha256 in seen or seen.add(r.sha256))]
+    random.Random(0).shuffle(rows)  # every slice mixes classes and image sizes
+    throughput(rows, full, data, params, slice_batches, repeats)
+    runtime = Runtime.resolve(params.device, params.precision, option="--device")
+    decode_only(rows, data, params, runtime, decode_repeats)
 
 
 if __name__ == "__main__":

@@ -240,8 +240,11 @@ def _group(modules: list[nn.Module]) -> nn.Module:
     return modules[0] if len(modules) == 1 else nn.ModuleList(modules)
 
 
-def fingerprint(backbone: Backbone, preprocessing: Preprocessing, precision: str, jpeg_draft: bool) -> str:
-    """Everything that changes an embedding, hashed: the key of the embedding cache and the store."""
+def fingerprint(
+    backbone: Backbone, preprocessing: Preprocessing, precision: str, jpeg_draft: bool, decoder: str = "pillow"
+) -> str:
+    """Everything that changes an embedding, hashed: the key of the embedding cache and the store. The JPEG
+    decoder is part of it when it is not Pillow (whose fingerprints predate the choice)."""
     spec = {
         "backbone": backbone.name,
         "weights_sha256": backbone.weights_sha256(),
@@ -250,6 +253,8 @@ def fingerprint(backbone: Backbone, preprocessing: Preprocessing, precision: str
         "jpeg_draft": jpeg_draft,
         "pixels_version": PIXELS_VERSION,
     }
+    if decoder != "pillow":
+        spec["decoder"] = decoder
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 

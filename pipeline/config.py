@@ -58,6 +58,9 @@ class ExtractParams:
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     # auto = bf16 autocast on CUDA, fp32 elsewhere.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Who decodes JPEGs: cpu (Pillow in the loader), device (torchvision: nvJPEG a batch at a time on CUDA,
+    # libjpeg-turbo in the loader elsewhere; other formats still Pillow), auto (device on CUDA, else cpu).
+    decode: Literal["auto", "cpu", "device"] = "auto"
     # Decode large JPEGs at a reduced scale (never below the resize target) before resizing.
     jpeg_draft: bool = True
 

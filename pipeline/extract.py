@@ -6,6 +6,7 @@ import logging
 import math
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from pipeline.backbones import Backbone, Preprocessing, build_backbone, fingerprint
 from pipeline.config import ExtractParams
 from pipeline.dataset import Manifest, ManifestRow, manifest_sha256, read_manifest
+from pipeline.jpeg import JpegDecoder, resolve_decoder
 from pipeline.runtime import Images, Runtime, forward_batches, image_batches
 from pipeline.store import SPLIT_CODES, EmbeddingCache, write_store
 
@@ -70,13 +72,17 @@ def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, pa
     # channels_last on CPU too: the store's bytes were fixed with it, and the fingerprint does not record it.
     runtime = Runtime.resolve(params.device, params.precision, option="extract.device", channels_last=True)
     preprocessing = backbone.preprocessing.with_image_size(params.image_size)
-    fp = fingerprint(backbone, preprocessing, runtime.precision, params.jpeg_draft)
-    log.info("extract: %s on %s (%s), fingerprint %s", backbone.name, runtime.device, runtime.precision, fp)
+    decoder = resolve_decoder(params.decode, runtime.device, preprocessing)
+    fp = fingerprint(backbone, preprocessing, runtime.precision, params.jpeg_draft, decoder)
+    log.info(
+        "extract: %s at %d px on %s (%s), JPEGs decoded by %s, fingerprint %s",
+        *(backbone.name, preprocessing.crop, runtime.device, runtime.precision, decoder, fp),
+    )
 
     with EmbeddingCache(cache_dir, fp, backbone.feature_dim) as cache:
         missing = _first_occurrences([r for r in rows if r.sha256 not in cache])
         compute_start = time.perf_counter()
-        embed_rows(backbone, preprocessing, missing, data_root, cache, params, runtime)
+        embed_rows(backbone, preprocessing, missing, data_root, cache, params, runtime, decoder)
         write_start = time.perf_counter()
         compute_seconds = write_start - compute_start
         cache.compact()
@@ -90,6 +96,7 @@ def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, pa
             "fingerprint": fp,
             "precision": runtime.precision,
             "jpeg_draft": params.jpeg_draft,
+            "decoder": decoder,
             "versions": library_versions(),
         }
         extraction_seconds = assemble_store(out, manifest, cache, attrs)
@@ -145,24 +152,50 @@ def embed_rows(
     cache: EmbeddingCache,
     params: ExtractParams,
     runtime: Runtime,
+    decoder: str = "pillow",
 ) -> None:
-    """Forward `rows` through the frozen backbone, flushing each batch to the cache as it completes."""
+    """Forward `rows` through the frozen backbone, flushing each batch to the cache as it completes.
+
+    The flush (the copy to the host, which waits for the forward pass, and the cache write) runs in a thread,
+    one batch behind, so the main thread is already decoding and launching the next batch meanwhile.
+    """
     if not rows:
         return
     draft = preprocessing.resize if params.jpeg_draft else None
-    dataset = Images.of_rows(data_root, rows, preprocessing.to_uint8, draft)
+    jpeg = None if decoder == "pillow" else JpegDecoder.on(runtime.device, preprocessing)
+    dataset = Images.of_rows(data_root, rows, preprocessing.to_uint8, draft, jpeg=jpeg)
     batches = image_batches(dataset, params.batch_size, params.num_workers, runtime.device, params.loader)
     model = runtime.place(backbone.features)
-    with tqdm(total=len(rows), desc="extract", unit="img") as bar:
-        start = time.perf_counter()
+    with tqdm(total=len(rows), desc="extract", unit="img") as bar, ThreadPoolExecutor(1, "flush") as flusher:
+        clock = _BatchClock()
+        pending = None
         for batch, embeddings in forward_batches(model, batches, runtime, preprocessing.normalize):
-            embeddings = embeddings.float().cpu().numpy()
-            # The batch's cost: wall time since the previous batch was flushed (decoding or waiting for it, the
-            # forward pass, the previous flush; the first batch also starts the loader and warms the model).
-            done = time.perf_counter()
-            cache.add([rows[i].sha256 for i in batch.index.tolist()], embeddings, seconds=done - start)
-            start = done
-            bar.update(len(batch.index))
+            hashes = [rows[i].sha256 for i in batch.index.tolist()]
+            if pending is not None:
+                pending.result()  # at most one batch in flight; its error surfaces here
+            pending = flusher.submit(_flush, cache, hashes, embeddings, clock, bar)
+        if pending is not None:
+            pending.result()
+
+
+class _BatchClock:
+    """Each batch's cost: wall time since the previous batch was flushed (decoding or waiting for it, the
+    forward pass, the previous flush; the first batch also starts the loader and warms the model)."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        return seconds
+
+
+@torch.inference_mode()
+def _flush(cache: EmbeddingCache, hashes: list[str], embeddings: torch.Tensor, clock: _BatchClock, bar) -> None:
+    features = embeddings.float().cpu().numpy()
+    cache.add(hashes, features, seconds=clock.lap())
+    bar.update(len(hashes))
 
 
 def _iso(unix_time: float) -> str:

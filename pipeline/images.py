@@ -22,9 +22,21 @@ BACKGROUND = (255, 255, 255)
 # UnidentifiedImageError is one), ValueError (bad headers: PPM, QOI, DDS, SGI, ...), SyntaxError (bad
 # ICNS/PNG data at load time, unreadable EXIF), NotImplementedError (DDS pixel formats it cannot decode),
 # EOFError (missing frames, per Pillow's source) and struct.error (short EXIF blocks). Image.open already turns
-# IndexError, TypeError and KeyError from its plugins into "cannot identify". Anything else is a bug in
-# this code or in Pillow, and is left to surface. The decompression-bomb error is handled on its own.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, NotImplementedError, EOFError, struct.error)
+# IndexError, TypeError and KeyError from its plugins into "cannot identify". Older Pillows, which
+# pyproject allows, leak two more at load time: IndexError (the QOI decoder of Pillow 11 and 12 reads past
+# the end of truncated data, python-pillow/Pillow#9812) and ZeroDivisionError (Pillow 11's DDS decoder on a
+# zeroed bit mask). Anything else is a bug in this code or in Pillow, and is left to surface. The
+# decompression-bomb error is handled on its own.
+DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    NotImplementedError,
+    EOFError,
+    struct.error,
+    IndexError,
+    ZeroDivisionError,
+)
 # What ImageOps.exif_transpose raises on a malformed EXIF block: the pixels are fine, the orientation unknown.
 EXIF_ERRORS = (SyntaxError, struct.error)
 

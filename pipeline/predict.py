@@ -15,6 +15,7 @@ from pipeline.dataset import is_junk
 from pipeline.errors import PipelineError
 from pipeline.finetuned import load_finetuned
 from pipeline.heads import TrainedHead, load_head
+from pipeline.jpeg import JpegDecoder
 from pipeline.runtime import Images, Runtime, forward_batches, image_batches
 from pipeline.store import read_attrs
 
@@ -58,17 +59,25 @@ def list_images(inputs: list[Path]) -> list[Path]:
 class Predictor:
     """A network that maps a normalised image batch to class probabilities, with its preprocessing."""
 
-    def __init__(self, network, preprocessing: Preprocessing, classes: list[str], draft: int | None, runtime: Runtime):
+    def __init__(
+        self,
+        network,
+        preprocessing: Preprocessing,
+        classes: list[str],
+        draft: int | None,
+        runtime: Runtime,
+        jpeg: JpegDecoder | None = None,
+    ):
         self.runtime = runtime
         self.network = runtime.place(network)
-        self.preprocessing, self.classes, self.draft = preprocessing, classes, draft
+        self.preprocessing, self.classes, self.draft, self.jpeg = preprocessing, classes, draft, jpeg
 
     def predict(
         self, paths: list[Path], top_k: int = 3, batch_size: int = 32, num_workers: int = 0
     ) -> tuple[list[Prediction], list[Rejected]]:
         """Top-k classes of every readable file; the others with why. `num_workers` decoding processes are
         used on an accelerator; on CPU, threads decode between forward passes (`runtime.image_batches`)."""
-        dataset = Images.of_files(paths, self.preprocessing.to_uint8, self.draft)
+        dataset = Images.of_files(paths, self.preprocessing.to_uint8, self.draft, jpeg=self.jpeg)
         batches = image_batches(dataset, batch_size, num_workers, self.runtime.device)
         predictions: list[Prediction] = []
         rejected: list[Rejected] = []
@@ -114,7 +123,8 @@ def head_predictor(head_path: Path, store_path: Path, device: str = "auto") -> P
         )
     backbone = backbone_of_store(attrs)
     preprocessing = Preprocessing.from_dict(attrs["preprocessing"])
-    rebuilt = fingerprint(backbone, preprocessing, attrs["precision"], bool(attrs["jpeg_draft"]))
+    decoder = attrs.get("decoder", "pillow")  # stores written before the choice were all Pillow's
+    rebuilt = fingerprint(backbone, preprocessing, attrs["precision"], bool(attrs["jpeg_draft"]), decoder)
     if rebuilt != attrs["fingerprint"]:
         raise PipelineError(
             f"{store_path} was extracted by model {attrs['fingerprint']}, but {attrs['backbone']} here is {rebuilt} "
@@ -123,7 +133,10 @@ def head_predictor(head_path: Path, store_path: Path, device: str = "auto") -> P
     draft = preprocessing.resize if attrs["jpeg_draft"] else None
     # Laid out as extract ran the backbone, so a photo of the store gets its stored embedding, bit for bit.
     runtime = Runtime.resolve(device, attrs["precision"], option="--device", channels_last=True)
-    return Predictor(_HeadOnFeatures(backbone.features, head), preprocessing, head.classes, draft, runtime)
+    # Decoded as the store was: torchvision's decoder where extract used it (libjpeg-turbo off a GPU).
+    jpeg = None if decoder == "pillow" else JpegDecoder.on(runtime.device, preprocessing)
+    network = _HeadOnFeatures(backbone.features, head)
+    return Predictor(network, preprocessing, head.classes, draft, runtime, jpeg)
 
 
 def finetuned_predictor(model_dir: Path, device: str = "auto") -> Predictor:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.errors import DataError, PipelineError
 from pipeline.images import ImageRejected, decode_rgb, read_bytes
+from pipeline.jpeg import JpegDecoder, jpeg_orientation
 
 
 class DeviceError(PipelineError):
@@ -81,23 +83,37 @@ class ImageSource(Protocol):
 
 
 @dataclass
+class Item:
+    """Dataset item `index`: its pixels, or the JPEG bytes a batched decoder has still to decode, or why the
+    file could not be read."""
+
+    index: int
+    pixels: torch.Tensor | None = None  # uint8 [3, H, W]
+    encoded: bytes | None = None  # the file (bytes pickle to the main process through the pipe: no shared fd)
+    orientation: int = 1  # EXIF orientation of `encoded`
+    rejected: ImageRejected | None = None
+
+
+@dataclass
 class Batch:
     """The readable images of a run of dataset items, and why the others could not be read."""
 
     images: torch.Tensor  # uint8 [B, 3, H, W]
     index: torch.Tensor  # int64 [B]: each image's position in the dataset
     rejected: list[tuple[int, str, str]]  # (position, reason, detail)
+    encoded: list[Item] = field(default_factory=list)  # JPEGs left to a batched decoder (`Images.finish`)
 
     def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True)
-        return Batch(self.images.pin_memory(), self.index, self.rejected)
+        return Batch(self.images.pin_memory(), self.index, self.rejected, self.encoded)
 
 
 class Images(torch.utils.data.Dataset):
-    """Decoded, resized and cropped images as uint8 tensors: item i is (tensor, i, rejection).
+    """Decoded, resized and cropped images as uint8 tensors: item i is an `Item`.
 
     Built from manifest rows (`of_rows`), a file that changed since prepare or no longer decodes stops the run
     with its name: prepare vouched for it. Built from plain files (`of_files`), an unreadable file is reported
-    with its reason (an empty tensor and the `ImageRejected`) and the rest go on.
+    with its reason and the rest go on. With a `JpegDecoder`, the JPEGs it takes are decoded by torchvision
+    (in the item on CPU, a whole batch at once by `finish` on a GPU) and every other file by Pillow.
     """
 
     def __init__(
@@ -108,68 +124,152 @@ class Images(torch.utils.data.Dataset):
         draft: int | None = None,
         names: Sequence[str] | None = None,
         sha256: Sequence[str] | None = None,
+        jpeg: JpegDecoder | None = None,
     ):
         self.paths, self.transform, self.draft = list(paths), transform, draft
-        self.names, self.sha256 = names, sha256
+        self.names, self.sha256, self.jpeg = names, sha256, jpeg
 
     @classmethod
-    def of_rows(cls, root: Path, rows: Sequence[ImageSource], transform: Callable, draft: int | None = None) -> Images:
+    def of_rows(
+        cls, root: Path, rows: Sequence[ImageSource], transform: Callable, draft: int | None = None, **kw
+    ) -> Images:
         names = [r.path for r in rows]
-        return cls(
-            [Path(root) / n for n in names], transform, draft=draft, names=names, sha256=[r.sha256 for r in rows]
-        )
+        paths = [Path(root) / n for n in names]
+        return cls(paths, transform, draft=draft, names=names, sha256=[r.sha256 for r in rows], **kw)
 
     @classmethod
-    def of_files(cls, paths: Sequence[Path], transform: Callable, draft: int | None = None) -> Images:
-        return cls(paths, transform, draft=draft)
+    def of_files(cls, paths: Sequence[Path], transform: Callable, draft: int | None = None, **kw) -> Images:
+        return cls(paths, transform, draft=draft, **kw)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, ImageRejected | None]:
+    def __getitem__(self, i: int) -> Item:
         try:
             data = read_bytes(self.paths[i])
-            if self.sha256 is not None and hashlib.sha256(data).hexdigest() != self.sha256[i]:
-                raise DataError(f"{self.names[i]} changed since prepare ran; run `dvc repro` again")
-            image = decode_rgb(data, self.draft)
         except ImageRejected as err:
-            if self.sha256 is not None:
-                raise DataError(f"{self.names[i]} passed prepare but now fails: {err}; run `dvc repro` again") from err
-            return torch.zeros(0, dtype=torch.uint8), i, err
-        return self.transform(image), i, None
+            return self._rejected(i, err)
+        if self.sha256 is not None and hashlib.sha256(data).hexdigest() != self.sha256[i]:
+            raise DataError(f"{self.names[i]} changed since prepare ran; run `dvc repro` again")
+        orientation = jpeg_orientation(data) if self.jpeg else None
+        if orientation is None:
+            return self._with_pillow(i, data)
+        if self.jpeg.batched:
+            return Item(i, encoded=data, orientation=orientation)
+        (pixels,) = self.jpeg.decode([data], [orientation])
+        return self._with_pillow(i, data) if pixels is None else Item(i, pixels=pixels)
+
+    def _with_pillow(self, i: int, data: bytes) -> Item:
+        try:
+            return Item(i, pixels=self.transform(decode_rgb(data, self.draft)))
+        except ImageRejected as err:
+            return self._rejected(i, err)
+
+    def _rejected(self, i: int, err: ImageRejected) -> Item:
+        if self.sha256 is not None:
+            raise DataError(f"{self.names[i]} passed prepare but now fails: {err}; run `dvc repro` again") from err
+        return Item(i, rejected=err)
+
+    def finish(self, batch: Batch, device: torch.device) -> Batch:
+        """Decode the batch's pending JPEGs in one call on the device (a file the decoder refuses goes to
+        Pillow) and join them to the others: every image on `device`, in dataset order."""
+        if not batch.encoded:
+            return batch
+        pending = batch.encoded
+        decoded = self.jpeg.decode([p.encoded for p in pending], [p.orientation for p in pending])
+        items = [
+            Item(p.index, pixels=x) if x is not None else self._with_pillow(p.index, p.encoded)
+            for p, x in zip(pending, decoded, strict=True)
+        ]
+        for item in items:  # Pillow's fallbacks are on the CPU
+            item.pixels = None if item.pixels is None else item.pixels.to(device)
+        return concat([Batch(batch.images, batch.index, batch.rejected), collate(items)], device, sort=True)
 
 
-def collate(items: list[tuple[torch.Tensor, int, ImageRejected | None]]) -> Batch:
-    ok = [(x, i) for x, i, why in items if why is None]
-    images = torch.stack([x for x, _ in ok]) if ok else torch.zeros(0, dtype=torch.uint8)
-    rejected = [(i, why.reason, why.detail) for _, i, why in items if why is not None]
-    return Batch(images, torch.tensor([i for _, i in ok], dtype=torch.int64), rejected)
+def collate(items: list[Item]) -> Batch:
+    ready = [it for it in items if it.pixels is not None]
+    images = torch.zeros(0, dtype=torch.uint8)
+    if ready and all(it.pixels.device.type == "cpu" for it in ready):
+        # numpy's copy, not torch's: torch's wakes its OpenMP threads, which then spin for a while on the cores
+        # the decoding threads need (decoding alone, inline, three runs each: 475-567 img/s, 463-519 with
+        # torch.stack). Into a contiguous batch, as torch.stack made it: the layout changes training's numerics.
+        images = torch.empty((len(ready), *ready[0].pixels.shape), dtype=ready[0].pixels.dtype)
+        np.stack([it.pixels.numpy() for it in ready], out=images.numpy())
+    elif ready:
+        images = torch.stack([it.pixels for it in ready])
+    rejected = [(it.index, it.rejected.reason, it.rejected.detail) for it in items if it.rejected is not None]
+    encoded = [it for it in items if it.encoded is not None]
+    return Batch(images, torch.tensor([it.index for it in ready], dtype=torch.int64), rejected, encoded)
+
+
+def concat(parts: list[Batch], device: torch.device, *, sort: bool = False) -> Batch:
+    """One batch of the parts' images on `device` (each part copied as it is, from pinned memory on CUDA)."""
+    images = [p.images.to(device, non_blocking=True) for p in parts if len(p.index)]
+    index = torch.cat([p.index for p in parts])
+    batch = Batch(
+        torch.cat(images) if images else torch.zeros(0, dtype=torch.uint8),
+        index,
+        [r for p in parts for r in p.rejected],
+        [e for p in parts for e in p.encoded],
+    )
+    if sort and len(index):
+        order = index.argsort()
+        batch.images, batch.index = batch.images[order.to(batch.images.device)], index[order]
+    return batch
+
+
+# Images a loader worker decodes per task: small enough that every worker is busy from the first forward batch.
+CHUNK = 8
 
 
 def image_batches(
     dataset: Images, batch_size: int, num_workers: int, device: torch.device, loader: str = "auto"
 ) -> Iterator[Batch]:
-    """Batches of `dataset` in order, decoded where decoding slows the forward pass least.
+    """Batches of `dataset` in order, decoded where decoding slows the forward pass least, on `device`.
 
-    `workers`: `num_workers` DataLoader processes decode ahead while the forward pass runs. On an accelerator
-    the CPU is otherwise idle, so decoding costs nothing; batches land in pinned memory for non-blocking copies.
-    `inline`: each batch is decoded by one thread per torch thread (Pillow releases the GIL while it decodes and
-    resamples), between forward passes. On CPU the forward pass already keeps every core busy: decoding beside
-    it only takes cores away (measured on 2 cores: each forward pass slower by more than decoding costs; likely a
-    preempted intra-op thread stalling the others; README, "Extraction speed"). `auto`: workers on an
-    accelerator, inline on CPU.
+    `workers`: `num_workers` DataLoader processes, alive for the whole call, decode ahead while the forward
+    pass runs, `CHUNK` images a task, at least two forward batches ahead; on CUDA the chunks land in pinned
+    memory and are copied without blocking. On an accelerator the CPU is otherwise idle, so decoding costs
+    nothing. `inline`: each batch is decoded by one thread per torch thread (Pillow and torchvision's decoder
+    release the GIL), between forward passes. On CPU the forward pass already keeps every core busy: decoding
+    beside it only takes cores away (measured on 2 cores: each forward pass slower by more than decoding costs;
+    likely a preempted intra-op thread stalling the others; README, "Extraction speed"). `auto`: workers on an
+    accelerator, inline on CPU. JPEGs left to a batched decoder are decoded here, one call per batch.
     """
     if loader == "auto":
         loader = "inline" if device.type == "cpu" else "workers"
-    if loader == "workers":
-        yield from DataLoader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=collate,
-            pin_memory=device.type == "cuda",
-        )
-        return
+    batches = _worker_batches if loader == "workers" else _inline_batches
+    for batch in batches(dataset, batch_size, num_workers, device):
+        yield dataset.finish(batch, device)
+
+
+def _worker_batches(dataset: Images, batch_size: int, num_workers: int, device: torch.device) -> Iterator[Batch]:
+    chunk = min(CHUNK, batch_size)
+    n = len(dataset)
+    spans = [
+        range(start, min(start + chunk, end))
+        for first in range(0, n, batch_size)
+        for end in [min(first + batch_size, n)]
+        for start in range(first, end, chunk)
+    ]
+    ahead = max(2, math.ceil(2 * batch_size / (chunk * num_workers))) if num_workers else None
+    parts = DataLoader(
+        dataset,
+        batch_sampler=spans,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=ahead,
+    )
+    done: list[Batch] = []
+    for span, part in zip(spans, parts, strict=True):
+        done.append(part)
+        if span.stop % batch_size == 0 or span.stop == n:
+            yield concat(done, device)
+            done = []
+
+
+def _inline_batches(dataset: Images, batch_size: int, num_workers: int, device: torch.device) -> Iterator[Batch]:
     with ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="decode") as pool:
         for start in range(0, len(dataset), batch_size):
             yield collate(list(pool.map(dataset.__getitem__, range(start, min(start + batch_size, len(dataset))))))

@@ -1,18 +1,50 @@
-"""Shared fixtures: small generated ImageFolders and manifests, in-memory feature stores, the shared datasets."""
+"""Shared fixtures: small generated ImageFolders and manifests, in-memory feature stores, the shared datasets.
+
+Device: a test whose claim is exact (the same bytes twice, a resume that matches an uninterrupted run, the
+stored embedding bit for bit) runs its networks on the CPU and says so: `device="cpu"` in its params,
+`device: cpu` in the params.yaml it writes for a stage subprocess, `--device cpu` for `transfer predict`.
+`device: auto` picks CUDA on a GPU machine, where bf16 autocast, TF32 convolutions and kernels chosen per
+batch size change the last bits. Where a test states what holds on a GPU, it says how close is close enough.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.config import usable_cores
 from pipeline.dataset import build_manifest, write_manifest
 from pipeline.store import FeatureStore
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    share_the_cores_between_test_workers()
+
+
+def share_the_cores_between_test_workers() -> None:
+    """Under pytest-xdist, each worker, and every stage subprocess it starts, runs torch on its share of the cores.
+
+    torch starts one intra-op thread per core in every process, and each of its parallel ops waits for the
+    slowest of them. Fourteen workers on sixteen cores ran over two hundred such threads: an op waits whenever
+    one of its threads is preempted, and the CPU tests made of many small ops (batch-size-1 extraction and
+    fine-tuning, in stage subprocesses too) hit the 45 s per-test timeout. Measured on 2 cores: two processes
+    extracting at once take 14x as long with two threads each as with one. A worker's subprocesses inherit
+    OMP_NUM_THREADS; a value already set is kept.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        threads = max(1, usable_cores() // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 def write_image_folder(

@@ -19,6 +19,7 @@ from pipeline.extract import extract
 from pipeline.store import EmbeddingCache, read_store
 from tests.conftest import REPO, prepare_manifest, write_image_folder
 
+# On the CPU: these tests compare stores byte for byte (tests/conftest.py says why not `device: auto`).
 TINY = ExtractParams(backbone="test_resnet", image_size=32, batch_size=8, num_workers=0, device="cpu")
 
 
@@ -101,6 +102,7 @@ def _stage(work: Path, root: Path, params_file: Path) -> list[str]:
 
 
 def _params_file(work: Path, batch_size: int) -> Path:
+    """The stage subprocess's params: on the CPU, where a resumed store matches an uninterrupted run's bytes."""
     path = work / "params.yaml"
     path.write_text(
         f"extract:\n  backbone: test_resnet\n  image_size: 64\n  batch_size: {batch_size}\n"

@@ -34,6 +34,7 @@ from pipeline.selection import train_head
 from stages.warm_start import main as warm_start_stage
 from tests.conftest import REPO, make_store, prepare_manifest, write_image_folder
 
+# On the CPU: weights are compared exactly (tests/conftest.py says why not `device: auto`).
 FAST = FinetuneParams(
     unfreeze=2, epochs=2, batch_size=8, init_head="random", augment=False, image_size=32, num_workers=0, device="cpu"
 )
@@ -187,6 +188,8 @@ def _stage(work: Path, root: Path) -> list[str]:
 
 
 def _setup(work: Path, root: Path) -> None:
+    """A work folder for the stage subprocess; its params run on the CPU, where a resumed run's final weights
+    equal an uninterrupted run's."""
     work.mkdir()
     classes = read_manifest(prepare_manifest(root, work / "manifest.csv")).classes
     save_file(
