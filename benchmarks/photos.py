@@ -24,6 +24,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hy
 def make_photos(n: int, out: Path, data: Path = DEFAULT_DATA, seed: int = 0) -> Path:
     """OUT/<class>/<k>.jpg for k < n (classes as in `data`'s folders); returns OUT."""
     sources = sorted(p for p in Path(data).rglob("*.jpg"))
+    random.Random(seed).shuffle(sources)  # every class in the first few
     if not sources:
         raise click.ClickException(f"no .jpg files under {data}")
     if len(list(Path(out).rglob("*.jpg"))) == n:

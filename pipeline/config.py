@@ -19,6 +19,11 @@ class ConfigError(PipelineError):
     """A value in params.yaml is wrong; the message names the key and the fix."""
 
 
+# Inputs larger than this are a typo, not a backbone's resolution (the largest ImageNet CNNs take 600 px,
+# high-resolution ones about 1,000): 100,000 px would need 120 GB for one batch-size-one input.
+MAX_IMAGE_SIZE = 4096
+
+
 @dataclass(frozen=True)
 class PrepareParams:
     seed: int = 0
@@ -27,6 +32,9 @@ class PrepareParams:
     test_fraction: float = 0.15
     # Processes that decode the files; None: one per core the process may use (`load_params` fills it in).
     num_workers: int | None = None
+    # Split folders holding copies of one file in two splits: stop (error), keep them with a warning (warn),
+    # or quarantine the copy in the later split (drop_from_test). Carved splits always keep copies together.
+    on_cross_split_duplicate: Literal["error", "warn", "drop_from_test"] = "error"
 
     def __post_init__(self) -> None:
         _at_least("prepare", self, num_workers=1)
@@ -66,6 +74,7 @@ class ExtractParams:
 
     def __post_init__(self) -> None:
         _at_least("extract", self, batch_size=1, num_workers=0, image_size=1)
+        _at_most("extract", self, image_size=MAX_IMAGE_SIZE)
 
     @property
     def weights_path(self) -> Path | None:
@@ -111,6 +120,7 @@ class FinetuneParams:
         if self.unfreeze != "all" and self.unfreeze < 0:
             raise ConfigError(f"finetune.unfreeze must be >= 0 or 'all'; got {self.unfreeze}")
         _at_least("finetune", self, epochs=1, batch_size=1, num_workers=0, image_size=1)
+        _at_most("finetune", self, image_size=MAX_IMAGE_SIZE)
 
 
 @dataclass(frozen=True)
@@ -161,6 +171,13 @@ class Params:
             raise ConfigError(
                 "heads.logreg: keep a head named logreg of kind logreg; fine-tuning's warm_start stage depends on it"
             )
+
+
+def _at_most(section: str, params: object, **maximum: int) -> None:
+    for key, high in maximum.items():
+        value = getattr(params, key)
+        if value is not None and value > high:
+            raise ConfigError(f"{section}.{key} must be <= {high}; got {value}")
 
 
 def _at_least(section: str, params: object, **minimum: int) -> None:

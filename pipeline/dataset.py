@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -15,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.errors import DataError
-from pipeline.images import REASONS, ImageRejected, decode_rgb, read_bytes
+from pipeline.images import REASONS, ImageRejected, confined, decode_rgb, read_bytes
 from pipeline.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Manifest:
     rows: list[ManifestRow]
     layout: str  # "flat" (class folders), or the split folders found, e.g. "train+val"
     skipped: list[str]  # hidden and system files, not images
+    cross_split_duplicates: int = 0  # contents found in more than one given split folder
 
     @property
     def classes(self) -> list[str]:
@@ -65,6 +67,7 @@ class Manifest:
             "ok": len(ok),
             "quarantined": len(self.rows) - len(ok),
             "skipped_hidden": len(self.skipped),
+            "cross_split_duplicates": self.cross_split_duplicates,
             "classes": len(self.classes),
             **{f"n_{s}": by_split.get(s, 0) for s in SPLITS},
             **{f"quarantined_{reason}": reasons.get(reason, 0) for reason in REASONS},
@@ -72,7 +75,13 @@ class Manifest:
 
 
 def build_manifest(
-    root: Path, val_fraction: float, test_fraction: float, seed: int, *, num_workers: int = 1
+    root: Path,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    *,
+    num_workers: int = 1,
+    on_cross_split_duplicate: str = "error",
 ) -> Manifest:
     """Scan `root`, decode every file once (in `num_workers` processes), quarantine the unusable ones and split
     the rest. The manifest is the same, row for row, whatever the number of processes.
@@ -81,6 +90,11 @@ def build_manifest(
     `train/val/test` as they are; `train/val` keeps train, carves val from it and uses the folder's val
     as test (the held-out set); `train` alone carves both. Mistakes in the layout are reported before
     any file is decoded; nothing under `root` is written.
+
+    Identical files (same content hash) always share a split when the split is carved. When split folders
+    put copies of one file in two splits, `on_cross_split_duplicate` decides: `error` stops with the first
+    pair, `warn` keeps them (counted in `Manifest.cross_split_duplicates`), `drop_from_test` quarantines
+    the copy in the later split (test, then val).
     """
     layout, files, skipped = scan(root)
     carve, _ = _carve_plan(layout, val_fraction, test_fraction)
@@ -91,7 +105,9 @@ def build_manifest(
     rows = inspect_files(root, files, num_workers)
     _check_classes(root, {r.class_name for r in rows if r.status == "ok"}, "usable images")
     rows = assign_splits(rows, layout, val_fraction, test_fraction, seed)
-    manifest = Manifest(rows, layout, skipped)
+    duplicates = cross_split_duplicates(rows)
+    rows = _apply_duplicate_policy(root, rows, duplicates, on_cross_split_duplicate)
+    manifest = Manifest(rows, layout, skipped, len(duplicates))
     in_train = {r.class_name for r in manifest.ok_rows() if r.split == "train"}
     for cls in manifest.classes:
         if cls not in in_train:
@@ -149,9 +165,9 @@ def is_junk(name: str) -> bool:
 def _class_files(root: Path, folder: Path, skipped: list[str]) -> Iterable[tuple[str, str]]:
     """(class, path relative to root) for every file below each class folder, recursively, sorted.
 
-    Hidden and system files (.DS_Store, ._*, Thumbs.db) go to `skipped`, not to the manifest. A listed
-    entry that no longer resolves (a dangling symlink) is kept, so that it is quarantined as unreadable
-    rather than silently lost.
+    Hidden and system files (.DS_Store, ._*, Thumbs.db) go to `skipped`, not to the manifest. Every other
+    entry that is not a folder is kept, a dangling symlink or a FIFO too, so that it is quarantined with its
+    reason rather than silently lost.
     """
     for entry in sorted(folder.iterdir()):
         if is_junk(entry.name):
@@ -170,7 +186,7 @@ def _class_files(root: Path, folder: Path, skipped: list[str]) -> Iterable[tuple
             rel = path.relative_to(root).as_posix()
             if any(is_junk(part) for part in path.relative_to(entry).parts):
                 skipped.append(rel)
-            elif path.is_file() or not path.exists():
+            else:  # a file, a dangling link, a FIFO or a device: each gets a row, the unusable ones a reason
                 found = True
                 yield entry.name, rel
         if not found:
@@ -198,13 +214,29 @@ def inspect_files(root: Path, files: list[tuple[str, str, str]], num_workers: in
 def _inspect(root: Path, rel: str, class_name: str, split: str) -> ManifestRow:
     """Decode one file completely; a failure becomes a quarantined row with its reason."""
     sha = ""
+    if not _utf8(rel):  # the manifest is UTF-8 text: the row shows the name with its bad bytes escaped
+        shown, shown_class = _escaped(rel), _escaped(class_name)
+        detail = "the file name is not valid UTF-8; rename the file"
+        return ManifestRow(shown, shown_class, split, sha, "quarantined", "bad_name", detail)
     try:
-        data = read_bytes(root / rel)
+        data = read_bytes(confined(root, rel))
         sha = hashlib.sha256(data).hexdigest()
         img = decode_rgb(data)
     except ImageRejected as rejected:
         return ManifestRow(rel, class_name, split, sha, "quarantined", rejected.reason, rejected.detail)
     return ManifestRow(rel, class_name, split, sha, "ok", width=img.width, height=img.height)
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes, kept by Python as lone surrogates
+        return False
+    return True
+
+
+def _escaped(name: str) -> str:
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _carve_plan(layout: str, val_fraction: float, test_fraction: float) -> tuple[tuple[float, float], dict[str, str]]:
@@ -264,10 +296,50 @@ def _split_sizes(cls: str, n: int, val_f: float, test_f: float, what: str) -> tu
 
 
 def _split_class(cls: str, pool: list[ManifestRow], val_f: float, test_f: float, seed: int) -> list[ManifestRow]:
-    n_val, n_test = _split_sizes(cls, len(pool), val_f, test_f, "usable images")
-    ranked = sorted(pool, key=lambda r: (hashlib.sha256(f"{seed}:{r.sha256}".encode()).hexdigest(), r.path))
-    splits = ["test"] * n_test + ["val"] * n_val + ["train"] * (len(pool) - n_test - n_val)
-    return [replace(r, split=s) for r, s in zip(ranked, splits, strict=True)]
+    """Split a class's distinct contents: copies of one file go together, so no copy can leak across splits."""
+    copies: dict[str, list[ManifestRow]] = defaultdict(list)
+    for r in pool:
+        copies[r.sha256].append(r)
+    n_val, n_test = _split_sizes(cls, len(copies), val_f, test_f, "distinct usable images")
+    ranked = sorted(copies, key=lambda sha: hashlib.sha256(f"{seed}:{sha}".encode()).hexdigest())
+    splits = ["test"] * n_test + ["val"] * n_val + ["train"] * (len(copies) - n_test - n_val)
+    return [replace(r, split=s) for sha, s in zip(ranked, splits, strict=True) for r in copies[sha]]
+
+
+def cross_split_duplicates(rows: list[ManifestRow]) -> dict[str, list[ManifestRow]]:
+    """Usable rows by content hash, for every content found in more than one split."""
+    copies: dict[str, list[ManifestRow]] = defaultdict(list)
+    for r in rows:
+        if r.status == "ok":
+            copies[r.sha256].append(r)
+    return {sha: group for sha, group in copies.items() if len({r.split for r in group}) > 1}
+
+
+def _apply_duplicate_policy(
+    root: Path, rows: list[ManifestRow], duplicates: dict[str, list[ManifestRow]], policy: str
+) -> list[ManifestRow]:
+    if not duplicates:
+        return rows
+    first = sorted(min(duplicates.values(), key=lambda g: g[0].path), key=lambda r: SPLITS.index(r.split))
+    example = f"{first[0].path} ({first[0].split}) and {first[-1].path} ({first[-1].split})"
+    if policy == "error":
+        raise DataError(
+            f"{root}: {len(duplicates)} files have an identical copy in another split, e.g. {example}; a test image "
+            "seen in training inflates every score. Remove the copies, or set prepare.on_cross_split_duplicate "
+            "to drop_from_test (quarantine the later copy) or warn (keep them)"
+        )
+    if policy == "warn":
+        log.warning("%d files have an identical copy in another split, e.g. %s", len(duplicates), example)
+        return rows
+    earliest = {sha: min(group, key=lambda r: SPLITS.index(r.split)) for sha, group in duplicates.items()}
+    return [_dropped(r, earliest[r.sha256]) if r.sha256 in earliest else r for r in rows]
+
+
+def _dropped(row: ManifestRow, kept: ManifestRow) -> ManifestRow:
+    if row.status != "ok" or SPLITS.index(row.split) <= SPLITS.index(kept.split):
+        return row
+    detail = f"identical to {kept.path} in {kept.split}"
+    return replace(row, split="", status="quarantined", reason="duplicate_across_splits", detail=detail)
 
 
 # --- manifest files -----------------------------------------------------------------------------

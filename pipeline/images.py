@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
+import stat
 import struct
 import warnings
 from pathlib import Path
@@ -42,7 +44,21 @@ EXIF_ERRORS = (SyntaxError, struct.error)
 
 
 # Every reason a file can be quarantined for, so metrics always carry the same keys.
-REASONS = ("unreadable", "empty_file", "not_an_image", "too_many_pixels", "corrupt")
+REASONS = (
+    "unreadable",
+    "empty_file",
+    "not_a_file",  # a FIFO, device or socket: rejected by type, never opened
+    "too_large",  # more bytes than any image within the pixel limit can take: rejected by size, never read
+    "outside_root",  # a path or link that leads out of the data root
+    "bad_name",  # a file name that is not valid UTF-8
+    "duplicate_across_splits",  # a later copy of a file in an earlier split (on_cross_split_duplicate)
+    "not_an_image",
+    "too_many_pixels",
+    "corrupt",
+)
+# No image Pillow decodes within its pixel limit (twice MAX_IMAGE_PIXELS is its hard stop) is larger than
+# that many pixels of 16-bit RGBA stored raw, plus room for metadata: 1.5 GB. A larger file is not read.
+MAX_FILE_BYTES = 2 * Image.MAX_IMAGE_PIXELS * 8 + 64 * 2**20
 
 
 class ImageRejected(Exception):
@@ -55,14 +71,39 @@ class ImageRejected(Exception):
 
 
 def read_bytes(path: Path) -> bytes:
-    """Read a file, turning I/O failures (permissions, vanished files) into `ImageRejected`."""
+    """Read a regular file of a plausible size, turning I/O failures (permissions, vanished files) into
+    `ImageRejected`. Special files are refused by type before they are opened (a FIFO would block forever,
+    /dev/zero never end), files larger than `MAX_FILE_BYTES` by size before they are read."""
     try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageRejected("not_a_file", f"a {_file_type(info.st_mode)}, not a regular file; not opened")
+        if info.st_size > MAX_FILE_BYTES:
+            raise ImageRejected("too_large", f"{info.st_size:,} bytes, more than any image takes; not read")
         data = Path(path).read_bytes()
     except OSError as err:
         raise ImageRejected("unreadable", f"{type(err).__name__}: {err.strerror or err}") from err
     if not data:
         raise ImageRejected("empty_file", "the file has 0 bytes")
     return data
+
+
+def _file_type(mode: int) -> str:
+    kinds = {stat.S_ISFIFO: "FIFO", stat.S_ISCHR: "character device", stat.S_ISBLK: "block device"}
+    kinds |= {stat.S_ISSOCK: "socket", stat.S_ISDIR: "folder"}
+    return next((name for test, name in kinds.items() if test(mode)), "special file")
+
+
+def confined(root: Path, rel: str) -> Path:
+    """`root / rel`, or `ImageRejected("outside_root")` when `rel` is absolute, climbs out with `..`, or is
+    (or passes through) a link that resolves outside `root`."""
+    if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise ImageRejected("outside_root", f"{rel} is not a path inside the data root")
+    path = Path(root) / rel
+    target, base = path.resolve(), Path(root).resolve()
+    if not target.is_relative_to(base):
+        raise ImageRejected("outside_root", f"a link to {target}, outside the data root {base}")
+    return path
 
 
 def decode_rgb(data: bytes, draft_short_side: int | None = None) -> Image.Image:

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.errors import DataError, PipelineError
-from pipeline.images import ImageRejected, decode_rgb, read_bytes
+from pipeline.images import ImageRejected, confined, decode_rgb, read_bytes
 from pipeline.jpeg import JpegDecoder, jpeg_orientation
 
 
@@ -125,9 +125,11 @@ class Images(torch.utils.data.Dataset):
         names: Sequence[str] | None = None,
         sha256: Sequence[str] | None = None,
         jpeg: JpegDecoder | None = None,
+        root: Path | None = None,
     ):
         self.paths, self.transform, self.draft = list(paths), transform, draft
         self.names, self.sha256, self.jpeg = names, sha256, jpeg
+        self.root = None if root is None else Path(root)  # manifest rows: each must stay inside it
 
     @classmethod
     def of_rows(
@@ -135,7 +137,7 @@ class Images(torch.utils.data.Dataset):
     ) -> Images:
         names = [r.path for r in rows]
         paths = [Path(root) / n for n in names]
-        return cls(paths, transform, draft=draft, names=names, sha256=[r.sha256 for r in rows], **kw)
+        return cls(paths, transform, draft=draft, names=names, sha256=[r.sha256 for r in rows], root=root, **kw)
 
     @classmethod
     def of_files(cls, paths: Sequence[Path], transform: Callable, draft: int | None = None, **kw) -> Images:
@@ -146,7 +148,7 @@ class Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Item:
         try:
-            data = read_bytes(self.paths[i])
+            data = read_bytes(self.paths[i] if self.root is None else confined(self.root, self.names[i]))
         except ImageRejected as err:
             return self._rejected(i, err)
         if self.sha256 is not None and hashlib.sha256(data).hexdigest() != self.sha256[i]:
@@ -188,18 +190,27 @@ class Images(torch.utils.data.Dataset):
 
 def collate(items: list[Item]) -> Batch:
     ready = [it for it in items if it.pixels is not None]
-    images = torch.zeros(0, dtype=torch.uint8)
-    if ready and all(it.pixels.device.type == "cpu" for it in ready):
-        # numpy's copy, not torch's: torch's wakes its OpenMP threads, which then spin for a while on the cores
-        # the decoding threads need (decoding alone, inline, three runs each: 475-567 img/s, 463-519 with
-        # torch.stack). Into a contiguous batch, as torch.stack made it: the layout changes training's numerics.
-        images = torch.empty((len(ready), *ready[0].pixels.shape), dtype=ready[0].pixels.dtype)
-        np.stack([it.pixels.numpy() for it in ready], out=images.numpy())
-    elif ready:
-        images = torch.stack([it.pixels for it in ready])
+    images = stack([it.pixels for it in ready])
     rejected = [(it.index, it.rejected.reason, it.rejected.detail) for it in items if it.rejected is not None]
     encoded = [it for it in items if it.encoded is not None]
     return Batch(images, torch.tensor([it.index for it in ready], dtype=torch.int64), rejected, encoded)
+
+
+def stack(images: list[torch.Tensor], *, join: bool = False) -> torch.Tensor:
+    """Images into one contiguous batch (`join`: batches into one), an empty uint8 tensor for none.
+
+    On the CPU with numpy's copy, not torch's: torch's wakes its OpenMP threads, which then spin for a while on
+    the cores the decoding threads and processes need (decoding alone, inline, three runs each: 475-567 img/s,
+    463-519 with torch.stack). Contiguous, as torch.stack made it: the layout changes training's numerics.
+    """
+    if not images:
+        return torch.zeros(0, dtype=torch.uint8)
+    if any(x.device.type != "cpu" for x in images):
+        return torch.cat(images) if join else torch.stack(images)
+    shape = (sum(len(x) for x in images), *images[0].shape[1:]) if join else (len(images), *images[0].shape)
+    out = torch.empty(shape, dtype=images[0].dtype)
+    (np.concatenate if join else np.stack)([x.numpy() for x in images], out=out.numpy())
+    return out
 
 
 def concat(parts: list[Batch], device: torch.device, *, sort: bool = False) -> Batch:
@@ -207,7 +218,7 @@ def concat(parts: list[Batch], device: torch.device, *, sort: bool = False) -> B
     images = [p.images.to(device, non_blocking=True) for p in parts if len(p.index)]
     index = torch.cat([p.index for p in parts])
     batch = Batch(
-        torch.cat(images) if images else torch.zeros(0, dtype=torch.uint8),
+        stack(images, join=True),
         index,
         [r for p in parts for r in p.rejected],
         [e for p in parts for e in p.encoded],
@@ -270,7 +281,12 @@ def _worker_batches(dataset: Images, batch_size: int, num_workers: int, device: 
 
 
 def _inline_batches(dataset: Images, batch_size: int, num_workers: int, device: torch.device) -> Iterator[Batch]:
-    with ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="decode") as pool:
+    # Each decoding thread runs torch's ops (torchvision's resize) on itself alone, as DataLoader workers do:
+    # an OpenMP team per thread would put more threads than cores beside the forward pass.
+    threads = max(1, torch.get_num_threads())
+    with ThreadPoolExecutor(
+        threads, thread_name_prefix="decode", initializer=torch.set_num_threads, initargs=(1,)
+    ) as pool:
         for start in range(0, len(dataset), batch_size):
             yield collate(list(pool.map(dataset.__getitem__, range(start, min(start + batch_size, len(dataset))))))
 

@@ -23,7 +23,14 @@ PathArg = click.Path(path_type=Path)
 def main(data: Path, manifest: Path, quarantine: Path, metrics: Path, params: Path) -> None:
     start = time.perf_counter()
     p = load_params(params).prepare
-    result = build_manifest(data, p.val_fraction, p.test_fraction, p.seed, num_workers=p.num_workers)
+    result = build_manifest(
+        data,
+        p.val_fraction,
+        p.test_fraction,
+        p.seed,
+        num_workers=p.num_workers,
+        on_cross_split_duplicate=p.on_cross_split_duplicate,
+    )
     write_manifest(result, manifest)
     write_quarantine(result, quarantine)
     counts = result.counts()
@@ -31,8 +38,8 @@ def main(data: Path, manifest: Path, quarantine: Path, metrics: Path, params: Pa
     click.echo(
         f"prepare: {counts['ok']} images in {counts['classes']} classes ({result.layout} layout; "
         f"train {counts['n_train']} / val {counts['n_val']} / test {counts['n_test']}), "
-        f"{counts['quarantined']} quarantined, in {time.perf_counter() - start:.1f}s ({p.num_workers} processes) "
-        f"-> {manifest}"
+        f"{counts['quarantined']} quarantined, {counts['cross_split_duplicates']} cross-split duplicates, "
+        f"in {time.perf_counter() - start:.1f}s ({p.num_workers} processes) -> {manifest}"
     )
 
 

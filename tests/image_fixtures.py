@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.images import MAX_FILE_BYTES
 from tests.conftest import write_image_folder
 
 RED = (255, 0, 0)
@@ -134,6 +135,11 @@ CASES = {
 # Not an image file at all: a symlink whose target is gone. Reading it fails with OSError, as an
 # unreadable file does, even for root (who can read a chmod 000 file).
 DANGLING_LINK = Case("dogs/moved_away.jpg", "quarantined", "unreadable")
+# Files refused before anything is read, and paths the manifest cannot hold (written by write_bad_input_root).
+FIFO = Case("dogs/pipe.jpg", "quarantined", "not_a_file")
+HUGE = Case("dogs/huge.png", "quarantined", "too_large")  # sparse: takes no disk space
+LINK_OUTSIDE = Case("dogs/elsewhere.png", "quarantined", "outside_root")  # a good PNG outside the root
+BAD_NAME = Case("cats/bad\\xffname.png", "quarantined", "bad_name")  # as the manifest shows b"bad\xffname"
 # Hidden and system files: skipped (counted), neither used nor quarantined.
 HIDDEN = (".DS_Store", "cats/.DS_Store", "cats/._truncated.jpg", "dogs/Thumbs.db")
 EMPTY_CLASS = "birds"
@@ -147,10 +153,17 @@ def write_bad_input_root(root: Path) -> dict[str, Case]:
     for case, make in CASES.values():
         (root / case.path).write_bytes(make())
     os.symlink(root / "nowhere" / "gone.jpg", root / DANGLING_LINK.path)
+    os.mkfifo(root / FIFO.path)
+    with (root / HUGE.path).open("wb") as f:
+        f.truncate(MAX_FILE_BYTES + 1)
+    (root.parent / "outside.png").write_bytes(one_pixel_png())
+    os.symlink(root.parent / "outside.png", root / LINK_OUTSIDE.path)
+    (root / os.fsdecode(b"cats/bad\xffname.png")).write_bytes(one_pixel_png())
     for name in HIDDEN:
         (root / name).write_bytes(b"\x00\x05\x16\x07 not an image")
     (root / EMPTY_CLASS).mkdir()
-    return {name: case for name, (case, _) in CASES.items()} | {"dangling_symlink": DANGLING_LINK}
+    special = {"dangling_symlink": DANGLING_LINK, "fifo": FIFO, "huge": HUGE, "link_outside": LINK_OUTSIDE}
+    return {name: case for name, (case, _) in CASES.items()} | special | {"bad_name": BAD_NAME}
 
 
 def snapshot(root: Path) -> dict[str, tuple[bytes | str, int]]:
@@ -161,6 +174,8 @@ def snapshot(root: Path) -> dict[str, tuple[bytes | str, int]]:
         mtime = path.lstat().st_mtime_ns
         if path.is_symlink():
             state[rel] = (os.readlink(path), mtime)
+        elif path.is_file() and path.stat().st_size > 2**24:  # the sparse giant: its size is enough
+            state[rel] = (f"<{path.stat().st_size} bytes>", mtime)
         elif path.is_file():
             state[rel] = (path.read_bytes(), mtime)
         else:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import BACKGROUND, ImageRejected, decode_rgb, read_bytes
+from pipeline.images import BACKGROUND, MAX_FILE_BYTES, ImageRejected, confined, decode_rgb, read_bytes
 from tests import image_fixtures as fx
 
 # Pillow's own default (a quarter gigabyte of 3-byte pixels); the pipeline must not raise or remove it.
@@ -162,18 +162,56 @@ def test_zero_byte_file_is_empty(tmp_path: Path):
     assert info.value.reason == "empty_file"
 
 
-@pytest.mark.parametrize("kind", ["directory named like an image", "dangling symlink", "missing file"])
+@pytest.mark.parametrize("kind", ["dangling symlink", "missing file"])
 def test_read_failures_are_unreadable(tmp_path: Path, kind: str):
     """Read failures that happen to root as well (root can read a chmod 000 file)."""
     path = tmp_path / "x.jpg"
-    if kind == "directory named like an image":
-        path.mkdir()
-    elif kind == "dangling symlink":
+    if kind == "dangling symlink":
         path.symlink_to(tmp_path / "gone.jpg")
     with pytest.raises(ImageRejected) as info:
         read_bytes(path)
     assert info.value.reason == "unreadable"
-    assert info.value.detail.split(":")[0] in {"IsADirectoryError", "FileNotFoundError"}
+    assert info.value.detail.split(":")[0] == "FileNotFoundError"
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "character device", "folder"])
+def test_special_files_are_refused_by_type_before_they_are_opened(tmp_path: Path, kind: str):
+    """A FIFO would block the read forever and /dev/zero never end: neither is opened."""
+    path = {"FIFO": tmp_path / "pipe.jpg", "character device": Path("/dev/zero"), "folder": tmp_path / "d.jpg"}[kind]
+    if kind == "FIFO":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    with pytest.raises(ImageRejected) as info:
+        read_bytes(path)
+    assert (info.value.reason, info.value.detail) == ("not_a_file", f"a {kind}, not a regular file; not opened")
+
+
+def test_a_file_larger_than_any_image_is_refused_before_it_is_read(tmp_path: Path):
+    path = tmp_path / "junk.png"
+    with path.open("wb") as f:
+        f.truncate(MAX_FILE_BYTES + 1)  # sparse: no disk space, and read whole it would take 1.5 GB
+    with pytest.raises(ImageRejected) as info:
+        read_bytes(path)
+    assert info.value.reason == "too_large" and "more than any image takes; not read" in info.value.detail
+
+
+@pytest.mark.parametrize("rel", ["/etc/hostname", "../outside.png", "cats/../../outside.png"])
+def test_paths_that_leave_the_data_root_are_refused(tmp_path: Path, rel: str):
+    with pytest.raises(ImageRejected, match="outside_root"):
+        confined(tmp_path / "root", rel)
+
+
+def test_a_link_that_resolves_outside_the_data_root_is_refused_and_one_inside_kept(tmp_path: Path):
+    root = tmp_path / "root"
+    (root / "cats").mkdir(parents=True)
+    (tmp_path / "secret.png").write_bytes(b"x")
+    (root / "cats" / "real.png").write_bytes(b"x")
+    (root / "cats" / "out.png").symlink_to(tmp_path / "secret.png")
+    (root / "cats" / "in.png").symlink_to(root / "cats" / "real.png")
+    with pytest.raises(ImageRejected, match=f"a link to {tmp_path / 'secret.png'}, outside the data root"):
+        confined(root, "cats/out.png")
+    assert confined(root, "cats/in.png") == root / "cats" / "in.png"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can read a chmod 000 file; the read failure is tested above")

@@ -57,6 +57,7 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     first = dvc(project, "repro")
     heads = set(yaml.safe_load((project / "params.yaml").read_text())["heads"])
     assert stages_run(first) == {
+        "check_params",
         "prepare",
         "extract",
         "warm_start",
@@ -92,7 +93,7 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     second = dvc(project, "repro")
     # That head, its evaluation, the learning curve (drawn for the head chosen on val among all of them) and the
     # report that compares every model; nothing upstream.
-    assert stages_run(second) == {"train_head@probe", "evaluate@probe", "learning_curve", "report"}
+    assert stages_run(second) == {"check_params", "train_head@probe", "evaluate@probe", "learning_curve", "report"}
     assert "Stage 'extract' didn't change, skipping" in second
 
     diff = json.loads(dvc(project, "metrics", "diff", "--json"))
@@ -120,9 +121,9 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     # The learning curve is its own stage: DVC knows what a change to it makes stale, and reruns only that.
     params["learning_curve"]["seeds"] = 2
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert set(json.loads(dvc(project, "status", "--json"))) == {"learning_curve"}
+    assert set(json.loads(dvc(project, "status", "--json"))) == {"check_params", "learning_curve"}
     # (The report follows only if the curve's numbers moved: on these easy images every subset may score 1.0.)
-    assert {"learning_curve"} <= stages_run(dvc(project, "repro")) <= {"learning_curve", "report"}
+    assert {"learning_curve"} <= stages_run(dvc(project, "repro")) <= {"check_params", "learning_curve", "report"}
 
     # How images are decoded is not what they are: extract reruns, reuses every embedding and writes the same
     # bytes, so DVC reruns nothing downstream of the store; only the report, which reads the extraction
@@ -131,6 +132,39 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     params["extract"].update(loader="workers", num_workers=1)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = dvc(project, "repro")
-    assert stages_run(third) == {"extract", "report"}
+    assert stages_run(third) == {"check_params", "extract", "report"}
     extraction = json.loads((project / "metrics" / "extract.json").read_text())
     assert (extraction["reused"], extraction["extraction_seconds"]) == (30, cost)
+
+
+def test_a_params_mistake_stops_dvc_repro_in_one_line_before_any_output_is_deleted(project: Path):
+    """DVC deletes a stage's outputs just before running it: before, `batch_size: -4` then `dvc repro extract`
+    left no feature store, and a head-kind typo deleted the head and its validation curve."""
+    dvc(project, "repro", "train_head@probe")
+    kept = {
+        path: (project / path).read_bytes()
+        for path in ("data/features/test_resnet.h5", "data/heads/probe.h5", "metrics/val_curve/probe.json")
+    }
+    good = (project / "params.yaml").read_text()
+    for mistake, target, message in (
+        (("extract", "batch_size", -4), "extract", "extract.batch_size must be >= 1; got -4"),
+        (("heads", "probe", {"kind": "logregg"}), "train_head@probe", "heads.probe.kind: unknown head 'logregg'"),
+    ):
+        params = yaml.safe_load(good)
+        section, key, value = mistake
+        params[section][key] = value
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        env_path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+        done = subprocess.run(
+            [sys.executable, "-m", "dvc", "repro", target],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            env={"PATH": env_path, "HOME": str(project)},
+        )
+        assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
+        assert stages_run(done.stdout) == {"check_params"}
+        for path, data in kept.items():
+            assert (project / path).read_bytes() == data, f"{path} changed after {mistake}"
+    (project / "params.yaml").write_text(good)
+    assert stages_run(dvc(project, "repro", "train_head@probe")) <= {"check_params"}

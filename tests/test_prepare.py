@@ -13,8 +13,17 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import dataset
-from pipeline.dataset import SPLITS, DataError, Manifest, build_manifest, scan, write_manifest, write_quarantine
-from pipeline.images import decode_rgb
+from pipeline.dataset import (
+    SPLITS,
+    DataError,
+    Manifest,
+    build_manifest,
+    cross_split_duplicates,
+    scan,
+    write_manifest,
+    write_quarantine,
+)
+from pipeline.images import REASONS, decode_rgb
 from stages.prepare import main as prepare_main
 from tests import image_fixtures as fx
 from tests.conftest import write_image_folder
@@ -63,7 +72,8 @@ def test_each_readable_file_is_decoded_once(bad_root, monkeypatch):
 
     monkeypatch.setattr(dataset, "decode_rgb", counting_decode)
     manifest = prepare(root)
-    read = [r.sha256 for r in manifest.rows if r.reason not in ("unreadable", "empty_file")]
+    never_read = ("unreadable", "empty_file", "not_a_file", "too_large", "outside_root", "bad_name")
+    read = [r.sha256 for r in manifest.rows if r.reason not in never_read]
     assert sorted(decoded) == sorted(read)
 
 
@@ -123,7 +133,7 @@ def test_stage_writes_counts_quarantine_list_and_leaves_the_data_root_untouched(
     assert metrics["n_train"] + metrics["n_val"] + metrics["n_test"] == metrics["ok"]
     reasons = Counter(c.reason for c in bad)
     assert {k: v for k, v in metrics.items() if k.startswith("quarantined_")} == {
-        f"quarantined_{reason}": n for reason, n in reasons.items()
+        f"quarantined_{reason}": reasons.get(reason, 0) for reason in REASONS
     }
     with (out / "quarantine.csv").open(newline="") as f:
         listed = {r["path"]: r["reason"] for r in csv.DictReader(f)}
@@ -174,7 +184,7 @@ def test_a_class_with_too_few_usable_images_to_split(tmp_path: Path):
     """Three files are enough to split, but one of them is broken; this is found after decoding."""
     write_image_folder(tmp_path, {"cats": 8, "dogs": 2})
     (tmp_path / "dogs" / "broken.jpg").write_bytes(fx.truncated_jpeg())
-    with pytest.raises(DataError, match=r"class 'dogs' has 2 usable images: too few .*\(at least 3\)"):
+    with pytest.raises(DataError, match=r"class 'dogs' has 2 distinct usable images: too few .*\(at least 3\)"):
         prepare(tmp_path)
 
 
@@ -202,8 +212,8 @@ def test_a_class_with_no_usable_train_images_in_a_kept_split(tmp_path: Path):
     write_image_folder(tmp_path / "train", {"cats": 4})
     (tmp_path / "train" / "dogs").mkdir()
     (tmp_path / "train" / "dogs" / "broken.jpg").write_bytes(fx.truncated_jpeg())
-    write_image_folder(tmp_path / "val", {"cats": 2, "dogs": 2})
-    write_image_folder(tmp_path / "test", {"cats": 2, "dogs": 2})
+    write_image_folder(tmp_path / "val", {"cats": 2, "dogs": 2}, seed=1)
+    write_image_folder(tmp_path / "test", {"cats": 2, "dogs": 2}, seed=2)
     with pytest.raises(DataError, match=r"class 'dogs' has no usable images in train/"):
         prepare(tmp_path)
 
@@ -337,3 +347,56 @@ def test_several_processes_write_the_same_manifest_and_quarantine_byte_for_byte(
     assert pools == [2]  # one process alone decodes in place; two use a pool
     assert written[1] == written[2]
     assert b"broken.png" in written[2][1] and b"empty.jpg" in written[2][1]
+
+
+# --- leak-proof splits: copies of one file never straddle two splits ---------------------------------
+
+
+@pytest.mark.parametrize("seed", [4, 6])
+def test_copies_of_one_file_always_share_a_carved_split(tmp_path: Path, seed: int):
+    """Before: ten copies of one image, seeds 4 and 6, landed 4 in train, 3 in val, 3 in test."""
+    write_image_folder(tmp_path, {"cats": 12, "dogs": 12})
+    original = (tmp_path / "cats" / "cats_000.png").read_bytes()
+    for k in range(10):
+        (tmp_path / "cats" / f"copy_{k}.png").write_bytes(original)
+    manifest = prepare(tmp_path, seed=seed)
+    copies = [r for r in manifest.ok_rows() if r.sha256 == hashlib.sha256(original).hexdigest()]
+    assert len(copies) == 11 and len({r.split for r in copies}) == 1
+    assert manifest.cross_split_duplicates == 0
+
+
+def _split_folders_with_a_copy_in_test(root: Path) -> str:
+    write_image_folder(root / "train", {"cats": 4, "dogs": 4}, seed=0)
+    write_image_folder(root / "val", {"cats": 2, "dogs": 2}, seed=1)
+    write_image_folder(root / "test", {"cats": 2, "dogs": 2}, seed=2)
+    copy = root / "test" / "cats" / "from_train.png"
+    copy.write_bytes((root / "train" / "cats" / "cats_001.png").read_bytes())
+    return "test/cats/from_train.png"
+
+
+def test_a_file_copied_into_two_split_folders_stops_prepare_by_default(tmp_path: Path):
+    """Before: the same file in train/ and test/ was accepted, and test accuracy became 1.0."""
+    _split_folders_with_a_copy_in_test(tmp_path)
+    match = r"1 files have an identical copy in another split, e\.g\. train/cats/cats_001\.png \(train\) and test/"
+    with pytest.raises(DataError, match=match):
+        prepare(tmp_path)
+
+
+def test_warn_keeps_a_cross_split_copy_and_counts_it(tmp_path: Path, caplog):
+    copy = _split_folders_with_a_copy_in_test(tmp_path)
+    manifest = build_manifest(tmp_path, 0.25, 0.25, seed=0, on_cross_split_duplicate="warn")
+    assert split_of(manifest)[copy] == "test"
+    assert manifest.counts()["cross_split_duplicates"] == 1
+    assert "1 files have an identical copy in another split" in caplog.text
+
+
+def test_drop_from_test_quarantines_the_later_copy_and_says_which_it_duplicates(tmp_path: Path):
+    copy = _split_folders_with_a_copy_in_test(tmp_path)
+    manifest = build_manifest(tmp_path, 0.25, 0.25, seed=0, on_cross_split_duplicate="drop_from_test")
+    row = next(r for r in manifest.rows if r.path == copy)
+    assert (row.status, row.split, row.reason) == ("quarantined", "", "duplicate_across_splits")
+    assert row.detail == "identical to train/cats/cats_001.png in train"
+    assert split_of(manifest)["train/cats/cats_001.png"] == "train"
+    counts = manifest.counts()
+    assert (counts["cross_split_duplicates"], counts["quarantined_duplicate_across_splits"]) == (1, 1)
+    assert len(cross_split_duplicates(manifest.rows)) == 0  # what remains is leak-free

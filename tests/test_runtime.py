@@ -1,5 +1,6 @@
 """The runtime: devices named by who asked for them, one image Dataset for manifest rows and plain files."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +69,19 @@ def test_one_inference_loop_serves_probabilities_and_skips_batches_with_no_reada
     proba = predict_proba(network, iter([batch]), runtime, lambda x: x.float() / 255)
     assert proba.shape == (5, 4) and proba.dtype == np.float64
     np.testing.assert_allclose(proba.sum(1), 1.0)
+
+
+@pytest.mark.parametrize("escape", ["absolute path", "climbs out", "link out"])
+def test_a_manifest_row_leading_out_of_the_data_root_stops_the_run_before_it_is_read(image_folder, tmp_path, escape):
+    rows = read_manifest(prepare_manifest(image_folder, tmp_path / "manifest.csv")).ok_rows()
+    secret = tmp_path / "secret.png"
+    secret.write_bytes((image_folder / rows[0].path).read_bytes())
+    if escape == "link out":
+        (image_folder / rows[0].path).unlink()
+        (image_folder / rows[0].path).symlink_to(secret)
+        row = rows[0]
+    else:
+        row = replace(rows[0], path=str(secret) if escape == "absolute path" else "../secret.png")
+    dataset = Images.of_rows(image_folder, [row], build_backbone("test_resnet").preprocessing.to_uint8)
+    with pytest.raises(DataError, match="outside_root"):
+        dataset[0]
