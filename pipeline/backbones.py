@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import socket
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -162,7 +163,7 @@ def build_backbone(name: str, weights: Path | None = None, allow_download: bool 
             "`transfer backbones` lists them"
         )
     if weights is not None and not name.startswith(("torchvision/", "timm/")):
-        model.load_state_dict(load_state_dict(weights))
+        load_weights_into(model, weights, name)
         weights_id = f"file:{Path(weights).name}"
     preprocessing = _preprocessing_of(model, name)
     features, classifier, dim = split_classifier(model)
@@ -171,21 +172,62 @@ def build_backbone(name: str, weights: Path | None = None, allow_download: bool 
     return Backbone(name, features, classifier, dim, preprocessing, weights_id, categories)
 
 
+# What reading a damaged or foreign weights file raised in practice: torch.load's zip reader (RuntimeError), its
+# weights-only unpickler (UnpicklingError, also for a pickle that would run code: none runs; EOFError, KeyError,
+# IndexError, UnicodeDecodeError on garbled bytes), and the safetensors header parser.
+WEIGHTS_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, IndexError, ValueError, OSError)
+WEIGHTS_FIX = "set extract.weights to a safetensors file or torch state dict of this architecture"
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load tensors from safetensors or a torch file, never unpickling arbitrary objects."""
+    """Load tensors from safetensors or a torch file, never unpickling arbitrary objects; anything else is a
+    one-line `BackboneError`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise BackboneError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, "cpu", weights_only=True)
+    except (*WEIGHTS_ERRORS, SafetensorError) as err:
+        raise BackboneError(
+            f"{path}: not a weights file that loads as plain tensors ({_summary(err)}); {WEIGHTS_FIX}"
+        ) from err
     # Some checkpoints wrap the state dict: {"state_dict": {...}} or {"model": {...}}.
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"{path}: holds no state dict (names mapped to tensors); {WEIGHTS_FIX}")
     return state
+
+
+def load_weights_into(model: nn.Module, path: Path, name: str) -> None:
+    """Load a weights file into `model`, refusing in one line one that does not fit it tensor for tensor."""
+    state, expected = load_state_dict(path), model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unknown = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = [f"{len(missing)} of its {len(expected)} tensors missing (first {missing[0]})"] if missing else []
+    problems += [f"{len(unknown)} unknown (first {unknown[0]})"] if unknown else []
+    if reshaped:
+        k = reshaped[0]
+        shapes = f"{tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in {name}"
+        problems.append(f"{len(reshaped)} of another shape (first {k}: {shapes})")
+    if problems:
+        raise BackboneError(f"{path}: not weights of {name}: {'; '.join(problems)}; {WEIGHTS_FIX}")
+    model.load_state_dict(state)
+
+
+def _summary(err: BaseException) -> str:
+    """An error in one line: torch's messages run over many (a first line ending in ':' gets the next one), and
+    its advice for a refused pickle (to load it unsafely) is not ours to give."""
+    if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):
+        return "it holds Python objects besides tensors, which are not unpickled: no code from it ran"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else "")
+    return f"{type(err).__name__}: {text.split('. ')[0][:200]}"
 
 
 def split_classifier(model: nn.Module) -> tuple[nn.Module, nn.Module, int]:
@@ -297,7 +339,7 @@ def _torchvision(arch: str, weights: Path | None, allow_download: bool) -> tuple
     spec = models.get_model_weights(arch).DEFAULT
     model = models.get_model(arch, weights=None)
     if weights is not None:
-        model.load_state_dict(load_state_dict(weights))
+        load_weights_into(model, weights, f"torchvision/{arch}")
         return model, list(spec.meta.get("categories") or []), f"file:{Path(weights).name}"
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(spec.url).path).name
     if not cached.is_file():
@@ -312,8 +354,15 @@ def _timm(arch: str, weights: Path | None, allow_download: bool) -> tuple[nn.Mod
 
     if arch not in timm.list_models(pretrained=True) and arch not in timm.list_models():
         raise BackboneError(f"unknown timm model '{arch}'; `timm.list_models(pretrained=True)` lists them")
-    if weights is not None:
-        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(weights)})
+    if weights is not None:  # timm's own loader: it adapts checkpoints of some models (filter functions)
+        from safetensors import SafetensorError
+
+        if not Path(weights).is_file():
+            raise BackboneError(f"weights file not found: {weights}")
+        try:  # timm reads torch files with weights_only=True: a pickle that would run code is refused
+            model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(weights)})
+        except (*WEIGHTS_ERRORS, SafetensorError) as err:
+            raise BackboneError(f"{weights}: timm cannot load it into {arch} ({_summary(err)}); {WEIGHTS_FIX}") from err
         return model, None, f"file:{Path(weights).name}"
     cfg = timm.create_model(arch, pretrained=False).pretrained_cfg
     hub_id = cfg.get("hf_hub_id")

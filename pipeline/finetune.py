@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -121,14 +123,20 @@ def init_from_head(layer: nn.Linear, head: TrainedHead) -> None:
 
 
 def check_warm_start(
-    head: TrainedHead, classes: list[str], backbone: str, crop: int, weights: str | Path | None
+    head: TrainedHead, classes: list[str], manifest: str, backbone: str, crop: int, weights: str | Path | None
 ) -> None:
-    """A head can seed the new layer only if it saw these classes, and the features this backbone (with these
-    weights) gives at this image size."""
+    """A head can seed the new layer only if it saw these classes, in the split of this manifest (`manifest`,
+    its hash: a head of another split may have trained on this one's test rows), and the features this backbone
+    (with these weights) gives at this image size."""
     if head.kind != "logreg":
         raise FinetuneError(f"init_head needs a logreg head; {head.name} is a {head.kind} head")
     if head.classes != classes:
         raise FinetuneError(f"the logreg head has classes {head.classes}, the manifest {classes}; rerun train_head")
+    if head.manifest_sha256 != manifest:
+        raise FinetuneError(
+            f"the logreg head was trained on the split of manifest {str(head.manifest_sha256)[:16]}, fine-tuning "
+            f"reads manifest {manifest[:16]} (prepare ran again since): rerun train_head on a store extracted from it"
+        )
     seen = head.store_attrs
     if _as_path(seen.get("weights_file")) != _as_path(weights):  # `./w.safetensors` is `w.safetensors`
         raise FinetuneError(
@@ -148,21 +156,22 @@ def _as_path(value: str | Path | None) -> Path | None:
 
 def initial_layer(
     backbone: Backbone,
-    classes: list[str],
+    manifest: Manifest,
     params: FinetuneParams,
     head: TrainedHead | None = None,
     weights: str | Path | None = None,
 ) -> dict[str, torch.Tensor]:
     """The new output layer's starting weights: seeded random ones, or the trained logistic head folded in
     (`params.init_head: logreg`, the linear probe then fine-tune recipe), after checking that the head saw
-    these classes and the features of this backbone, weights (`weights`, extract's) and image size."""
+    the manifest's classes and split, and the features of this backbone, weights (`weights`, extract's) and
+    image size."""
     torch.manual_seed(params.seed)
-    layer = nn.Linear(backbone.feature_dim, len(classes))
+    layer = nn.Linear(backbone.feature_dim, len(manifest.classes))
     if params.init_head == "logreg":
         if head is None:
             raise FinetuneError("finetune.init_head is logreg but no trained logreg head was given")
         crop = backbone.preprocessing.with_image_size(params.image_size).crop
-        check_warm_start(head, classes, backbone.name, crop, weights)
+        check_warm_start(head, manifest.classes, manifest_sha256(manifest), backbone.name, crop, weights)
         init_from_head(layer, head)
     return {name: tensor.detach().clone() for name, tensor in layer.state_dict().items()}
 
@@ -296,7 +305,7 @@ def finetune(
     data = read_splits(manifest_path)
     backbone = build_backbone(backbone_name, weights)
     if initial is None:
-        initial = initial_layer(backbone, data.classes, params)  # init_head: logreg needs the head: refused here
+        initial = initial_layer(backbone, data.manifest, params)  # init_head: logreg needs the head: refused here
     training = build_training(backbone, data, params, initial)
     checkpoint = Path(checkpoint_dir) / run_key(backbone, params, data.manifest, training.model.head) / "checkpoint.pt"
     state = resume(checkpoint, training)
@@ -355,10 +364,11 @@ def build_training(backbone: Backbone, data: Splits, params: FinetuneParams, ini
 
 
 def resume(checkpoint: Path, training: Training) -> TrainingState:
-    """The state saved after the last completed epoch, loaded into the model and optimizer; a fresh one if none."""
-    if not checkpoint.is_file():
+    """The state saved after the last completed epoch, loaded into the model and optimizer; a fresh one if there
+    is none, or if it is damaged (set aside by `read_checkpoint`): training then starts from scratch."""
+    saved = read_checkpoint(checkpoint) if checkpoint.is_file() else None
+    if saved is None:
         return TrainingState()
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     training.model.load_state_dict(saved["model"])
     training.optimizer.load_state_dict(saved["optimizer"])
     training.scheduler.load_state_dict(saved["scheduler"])
@@ -441,19 +451,47 @@ def evaluate_loss(training: Training, batches, labels: torch.Tensor) -> tuple[fl
     return float(-np.log(p_true).mean()), float((proba.argmax(1) == targets).mean())
 
 
+# A checkpoint file is this header, the sha256 of the rest and a newline, then what torch.save wrote. The digest is
+# checked before torch.load reads a byte: torch's zip reader checks no CRC, so zeroed bytes inside a tensor load
+# as zeros, and damaged zip or pickle structure fails in many ways. Written by hand: torch has no such check.
+CHECKPOINT_HEADER = b"transfer-pipeline checkpoint sha256 "
+
+
 def save_checkpoint(path: Path, training: Training, state: TrainingState) -> None:
-    """Atomically: a kill during the save leaves the previous epoch's checkpoint intact."""
-    with atomic_path(path) as tmp:
-        torch.save(
-            {
-                "model": training.model.state_dict(),
-                "optimizer": training.optimizer.state_dict(),
-                "scheduler": training.scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-                **{f.name: getattr(state, f.name) for f in fields(state)},  # asdict would deep-copy the weights
-            },
-            tmp,
+    """Atomically, with its digest inside: a kill during the save leaves the previous epoch's checkpoint intact."""
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "model": training.model.state_dict(),
+            "optimizer": training.optimizer.state_dict(),
+            "scheduler": training.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            **{f.name: getattr(state, f.name) for f in fields(state)},  # asdict would deep-copy the weights
+        },
+        buffer,
+    )
+    payload = buffer.getbuffer()
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        f.write(CHECKPOINT_HEADER + hashlib.sha256(payload).hexdigest().encode() + b"\n")
+        f.write(payload)
+
+
+def read_checkpoint(path: Path) -> dict | None:
+    """What `save_checkpoint` saved; None when the file is damaged or truncated (or of another format): it is
+    then renamed aside to `<name>.corrupt`, with a warning naming it."""
+    data = memoryview(Path(path).read_bytes())
+    end = len(CHECKPOINT_HEADER) + 65
+    payload = data[end:]
+    if data[:end] != CHECKPOINT_HEADER + hashlib.sha256(payload).hexdigest().encode() + b"\n":
+        aside = Path(path).with_name(Path(path).name + ".corrupt")
+        os.replace(path, aside)
+        log.warning(
+            "finetune: checkpoint %s is damaged or truncated (its sha256 does not match); moved aside to %s, "
+            "training starts again from epoch 1",
+            *(path, aside.name),
         )
+        return None
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
 
 
 def saved_config(backbone: Backbone, training: Training, classes: list[str], result: FinetuneResult) -> dict:

@@ -20,7 +20,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from pipeline.errors import PipelineError
 from pipeline.estimators import CosineCentroids, CosineNeighbors, LbfgsLinearSVC, TemperatureScaled
-from pipeline.store import FeatureStore, StoreError, check_matches, load_arrays, save_arrays
+from pipeline.store import HEAD_FIX, FeatureStore, StoreError, load_arrays, save_arrays
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,9 @@ class TrainedHead:
     n_train: int
     n_val: int
     store_attrs: dict = field(default_factory=dict)  # the store's STORE_ATTRS: what the features were
+    # The store's manifest hash: which rows were train, val and test. The fingerprint says what computed the
+    # features, not how they were split; a head of another split may have trained on the store's test rows.
+    manifest_sha256: str | None = None
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """Probabilities for every class of the store, columns in class-index order."""
@@ -139,28 +142,26 @@ def save_head(head: TrainedHead, path: Path) -> None:
             "n_train": head.n_train,
             "n_val": head.n_val,
             "store": head.store_attrs,
+            "manifest_sha256": head.manifest_sha256,
         },
     )
 
 
 def load_head(path: Path, store: FeatureStore | None = None) -> TrainedHead:
-    """Load a head; given the store it will score, refuse it if it was trained on another one."""
+    """Load a head, checking that its file is intact and consistent (classes, shapes, finite numbers); given the
+    store it will score, refuse it if it was trained on another one (`check_trained_on`)."""
     if not Path(path).is_file():  # before load_arrays, whose message is about feature stores
         raise StoreError(f"head file {path} not found; run the train_head stage first")
     arrays, attrs = load_arrays(path)
     if attrs.get("kind") not in HEADS:
         raise StoreError(f"{path}: not a head file (kind {attrs.get('kind')!r})")
-    if store is not None and attrs["store_fingerprint"] != store.fingerprint:
-        raise StoreError(
-            f"{path} was trained on features with fingerprint {attrs['store_fingerprint']}, "
-            f"but the store has {store.fingerprint} ({store.attrs.get('backbone')}); rerun train_head"
-        )
-    if store is not None:
-        check_matches(path, store.attrs, None, attrs["classes"])
+    if "manifest_sha256" not in attrs:
+        raise StoreError(f"{path}: saved before heads recorded the split they were trained on; {HEAD_FIX}")
+    _check_arrays(path, arrays)
     hyperparameters = _decoded(attrs["hyperparameters"])
     model = _restore(path, HEADS[attrs["kind"]], hyperparameters, arrays)
-    _check_predicts(path, model)
-    return TrainedHead(
+    _check_predicts(path, model, attrs["classes"])
+    head = TrainedHead(
         name=attrs["name"],
         kind=attrs["kind"],
         model=model,
@@ -172,7 +173,31 @@ def load_head(path: Path, store: FeatureStore | None = None) -> TrainedHead:
         n_train=int(attrs["n_train"]),
         n_val=int(attrs["n_val"]),
         store_attrs=attrs.get("store", {}),
+        manifest_sha256=attrs["manifest_sha256"],
     )
+    if store is not None:
+        check_trained_on(head, store.attrs, path, "the feature store")
+    return head
+
+
+def check_trained_on(head: TrainedHead, store_attrs: dict, path: Path, store: Path | str) -> None:
+    """Refuse to use a head with a store other than the one it was trained on, naming both values: other
+    features (fingerprint), another split of the same features (manifest: the store's test rows may be ones the
+    head trained on), or other class names (every prediction would be labelled wrong)."""
+    fingerprint, manifest = store_attrs.get("fingerprint"), store_attrs.get("manifest_sha256")
+    if head.store_fingerprint != fingerprint:
+        raise StoreError(
+            f"{path} was trained on features with fingerprint {head.store_fingerprint}, "
+            f"but {store} has {fingerprint} ({store_attrs.get('backbone')}); {HEAD_FIX}"
+        )
+    if head.manifest_sha256 != manifest:
+        raise StoreError(
+            f"{path} was trained on the split of manifest {str(head.manifest_sha256)[:16]}, but {store} holds "
+            f"manifest {str(manifest)[:16]} (prepare ran again: its test rows may be ones the head trained on); "
+            f"{HEAD_FIX}"
+        )
+    if head.classes != list(store_attrs.get("classes", [])):
+        raise StoreError(f"{path} has classes {head.classes}, but {store} has {store_attrs.get('classes')}; {HEAD_FIX}")
 
 
 def _decoded(hyperparameters: dict) -> dict:
@@ -183,13 +208,85 @@ def _decoded(hyperparameters: dict) -> dict:
     return hyperparameters
 
 
-def _check_predicts(path: Path, model: Pipeline) -> None:
-    """A file missing an array, or holding one of the wrong shape, fails here in one line, not at scoring."""
+def _check_arrays(path: Path, arrays: dict[str, Any]) -> None:
+    """Every dataset is what `_as_dataset` writes: real numbers, all finite (a NaN would print as a probability),
+    or a scalar text or None."""
+    for key, value in arrays.items():
+        if isinstance(value, (h5py.Empty, bytes, str)):
+            continue
+        array = np.asarray(value)
+        if array.dtype.kind not in "biuf":
+            raise StoreError(f"{path}: {key} holds {array.dtype} values, not real numbers; {HEAD_FIX}")
+        bad = int(np.size(array) - np.isfinite(array).sum()) if array.dtype.kind == "f" else 0
+        if bad:
+            raise StoreError(f"{path}: {key} holds {bad} non-finite value(s) (NaN or infinity); {HEAD_FIX}")
+
+
+def _check_predicts(path: Path, model: Pipeline, classes: list[str]) -> None:
+    """A file missing an array, holding one of the wrong shape, or a class list that does not name every class
+    the model predicts, fails here in one line, not at scoring."""
+    labels = np.asarray(getattr(model, "classes_", []))
+    if labels.dtype.kind not in "iu" or len(set(classes)) != len(classes) or labels.min(initial=0) < 0:
+        raise StoreError(f"{path}: class labels {labels.tolist()} for class names {classes}; {HEAD_FIX}")
+    if labels.max(initial=-1) >= len(classes):
+        raise StoreError(
+            f"{path}: {len(classes)} class names, but the model predicts {int(labels.max()) + 1} classes; {HEAD_FIX}"
+        )
+    _check_shapes(path, model)
     try:
-        model.predict_proba(np.zeros((1, model.n_features_in_)))
+        proba = full_proba(model, np.zeros((1, model.n_features_in_)), len(classes))
     except (AttributeError, ValueError, TypeError, IndexError, NotFittedError) as err:
-        problem = f"{type(err).__name__}: {err}"
-        raise StoreError(f"{path}: incomplete or inconsistent head file ({problem}); rerun train_head") from err
+        problem = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise StoreError(f"{path}: incomplete or inconsistent head file ({problem}); {HEAD_FIX}") from err
+    if proba.shape != (1, len(classes)) or not np.isfinite(proba).all():
+        raise StoreError(f"{path}: inconsistent head file (it predicts {proba.tolist()}); {HEAD_FIX}")
+
+
+def _expected_shapes(name: str, features: int, classes: int) -> set[tuple[int, ...]] | None:
+    """The shapes a per-feature or per-class fitted array may have, from the features and classes its estimator
+    saw (None: not such an array). numpy would broadcast a wrong one (a single row of coefficients, a single
+    mean) into plausible probabilities. A linear model keeps one row for two classes, the logit of the second;
+    RidgeClassifier keeps that row flat."""
+    rows = classes if classes > 2 else 1
+    return {
+        "coef_": {(rows, features), (features,)} if classes == 2 else {(rows, features)},
+        "intercept_": {(rows,)},
+        "centroids_": {(classes, features)},
+        "mean_": {(features,)},
+        "scale_": {(features,)},
+        "var_": {(features,)},
+    }.get(name)
+
+
+def _check_shapes(path: Path, model: Pipeline) -> None:
+    """Every fitted array of every step (sub-estimators included) has the shape its features and classes give."""
+
+    def check(estimator: BaseEstimator, where: str) -> None:
+        state = vars(estimator)
+        features, classes = state.get("n_features_in_"), len(state.get("classes_", []))
+        if features is not None and not isinstance(features, int):
+            raise StoreError(f"{path}: {where}.n_features_in_ is {features!r}, not a count; {HEAD_FIX}")
+        for name, value in state.items():
+            if isinstance(value, BaseEstimator):
+                check(value, f"{where}.{name}")
+                continue
+            shapes = _expected_shapes(name, features, classes) if features is not None else None
+            if shapes is not None and np.shape(value) not in shapes:
+                expected = " or ".join(map(str, sorted(shapes)))
+                raise StoreError(
+                    f"{path}: inconsistent head file ({where}.{name} has shape {np.shape(value)}, expected "
+                    f"{expected} for {features} features and {classes} classes); {HEAD_FIX}"
+                )
+        if "reference_" in state:  # k-NN's kept rows: one label each
+            rows, labels = np.shape(state["reference_"]), np.shape(state.get("reference_labels_"))
+            if rows[1:] != (features,) or labels != rows[:1]:
+                raise StoreError(
+                    f"{path}: inconsistent head file ({where}.reference_ of shape {rows} with labels of shape "
+                    f"{labels}, for {features} features); {HEAD_FIX}"
+                )
+
+    for name, step in model.steps:
+        check(step, name)
 
 
 def _is_fitted_name(name: str) -> bool:
@@ -233,7 +330,7 @@ def _restore(path: Path, kind: HeadKind, hyperparameters: dict, arrays: dict[str
 
     Types come from the registry only: a dataset can set an attribute, never choose a class.
     """
-    rerun = "rerun train_head"
+    rerun = HEAD_FIX
     if "model" in arrays:
         raise StoreError(f"{path}: a head file in the old skops format; {rerun}")
     try:

@@ -14,7 +14,7 @@ from pipeline.backbones import Preprocessing, backbone_of_store, fingerprint
 from pipeline.dataset import is_junk
 from pipeline.errors import PipelineError
 from pipeline.finetuned import load_finetuned
-from pipeline.heads import TrainedHead, load_head
+from pipeline.heads import TrainedHead, check_trained_on, load_head
 from pipeline.jpeg import JpegDecoder
 from pipeline.runtime import Images, Runtime, forward_batches, image_batches
 from pipeline.store import read_attrs
@@ -37,14 +37,17 @@ class Rejected:
 
 def list_images(inputs: list[Path]) -> list[Path]:
     """Files as given, folders walked recursively, in sorted order. Hidden and system files and folders inside a
-    given folder are skipped; where the folder itself lies (`../photos`, `~/.data/photos`) does not matter."""
+    given folder are skipped; where the folder itself lies (`../photos`, `~/.data/photos`) does not matter.
+
+    Everything in a folder but its folders is listed, special files (FIFOs, sockets, devices) and broken links
+    included: reading refuses them by type, so they come back as rejected with their reason, never unmentioned."""
     paths: list[Path] = []
     for item in inputs:
         if item.is_dir():
             found = [
                 p
                 for p in sorted(item.rglob("*"))
-                if p.is_file() and not any(is_junk(part) for part in p.relative_to(item).parts)
+                if not p.is_dir() and not any(is_junk(part) for part in p.relative_to(item).parts)
             ]
             if not found:
                 raise PipelineError(f"{item}: no image files in this folder (hidden and system files are skipped)")
@@ -114,13 +117,11 @@ class _Softmax(torch.nn.Module):
 
 
 def head_predictor(head_path: Path, store_path: Path, device: str = "auto") -> Predictor:
-    """A head with the backbone and preprocessing of the store it was trained on, checked by fingerprint."""
+    """A head with the backbone and preprocessing of the store it was trained on: the same features (fingerprint),
+    split (manifest) and class names."""
     attrs = read_attrs(store_path)
     head = load_head(head_path)
-    if head.store_fingerprint != attrs["fingerprint"]:
-        raise PipelineError(
-            f"{head_path} was trained on features {head.store_fingerprint}, {store_path} has {attrs['fingerprint']}"
-        )
+    check_trained_on(head, attrs, head_path, store_path)
     backbone = backbone_of_store(attrs)
     preprocessing = Preprocessing.from_dict(attrs["preprocessing"])
     decoder = attrs.get("decoder", "pillow")  # stores written before the choice were all Pillow's

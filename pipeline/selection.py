@@ -79,6 +79,7 @@ def train_head(store: FeatureStore, name: str, params: HeadParams) -> TrainedHea
         n_train=len(y_train),
         n_val=len(y_val),
         store_attrs={key: store.attrs.get(key) for key in STORE_ATTRS},
+        manifest_sha256=store.attrs.get("manifest_sha256"),
     )
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +26,74 @@ SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 ROWS_PER_CHUNK = 256  # HDF5 chunk height of `features`: a few hundred KB to a few MB per chunk
 
 
+# What to do about a damaged or unreadable file, by what wrote it.
+STORE_FIX = "rerun extract"
+HEAD_FIX = "rerun train_head"
+
+# Every HDF5 file written here starts with HDF5's user block (room HDF5 leaves to the application, superblock
+# after it) holding the sha256 of the rest of the file, checked before HDF5 parses a byte. fletcher32, on every
+# dataset besides, is what HDF5 checks on each read; alone it misses a chunk zeroed together with its checksum
+# (the Fletcher sum of zeros is zero), and covers neither attributes nor variable-length strings. Damaged HDF5
+# metadata can make the library hang or crash instead of raising: it must never see it.
+USER_BLOCK = 512
+SEAL = b"transfer-pipeline sha256 "
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
 class StoreError(PipelineError):
     """A feature store or head file is missing, malformed, or not the one that was asked for."""
+
+
+class DamagedFile(StoreError):
+    """A file's bytes are not the ones written: its recorded sha256 does not match, or it is cut short."""
+
+
+@contextmanager
+def sealed_h5(path: Path) -> Iterator[h5py.File]:
+    """A new HDF5 file: written under a temporary name, sealed with its sha256, then renamed into place."""
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w", userblock_size=USER_BLOCK) as f:
+            yield f
+        seal = SEAL + _sha256_after_user_block(tmp).encode() + b"\n"
+        with open(tmp, "r+b") as raw:
+            raw.write(seal.ljust(USER_BLOCK, b"\0"))
+
+
+def verify(path: Path, fix: str = "") -> bool:
+    """Check a file's seal before HDF5 opens it: True if sealed and intact, False for a plain HDF5 file (written
+    before files were sealed, or by another program); `DamagedFile` otherwise, its message ending with `fix`."""
+    then = f"; {fix}" if fix else ""
+    with open(path, "rb") as raw:
+        head = raw.read(USER_BLOCK)
+    if head.startswith(HDF5_SIGNATURE):
+        return False
+    if not head.startswith(SEAL):
+        raise DamagedFile(
+            f"{path} is not a readable HDF5 file of this pipeline (damaged, truncated, or another kind of file){then}"
+        )
+    recorded = head[len(SEAL) : len(SEAL) + 64].decode("ascii", "replace")
+    actual = _sha256_after_user_block(path)
+    if actual != recorded:
+        raise DamagedFile(
+            f"{path} is damaged or truncated: its bytes hash to sha256 {actual[:16]}, it was written as "
+            f"{recorded[:16]}{then}"
+        )
+    return True
+
+
+def _sha256_after_user_block(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as raw:
+        raw.seek(USER_BLOCK)
+        while block := raw.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checksummed(value: object) -> dict:
+    """create_dataset's arguments for a checksum HDF5 verifies on read: fletcher32 needs chunked storage (h5py
+    picks the chunks), which HDF5 has for no scalar or empty (null) dataset; the file's seal covers those."""
+    return {"fletcher32": True} if np.ndim(value) > 0 else {}
 
 
 @dataclass
@@ -70,12 +139,13 @@ def write_store(
     `feature_chunks` yields consecutive row blocks, so memory holds one block, never the whole matrix.
     """
     n = len(labels)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with sealed_h5(path) as f:
         feats = f.create_dataset(
             "features",
             shape=(n, feature_dim),
             dtype="float32",
             chunks=(min(ROWS_PER_CHUNK, max(n, 1)), feature_dim),
+            fletcher32=True,
         )
         start = 0
         for block in feature_chunks:
@@ -83,16 +153,19 @@ def write_store(
             start += len(block)
         if start != n:
             raise StoreError(f"{path}: {start} feature rows written for {n} images")
-        f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-        f.create_dataset("split", data=np.asarray(split, dtype=np.uint8))
-        f.create_dataset("paths", data=list(paths), dtype=h5py.string_dtype("utf-8"))
-        f.create_dataset("sha256", data=np.array(sha256, dtype="S64"))
+        f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64), fletcher32=True)
+        f.create_dataset("split", data=np.asarray(split, dtype=np.uint8), fletcher32=True)
+        # Fixed-width UTF-8: HDF5 filters no variable-length data, so fletcher32 needs it (readers decode bytes).
+        encoded = [p.encode() for p in paths]
+        text = h5py.string_dtype("utf-8", max(map(len, encoded), default=1) or 1)
+        f.create_dataset("paths", data=np.array(encoded, dtype=text), fletcher32=True)
+        f.create_dataset("sha256", data=np.array(sha256, dtype="S64"), fletcher32=True)
         _encode_attrs(f, attrs)
 
 
 def read_attrs(path: Path) -> dict:
-    """A store's attributes (JSON values decoded), without reading the features."""
-    with _open(path) as f:
+    """A store's attributes (JSON values decoded), without reading the features (the seal is checked)."""
+    with _open(path, STORE_FIX) as f:
         if "features" not in f:
             raise StoreError(f"{path} is not a feature store (no features dataset); give data/features/<backbone>.h5")
         return _decode_attrs(f.attrs)
@@ -101,18 +174,22 @@ def read_attrs(path: Path) -> dict:
 def read_store(
     path: Path, expect_fingerprint: str | None = None, expect_classes: Sequence[str] | None = None
 ) -> FeatureStore:
-    """Read a whole store, refusing one built by another model or for other classes."""
-    with _open(path) as f:
+    """Read a whole store, refusing one built by another model or for other classes, or a damaged one."""
+    with _open(path, STORE_FIX) as f:
         attrs = _decode_attrs(f.attrs)
         check_matches(path, attrs, expect_fingerprint, expect_classes)
-        return FeatureStore(
-            features=f["features"][:],
-            labels=f["labels"][:],
-            split=f["split"][:],
-            paths=[p.decode() if isinstance(p, bytes) else p for p in f["paths"][:]],
-            sha256=[h.decode() for h in f["sha256"][:]],
-            attrs=attrs,
-        )
+        _check_declared_sizes(path, f, STORE_FIX)
+        try:
+            return FeatureStore(
+                features=f["features"][:],
+                labels=f["labels"][:],
+                split=f["split"][:],
+                paths=[p.decode() if isinstance(p, bytes) else p for p in f["paths"][:]],
+                sha256=[h.decode() for h in f["sha256"][:]],
+                attrs=attrs,
+            )
+        except (OSError, KeyError) as err:  # fletcher32 failed, or a dataset is missing
+            raise StoreError(f"{path}: cannot be read as a feature store ({err}); {STORE_FIX}") from err
 
 
 def check_matches(
@@ -127,19 +204,36 @@ def check_matches(
         raise StoreError(f"{path} has classes {attrs.get('classes')}, but {list(expect_classes)} were expected")
 
 
-def _open(path: Path) -> h5py.File:
+def _open(path: Path, fix: str) -> h5py.File:
+    """Open a sealed file once its seal is checked; an unsealed one (older, or another program's) is refused."""
     path = Path(path)
     if not path.is_file():
         raise StoreError(f"feature store {path} not found; run the extract stage first")
+    if not verify(path, fix):
+        raise StoreError(
+            f"{path} was written by an older version of this pipeline or by another program (no checksum); {fix}"
+        )
     try:
         f = h5py.File(path, "r")
     except OSError as err:
-        raise StoreError(f"{path} is not a readable HDF5 file: {err}") from err
+        raise StoreError(f"{path} is not a readable HDF5 file: {err}; {fix}") from err
     version = f.attrs.get("schema_version")
     if version != SCHEMA_VERSION:
         f.close()
         raise StoreError(f"{path}: schema_version {version}, expected {SCHEMA_VERSION}")
     return f
+
+
+def _check_declared_sizes(path: Path, f: h5py.File, fix: str) -> None:
+    """Nothing written here is compressed, so no dataset holds more bytes than its file: a larger declared shape
+    (a crafted file; HDF5 fills unwritten chunks in) is refused before reading allocates it."""
+    size = os.path.getsize(path)
+    for name, dataset in f.items():
+        if not isinstance(dataset, h5py.Dataset):
+            raise StoreError(f"{path}: {name} is a {type(dataset).__name__}, not a dataset; {fix}")
+        declared = 0 if dataset.shape is None else dataset.size * dataset.dtype.itemsize
+        if declared > size:
+            raise StoreError(f"{path}: {name} declares {declared:,} bytes, more than the file's {size:,}; {fix}")
 
 
 def _encode_attrs(f: h5py.File, attrs: dict) -> None:
@@ -175,6 +269,10 @@ class EmbeddingCache:
     process killed at any moment leaves only whole shards, so a rerun recomputes nothing already
     flushed. (One HDF5 file appended in place is not safe against kill -9.) A lock file makes a second
     process fail at once instead of interleaving writes. Use it as a context manager.
+
+    Shards are sealed like every file here, and every seal is checked when the cache is opened (one read of the
+    whole cache): a damaged shard is renamed to `<shard>.corrupt` with a warning and its rows leave the index, so
+    the run computes them again. Shards of older versions carry no seal and are read unchecked.
     """
 
     def __init__(self, root: Path, fingerprint: str, feature_dim: int):
@@ -196,13 +294,34 @@ class EmbeddingCache:
             ) from err
         for stale in self.dir.glob(".*.tmp"):  # left by a killed writer; never renamed, never valid
             stale.unlink()
-        shards = sorted(self.dir.glob("shard-*.h5"))
-        self._next_number = max((int(p.stem.split("-")[1]) for p in shards), default=-1) + 1
-        for shard in shards:
-            with h5py.File(shard, "r") as f:
-                for row, key in enumerate(f["sha256"][:]):
-                    self._index.setdefault(key.decode(), (shard, row))
+        # Numbered past the shards set aside too, so a new shard never takes a damaged one's name.
+        numbers = (int(p.name.split(".")[0].split("-")[1]) for p in self.dir.glob("shard-*.h5*"))
+        self._next_number = max(numbers, default=-1) + 1
+        for shard in sorted(self.dir.glob("shard-*.h5")):
+            for row, key in enumerate(self._intact_hashes(shard)):
+                self._index.setdefault(key, (shard, row))
         return self
+
+    def _intact_hashes(self, shard: Path) -> list[str]:
+        """The content hashes a shard holds, once its seal shows every byte is as written (a shard written before
+        seals is read unchecked). A damaged shard is renamed aside and holds nothing: its embeddings are
+        computed again, since extract computes whatever the cache lacks."""
+        try:
+            verify(shard)
+            with h5py.File(shard, "r") as f:
+                hashes = [key.decode() for key in f["sha256"][:]]
+                shape = f["features"].shape
+            if shape != (len(hashes), self.feature_dim):
+                raise DamagedFile(f"features of shape {shape} for {len(hashes)} hashes of dimension {self.feature_dim}")
+        except (StoreError, OSError, KeyError) as err:  # KeyError: h5py's error for a missing dataset
+            aside = shard.with_name(shard.name + ".corrupt")
+            os.replace(shard, aside)
+            log.warning(
+                "embedding cache shard %s is damaged (%s): moved aside to %s; its embeddings will be computed again",
+                *(shard, err, aside.name),
+            )
+            return []
+        return hashes
 
     def __exit__(self, *exc) -> None:
         for reader in self._readers.values():
@@ -242,7 +361,7 @@ class EmbeddingCache:
         for i, h in enumerate(hashes):
             shard, row = self._index[h]
             if shard not in columns:
-                columns[shard] = _record_of(self._reader(shard), key)
+                columns[shard] = self._column(shard, key)
             out[i] = columns[shard][row]
         return out
 
@@ -255,7 +374,7 @@ class EmbeddingCache:
             by_shard.setdefault(shard, []).append((row, i))
         for shard, pairs in by_shard.items():
             rows = np.array(sorted({row for row, _ in pairs}))
-            block = self._reader(shard)["features"][rows]  # h5py wants increasing indices
+            block = self._column(shard, "features", rows)  # h5py wants increasing indices
             position = {row: k for k, row in enumerate(rows)}
             for row, i in pairs:
                 out[i] = block[position[row]]
@@ -279,36 +398,54 @@ class EmbeddingCache:
         """Write a shard under a temporary name and rename it: readers only ever see whole shards."""
         shard = self.dir / f"shard-{self._next_number:08d}.h5"
         self._next_number += 1
-        with atomic_path(shard) as tmp, h5py.File(tmp, "w") as f:
-            f.create_dataset("sha256", data=np.array(hashes, dtype="S64"))
+        with sealed_h5(shard) as f:
+            f.create_dataset("sha256", data=np.array(hashes, dtype="S64"), fletcher32=True)
             for key in RECORD:
-                f.create_dataset(key, data=np.asarray(record[key], dtype=np.float64))
-            features = f.create_dataset("features", shape=(len(hashes), self.feature_dim), dtype="float32")
+                f.create_dataset(key, data=np.asarray(record[key], dtype=np.float64), fletcher32=True)
+            features = f.create_dataset(
+                "features",
+                shape=(len(hashes), self.feature_dim),
+                dtype="float32",
+                chunks=(min(ROWS_PER_CHUNK, max(len(hashes), 1)), self.feature_dim),
+                fletcher32=True,
+            )
             start = 0
             for block in blocks:
                 features[start : start + len(block)] = block
                 start += len(block)
         self._index.update({h: (shard, row) for row, h in enumerate(hashes)})
 
-    def _reader(self, shard: Path) -> h5py.File:
+    def _column(self, shard: Path, key: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """Rows of one dataset of a shard (all by default); a `RECORD` column a shard written before it was
+        recorded lacks is nan. Its checksums were verified at open: a failure now means it changed since."""
         if shard not in self._readers:
             self._readers[shard] = h5py.File(shard, "r")
-        return self._readers[shard]
-
-
-def _record_of(shard: h5py.File, key: str) -> np.ndarray:
-    """One `RECORD` column of a shard; nan for shards written before it was recorded."""
-    return shard[key][:] if key in shard else np.full(len(shard["sha256"]), np.nan)
+        f = self._readers[shard]
+        try:
+            if key not in f:
+                return np.full(len(f["sha256"]) if rows is None else len(rows), np.nan)
+            return f[key][:] if rows is None else f[key][rows]
+        except OSError as err:
+            raise StoreError(
+                f"embedding cache shard {shard} changed while extract ran ({err}); run extract again: it will be "
+                "set aside and its embeddings computed again"
+            ) from err
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
-    """Write named arrays and JSON-able attributes to HDF5 atomically: how heads are saved (no pickle)."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    """Write named arrays and JSON-able attributes to a sealed HDF5 file atomically: how heads are saved (no
+    pickle). Every array but a scalar gets its fletcher32 checksum; the seal covers all of it."""
+    with sealed_h5(path) as f:
         for key, value in arrays.items():
-            f.create_dataset(key, data=value)
+            f.create_dataset(key, data=value, **_checksummed(value))
         _encode_attrs(f, attrs)
 
 
-def load_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    with _open(path) as f:
-        return {key: f[key][()] for key in f}, _decode_attrs(f.attrs)
+def load_arrays(path: Path, fix: str = HEAD_FIX) -> tuple[dict[str, np.ndarray], dict]:
+    """What `save_arrays` wrote, once the file's seal is checked and no dataset declares more than the file holds."""
+    with _open(path, fix) as f:
+        _check_declared_sizes(path, f, fix)
+        try:
+            return {key: f[key][()] for key in f}, _decode_attrs(f.attrs)
+        except OSError as err:  # fletcher32 failed: only if the file changed after its seal was checked
+            raise StoreError(f"{path}: cannot be read ({err}); {fix}") from err

@@ -30,7 +30,7 @@ def main(manifest: Path, head: Path, out: Path, params: Path) -> None:
     p = load_params(params)
     backbone = build_backbone(p.extract.backbone, p.extract.weights_path, p.extract.allow_download)
     warm = load_head(head) if p.finetune.init_head == "logreg" else None
-    layer = initial_layer(backbone, read_manifest(manifest).classes, p.finetune, warm, p.extract.weights)
+    layer = initial_layer(backbone, read_manifest(manifest), p.finetune, warm, p.extract.weights)
     with atomic_path(out) as tmp:
         save_file(layer, tmp)
     start = f"the logistic head {head}" if warm else f"random weights (seed {p.finetune.seed})"

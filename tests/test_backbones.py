@@ -1,5 +1,6 @@
 """The backbone registry: real offline weights, classifier removal, preprocessing, clear errors."""
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -165,3 +166,44 @@ def test_uncached_weights_fail_at_once_with_the_fix(tmp_path):
             build_backbone("torchvision/resnet18", allow_download=False)
     finally:
         torch.hub.set_dir(previous)
+
+
+class _Payload:
+    """A pickle that would create a file when unpickled: what a malicious weights file does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _bad_weights(kind: str, tmp_path: Path) -> Path:
+    if kind == "other-architecture":
+        save_file(_full_state("test_efficientnet"), tmp_path / "w.safetensors")
+        return tmp_path / "w.safetensors"
+    if kind == "malicious-pickle":
+        torch.save({"state_dict": _Payload(tmp_path / "pwned")}, tmp_path / "w.pth")
+        return tmp_path / "w.pth"
+    if kind == "random-bytes":
+        (tmp_path / "w.safetensors").write_bytes(np.random.default_rng(0).bytes(4096))
+        return tmp_path / "w.safetensors"
+    save_file(_full_state("test_resnet"), tmp_path / "full.safetensors")
+    torch.save(_full_state("test_resnet"), tmp_path / "full.pth")
+    suffix = ".safetensors" if kind == "truncated-safetensors" else ".pth"
+    data = (tmp_path / f"full{suffix}").read_bytes()
+    (tmp_path / f"w{suffix}").write_bytes(data[: len(data) // 2])
+    return tmp_path / f"w{suffix}"
+
+
+@pytest.mark.parametrize(
+    "kind", ["other-architecture", "malicious-pickle", "random-bytes", "truncated-safetensors", "truncated-torch"]
+)
+@pytest.mark.parametrize("backbone", ["test_resnet", "timm/test_resnet"])
+def test_a_bad_weights_file_is_one_line_error_and_runs_no_code(tmp_path, kind, backbone):
+    """Before: a traceback (RuntimeError, UnpicklingError, SafetensorError) for each."""
+    path = _bad_weights(kind, tmp_path)
+    with pytest.raises(BackboneError, match=rf"{re.escape(str(path))}: .*extract\.weights") as err:
+        build_backbone(backbone, weights=path)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "pwned").exists()

@@ -1,5 +1,6 @@
 """Extraction: correct rows, deterministic bytes, and the embedding cache's promises (resume, increments)."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -186,3 +188,34 @@ def test_a_file_changed_after_prepare_stops_inline_decoding_with_its_name(image_
     params = ExtractParams(**{**TINY.__dict__, "loader": "inline"})
     with pytest.raises(DataError, match=f"square/{victim.name} changed since prepare ran"):
         extract(manifest, image_folder, tmp_path / "features.h5", tmp_path / "cache", params)
+
+
+def _features_offset(shard: Path) -> int:
+    """Where the first stored block of a shard's `features` lies in the file."""
+    with h5py.File(shard, "r") as f:
+        features = f["features"]
+        return features.id.get_chunk_info(0).byte_offset if features.chunks else features.id.get_offset()
+
+
+@pytest.mark.parametrize("damage", ["overwritten", "truncated"])
+def test_a_damaged_cache_shard_is_set_aside_and_its_rows_recomputed(image_folder, tmp_path, caplog, damage):
+    """Before: 200 floats overwritten in a shard were copied into the store (one row silently different), exit 0;
+    a truncated shard stopped extract with a traceback."""
+    clean = run(image_folder, tmp_path / "clean")
+    run(image_folder, tmp_path / "work")  # one compacted shard of 36 rows
+    (shard,) = (tmp_path / "work" / "cache").glob("*/shard-*.h5")
+    if damage == "overwritten":
+        with shard.open("r+b") as f:
+            f.seek(_features_offset(shard) + 4 * 96 * 5)  # row 5 onwards
+            f.write(np.full(200, 0.5, dtype=np.float32).tobytes())
+    else:
+        with shard.open("r+b") as f:
+            f.truncate(shard.stat().st_size - 1000)
+    with caplog.at_level(logging.WARNING, logger="pipeline.store"):
+        again = run(image_folder, tmp_path / "work")
+    assert (again.computed, again.reused) == (36, 0)
+    assert shard.name in caplog.text and shard.with_name(shard.name + ".corrupt").exists()
+    fresh, expected = read_store(again.store), read_store(clean.store)
+    assert fresh.features.tobytes() == expected.features.tobytes()
+    for name in ("labels", "split", "paths", "sha256"):
+        assert np.array_equal(getattr(fresh, name), getattr(expected, name)), name

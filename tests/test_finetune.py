@@ -1,5 +1,6 @@
 """Fine-tuning: the freezing is real, the optimizer is right, the warm start is exact, a kill resumes."""
 
+import logging
 import subprocess
 import sys
 from dataclasses import replace
@@ -14,7 +15,7 @@ from torch import nn
 
 from pipeline.backbones import build_backbone, ordered_blocks
 from pipeline.config import FinetuneParams, HeadParams
-from pipeline.dataset import read_manifest
+from pipeline.dataset import manifest_sha256, read_manifest
 from pipeline.finetune import (
     TRAINING_CODE,
     FinetuneError,
@@ -24,6 +25,7 @@ from pipeline.finetune import (
     init_from_head,
     initial_layer,
     parameter_groups,
+    read_checkpoint,
     run_key,
     warmup_cosine,
 )
@@ -191,9 +193,9 @@ def _setup(work: Path, root: Path) -> None:
     """A work folder for the stage subprocess; its params run on the CPU, where a resumed run's final weights
     equal an uninterrupted run's."""
     work.mkdir()
-    classes = read_manifest(prepare_manifest(root, work / "manifest.csv")).classes
+    manifest = read_manifest(prepare_manifest(root, work / "manifest.csv"))
     save_file(
-        initial_layer(build_backbone("test_resnet"), classes, FinetuneParams(init_head="random")),
+        initial_layer(build_backbone("test_resnet"), manifest, FinetuneParams(init_head="random")),
         work / "init.safetensors",
     )
     (work / "params.yaml").write_text(
@@ -216,7 +218,7 @@ def test_kill_during_epoch_three_resumes_there_with_identical_final_weights(tmp_
             break
     proc.wait()
     assert proc.returncode == -9
-    saved = torch.load(next((killed / "ckpt").glob("*/checkpoint.pt")), weights_only=True)
+    saved = read_checkpoint(next((killed / "ckpt").glob("*/checkpoint.pt")))
     assert saved["epoch"] == 2 and not (killed / "out").exists()
 
     resumed = subprocess.run(_stage(killed, root), cwd=REPO, capture_output=True, text=True)
@@ -231,23 +233,26 @@ def test_kill_during_epoch_three_resumes_there_with_identical_final_weights(tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_warm_start_is_refused_for_other_classes_features_weights_or_size():
-    def head(**seen):
-        store = {"backbone": "efficientnet_lite0", "image_size": 224, "weights_file": None, **seen}
-        return type("Head", (), {"name": "logreg", "kind": "logreg", "classes": ["a", "b"], "store_attrs": store})()
+def _head(manifest: str = "m", **seen):
+    """What check_warm_start reads of a trained head: trained on manifest `manifest`, features as `seen`."""
+    store = {"backbone": "efficientnet_lite0", "image_size": 224, "weights_file": None, **seen}
+    attrs = {"name": "logreg", "kind": "logreg", "classes": ["a", "b"], "store_attrs": store}
+    return type("Head", (), {**attrs, "manifest_sha256": manifest})()
 
-    check_warm_start(head(), ["a", "b"], "efficientnet_lite0", 224, None)
+
+def test_warm_start_is_refused_for_other_classes_features_weights_or_size():
+    check_warm_start(_head(), ["a", "b"], "m", "efficientnet_lite0", 224, None)
     with pytest.raises(FinetuneError, match="at 224 px, fine-tuning runs efficientnet_lite0 at 128 px"):
-        check_warm_start(head(), ["a", "b"], "efficientnet_lite0", 128, None)
+        check_warm_start(_head(), ["a", "b"], "m", "efficientnet_lite0", 128, None)
     with pytest.raises(FinetuneError, match="trained on test_resnet features at 224 px"):
-        check_warm_start(head(backbone="test_resnet"), ["a", "b"], "efficientnet_lite0", 224, None)
+        check_warm_start(_head(backbone="test_resnet"), ["a", "b"], "m", "efficientnet_lite0", 224, None)
     with pytest.raises(FinetuneError, match="weights w.safetensors, fine-tuning starts from the defaults"):
-        check_warm_start(head(weights_file="w.safetensors"), ["a", "b"], "efficientnet_lite0", 224, None)
+        check_warm_start(_head(weights_file="w.safetensors"), ["a", "b"], "m", "efficientnet_lite0", 224, None)
     with pytest.raises(FinetuneError, match=r"has classes \['a', 'b'\], the manifest \['a', 'c'\]"):
-        check_warm_start(head(), ["a", "c"], "efficientnet_lite0", 224, None)
+        check_warm_start(_head(), ["a", "c"], "m", "efficientnet_lite0", 224, None)
     knn = type("Head", (), {"name": "knn", "kind": "knn"})()
     with pytest.raises(FinetuneError, match="needs a logreg head"):
-        check_warm_start(knn, ["a", "b"], "efficientnet_lite0", 224, None)
+        check_warm_start(knn, ["a", "b"], "m", "efficientnet_lite0", 224, None)
 
 
 def test_checkpoints_are_not_resumed_across_a_change_of_pixels(data, monkeypatch):
@@ -292,11 +297,12 @@ def test_warm_start_stage_writes_the_same_random_layer_whatever_the_head(data, t
 
 def test_warm_start_stage_folds_in_the_logistic_head(data, tmp_path):
     _, manifest = data
-    classes = read_manifest(manifest).classes
+    classes, split = read_manifest(manifest).classes, manifest_sha256(read_manifest(manifest))
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 8)
     features = rng.normal(size=(24, 96)) + np.eye(3, 96)[labels] * 3
-    store = make_store(features, labels, np.tile([0, 0, 1], 8), classes, backbone="test_resnet", image_size=32)
+    attrs = {"backbone": "test_resnet", "image_size": 32, "manifest_sha256": split}
+    store = make_store(features, labels, np.tile([0, 0, 1], 8), classes, **attrs)
     head = train_head(store, "logreg", HeadParams(grid={"C": [1.0]}))
     save_head(head, tmp_path / "logreg.h5")
     layer = _warm_start(tmp_path, manifest, tmp_path / "logreg.h5", "logreg")
@@ -317,3 +323,32 @@ def test_a_change_to_the_training_code_is_not_resumed(data, tmp_path, monkeypatc
     key = run_key(backbone, FAST, manifest, layer)
     module.write_text("# another version\n")
     assert run_key(backbone, FAST, manifest, layer) != key
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "truncated"])
+def test_a_damaged_checkpoint_is_set_aside_and_training_starts_again(data, tmp_path, caplog, damage):
+    """Before: a checkpoint with 4 KB zeroed was resumed, optimizer state changed; a truncated one was a
+    traceback. Now it is renamed aside with a warning, and training starts from scratch: the same weights."""
+    root, manifest = data
+    params = replace(FAST, epochs=1)
+    finetune(manifest, root, "test_resnet", params, tmp_path / "first", tmp_path / "ckpt")
+    (checkpoint,) = (tmp_path / "ckpt").glob("*/checkpoint.pt")
+    with checkpoint.open("r+b") as f:
+        if damage == "zeroed":
+            f.seek(checkpoint.stat().st_size // 2)
+            f.write(bytes(4096))
+        else:
+            f.truncate(checkpoint.stat().st_size // 2)
+    with caplog.at_level(logging.WARNING, logger="pipeline.finetune"):
+        again = finetune(manifest, root, "test_resnet", params, tmp_path / "again", tmp_path / "ckpt")
+    assert (again.resumed_from_epoch, again.epochs_run) == (0, 1)
+    assert str(checkpoint) in caplog.text and checkpoint.with_name("checkpoint.pt.corrupt").exists()
+    a, b = load_file(tmp_path / "first" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_warm_start_is_refused_for_a_head_trained_on_another_split():
+    head = _head(manifest="1" * 64)
+    check_warm_start(head, ["a", "b"], "1" * 64, "efficientnet_lite0", 224, None)
+    with pytest.raises(FinetuneError, match=r"manifest 1111111111111111.*manifest 2222222222222222.*rerun"):
+        check_warm_start(head, ["a", "b"], "2" * 64, "efficientnet_lite0", 224, None)

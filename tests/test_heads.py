@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 from sklearn.neighbors import KNeighborsClassifier
@@ -16,7 +18,7 @@ from sklearn.preprocessing import Normalizer, normalize
 from pipeline.config import HeadParams
 from pipeline.heads import HEADS, HeadError, load_head, save_head
 from pipeline.selection import train_head
-from pipeline.store import SPLIT_CODES, FeatureStore, StoreError, load_arrays, save_arrays
+from pipeline.store import SPLIT_CODES, FeatureStore, StoreError, load_arrays, save_arrays, sealed_h5
 from tests.conftest import make_store
 
 DIM = 6
@@ -223,8 +225,9 @@ def test_a_head_keeps_what_its_features_were(trained, tmp_path):
     assert head.store_attrs == expected
     save_head(head, tmp_path / "head.h5")
     assert load_head(tmp_path / "head.h5").store_attrs == expected
-    with h5py.File(tmp_path / "head.h5", "a") as f:
-        del f.attrs["store"]  # a head saved before heads kept them
+    arrays, attrs = load_arrays(tmp_path / "head.h5")
+    del attrs["store"]  # a head saved before heads kept them
+    save_arrays(tmp_path / "head.h5", arrays, attrs)
     assert load_head(tmp_path / "head.h5").store_attrs == {}
 
 
@@ -342,3 +345,87 @@ def test_the_head_stages_import_no_torch(trained, tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+def _edit(path: Path, arrays=None, attrs=None) -> None:
+    """Save the head file again with `arrays(a)` / `attrs(a)` applied to its datasets / attributes."""
+    a, b = load_arrays(path)
+    if arrays:
+        arrays(a)
+    if attrs:
+        attrs(b)
+    save_arrays(path, a, b)
+
+
+def _huge(path: Path) -> None:
+    """Replace the coefficients by a dataset that declares 8 TB and stores nothing (HDF5's fill value)."""
+    a, b = load_arrays(path)
+    with sealed_h5(path) as f:  # sealed: the size is what is refused, not a missing checksum
+        for key, value in a.items():
+            if key != "clf.coef_":
+                f.create_dataset(key, data=value)
+        f.create_dataset("clf.coef_", shape=(10**6, 10**6), dtype="f8", chunks=(1, 1024))
+        f.attrs["schema_version"] = 1
+        for key, value in b.items():
+            f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
+
+
+def _set(key: str, value) -> Callable[[dict], None]:
+    return lambda a: a.__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+    ("craft", "message"),
+    [
+        (lambda p: _edit(p, attrs=lambda a: a["hyperparameters"].update(bogus=1)), "do not build this head"),
+        (lambda p: _edit(p, arrays=_set("clf.coef_", np.ones((2, DIM)))), "inconsistent head file"),
+        (lambda p: _edit(p, arrays=_set("clf.coef_", np.ones((1, DIM)))), "inconsistent head file"),
+        (lambda p: _edit(p, arrays=_set("clf.coef_", np.ones((3, DIM + 1)))), "inconsistent head file"),
+        (lambda p: _edit(p, arrays=_set("clf.coef_", np.ones((3, DIM), dtype=complex))), "clf.coef_.*complex"),
+        (lambda p: _edit(p, arrays=_set("clf.coef_", np.array([[b"x"] * DIM] * 3))), "clf.coef_"),
+        (lambda p: _edit(p, attrs=lambda a: a.update(classes=a["classes"][:2])), "2 class names.*3 classes"),
+        (lambda p: _edit(p, arrays=lambda a: a.pop("clf.coef_")), "inconsistent head file"),
+        (lambda p: _edit(p, arrays=lambda a: a.pop("scale.scale_")), "inconsistent head file"),
+        (_huge, r"clf\.coef_ declares 8,000,000,000,000 bytes"),
+    ],
+    ids=["unknown-hyperparameter", "too-few-rows", "one-row", "too-many-columns", "complex", "text", "short-class-list"]
+    + ["no-coefficients", "no-scale", "huge-declared-shape"],
+)
+def test_a_crafted_head_file_is_one_line_error_not_a_traceback(trained, tmp_path, craft, message):
+    path = tmp_path / "head.h5"
+    save_head(trained["logreg"], path)
+    craft(path)
+    with pytest.raises(StoreError, match=rf"head\.h5: .*{message}.*rerun train_head") as err:
+        load_head(path).predict_proba(np.zeros((2, DIM)))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_head_with_a_nan_is_refused_at_load(trained, tmp_path, kind):
+    path = tmp_path / "head.h5"
+    save_head(trained[kind], path)
+    arrays, _ = load_arrays(path)
+    key = max((k for k, v in arrays.items() if np.asarray(v).dtype.kind == "f"), key=lambda k: np.size(arrays[k]))
+
+    def poison(a):
+        a[key] = np.array(a[key], dtype=np.float64)
+        a[key].flat[0] = np.nan
+
+    _edit(path, arrays=poison)
+    with pytest.raises(StoreError, match=rf"head\.h5: {re.escape(key)} holds 1 non-finite value.*rerun train_head"):
+        load_head(path)
+
+
+def test_a_head_is_refused_against_a_store_of_another_manifest_naming_both(trained, blobs, tmp_path):
+    """Same features (fingerprint), another split of them: the head may have trained on the store's test rows."""
+    store = FeatureStore(**{**blobs.__dict__, "attrs": {**blobs.attrs, "manifest_sha256": "1" * 64}})
+    head = train_head(store, "logreg", HeadParams(grid={"C": [1.0]}))
+    assert head.manifest_sha256 == "1" * 64
+    save_head(head, tmp_path / "head.h5")
+    assert load_head(tmp_path / "head.h5", store).manifest_sha256 == "1" * 64
+    resplit = FeatureStore(**{**blobs.__dict__, "attrs": {**blobs.attrs, "manifest_sha256": "2" * 64}})
+    with pytest.raises(StoreError, match=r"manifest 1111111111111111.*manifest 2222222222222222.*rerun train_head"):
+        load_head(tmp_path / "head.h5", resplit)
+    renamed = FeatureStore(**{**store.__dict__, "attrs": {**store.attrs, "classes": ["c0", "c1", "cX"]}})
+    with pytest.raises(StoreError, match=r"classes \['c0', 'c1', 'c2'\].*\['c0', 'c1', 'cX'\].*rerun train_head"):
+        load_head(tmp_path / "head.h5", renamed)

@@ -1,6 +1,8 @@
 """`transfer predict`: the same answers as evaluate on the test split; bad files listed, the rest predicted."""
 
 import json
+import os
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,8 +19,9 @@ from pipeline.evaluate_finetune import evaluate_finetuned
 from pipeline.extract import extract
 from pipeline.finetune import finetune
 from pipeline.heads import load_head, save_head
+from pipeline.predict import list_images
 from pipeline.selection import train_head
-from pipeline.store import read_store
+from pipeline.store import load_arrays, read_store, save_arrays
 from tests.conftest import prepare_manifest
 
 
@@ -201,3 +204,48 @@ def test_files_of_which_none_is_an_image_are_an_error(trained, tmp_path):
     assert not out.exists()  # no file that looks like an answer
     assert code == 1 and "rejected" in stderr
     assert "none of the 1 files given could be read as an image" in stderr and "Traceback" not in stderr
+
+
+def _one_line_error(code: int, stderr: str) -> str:
+    lines = stderr.rstrip("\n").splitlines()
+    assert code == 1 and "Traceback" not in stderr
+    assert lines[-1].startswith("Error: ") and not any(line.startswith("Error: ") for line in lines[:-1])
+    return lines[-1]
+
+
+def test_a_head_whose_class_list_was_reversed_is_refused(trained):
+    """Before: the head's own (reversed) names labelled every image, a 3 as a 6, exit 0."""
+    arrays, attrs = load_arrays(trained["head"])
+    save_arrays(trained["head"], arrays, {**attrs, "classes": attrs["classes"][::-1]})
+    model = ["--head", str(trained["head"]), "--features", str(trained["store"])]
+    message = _one_line_error(*_predict(*model, str(trained["test"][0]))[::2])
+    assert "['triangle', 'square', 'circle']" in message and "['circle', 'square', 'triangle']" in message
+
+
+def test_a_head_with_nan_coefficients_is_refused(trained):
+    """Before: every probability printed as nan, exit 0."""
+    arrays, attrs = load_arrays(trained["head"])
+    arrays["clf.coef_"][0, 0] = np.nan
+    save_arrays(trained["head"], arrays, attrs)
+    model = ["--head", str(trained["head"]), "--features", str(trained["store"])]
+    message = _one_line_error(*_predict(*model, str(trained["test"][0]))[::2])
+    assert "clf.coef_ holds 1 non-finite value" in message and "rerun train_head" in message
+
+
+def test_special_files_in_a_folder_are_listed_as_rejected_not_skipped(trained, tmp_path):
+    """Before: a FIFO or a socket in a folder was left out silently; now each comes back with its reason."""
+    folder = tmp_path / "new"
+    folder.mkdir()
+    (folder / "photo.png").write_bytes(trained["test"][0].read_bytes())
+    os.mkfifo(folder / "pipe.png")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(folder / "sock.png"))
+    try:
+        assert [p.name for p in list_images([folder])] == ["photo.png", "pipe.png", "sock.png"]
+        model = ["--head", str(trained["head"]), "--features", str(trained["store"])]
+        code, payload, stderr = _predict(*model, str(folder))
+    finally:
+        server.close()
+    assert code == 0, stderr
+    assert [Path(p["path"]).name for p in payload["predictions"]] == ["photo.png"]
+    assert sorted(Path(r["path"]).name for r in payload["rejected"]) == ["pipe.png", "sock.png"]

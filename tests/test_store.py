@@ -1,5 +1,7 @@
 """The HDF5 feature store and the embedding cache: round trip, refusal of mismatches, atomicity, locking."""
 
+import logging
+import re
 from pathlib import Path
 
 import h5py
@@ -14,6 +16,7 @@ from pipeline.store import (
     read_attrs,
     read_store,
     save_arrays,
+    sealed_h5,
     write_store,
 )
 
@@ -150,10 +153,80 @@ def test_second_user_of_a_cache_fails_at_once(tmp_path):
 
 
 def test_a_store_of_another_schema_or_a_head_file_is_a_clean_error(tmp_path):
-    with h5py.File(tmp_path / "old.h5", "w") as f:
+    with sealed_h5(tmp_path / "old.h5") as f:
         f.attrs["schema_version"] = 0
     with pytest.raises(StoreError, match="schema_version 0, expected 1"):
         read_attrs(tmp_path / "old.h5")
     save_arrays(tmp_path / "head.h5", {"coef": np.zeros(2)}, {"kind": "logreg"})
     with pytest.raises(StoreError, match="is not a feature store"):
         read_attrs(tmp_path / "head.h5")
+
+
+def _datasets(path: Path) -> dict[str, h5py.Dataset]:
+    found = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, item: found.update({name: (item.shape, item.fletcher32)}))
+    return found
+
+
+def test_every_dataset_written_carries_a_checksum_hdf5_verifies(tmp_path):
+    """fletcher32 on every dataset with elements (HDF5 filters no scalar), beside the file's own digest."""
+    _write(tmp_path / "store.h5")
+    with EmbeddingCache(tmp_path / "cache", "fp", 2) as cache:
+        cache.add(_hashes(3), np.ones((3, 2), np.float32))
+        cache.add(_hashes(2, 3), np.ones((2, 2), np.float32))
+        cache.compact()
+    save_arrays(tmp_path / "head.h5", {"coef": np.ones((2, 3)), "classes": np.arange(2), "t_": np.float64(2)}, {})
+    files = [tmp_path / "store.h5", *(tmp_path / "cache" / "fp").glob("shard-*.h5"), tmp_path / "head.h5"]
+    for path in files:
+        datasets = _datasets(path)
+        assert datasets and all(checked for shape, checked in datasets.values() if shape), (path, datasets)
+    assert _datasets(tmp_path / "head.h5")["t_"] == ((), False)
+
+
+def _corrupt_features(shard: Path) -> None:
+    with h5py.File(shard, "r") as f:
+        offset = f["features"].id.get_chunk_info(0).byte_offset
+    with shard.open("r+b") as f:
+        f.seek(offset)
+        f.write(np.full(2, 7, np.float32).tobytes())
+
+
+def test_a_damaged_shard_is_renamed_aside_and_only_its_rows_leave_the_cache(tmp_path, caplog):
+    with EmbeddingCache(tmp_path, "fp", 2) as cache:
+        cache.add(_hashes(3), np.ones((3, 2), np.float32))
+        cache.add(_hashes(2, 3), np.full((2, 2), 2, np.float32))
+    first, second = sorted((tmp_path / "fp").glob("shard-*.h5"))
+    _corrupt_features(first)
+    with caplog.at_level(logging.WARNING, logger="pipeline.store"), EmbeddingCache(tmp_path, "fp", 2) as cache:
+        assert len(cache) == 2 and _hashes(1)[0] not in cache
+        np.testing.assert_array_equal(cache.read(_hashes(2, 3)), np.full((2, 2), 2))
+        cache.add(_hashes(3), np.zeros((3, 2), np.float32))  # recomputed: a new shard, a new number
+    assert first.name in caplog.text and "its embeddings will be computed again" in caplog.text
+    assert first.with_name(first.name + ".corrupt").exists() and not first.exists()
+    assert sorted(p.name for p in (tmp_path / "fp").glob("shard-*.h5")) == [second.name, "shard-00000002.h5"]
+
+
+def test_a_shard_written_before_checksums_is_still_read(tmp_path):
+    """A shard of an older version: plain HDF5, no digest, no fletcher32."""
+    (tmp_path / "fp").mkdir()
+    with h5py.File(tmp_path / "fp" / "shard-00000000.h5", "w") as f:
+        f.create_dataset("sha256", data=np.array(_hashes(2), dtype="S64"))
+        f.create_dataset("features", data=np.arange(4, dtype=np.float32).reshape(2, 2))
+    with EmbeddingCache(tmp_path, "fp", 2) as cache:
+        np.testing.assert_array_equal(cache.read(_hashes(2)[::-1]), [[2, 3], [0, 1]])
+        assert np.isnan(cache.seconds(_hashes(2)))
+
+
+def test_a_damaged_or_truncated_store_names_the_file_and_the_fix(tmp_path):
+    path = tmp_path / "s.h5"
+    _write(path)
+    original = path.read_bytes()
+    path.write_bytes(original[: len(original) // 2])
+    with pytest.raises(StoreError, match=rf"{re.escape(str(path))} is damaged or truncated: .*; rerun extract"):
+        read_store(path)
+    damaged = bytearray(original)
+    damaged[len(original) // 2] ^= 1
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(StoreError, match=rf"{re.escape(str(path))} is damaged or truncated: .*; rerun extract"):
+        read_store(path)
