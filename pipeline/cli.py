@@ -78,6 +78,11 @@ def inspect(features: Path) -> None:
 @click.option("--head", type=click.Path(path_type=Path, dir_okay=False), help="A trained head (data/heads/<name>.h5).")
 @click.option("--features", type=click.Path(path_type=Path, dir_okay=False), help="The store the head was trained on.")
 @click.option("--finetuned", type=click.Path(path_type=Path, file_okay=False), help="A fine-tuned model directory.")
+@click.option(
+    "--model",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="An exported ONNX model (data/export/<model>.onnx), run by onnxruntime on the CPU without torch.",
+)
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
@@ -91,44 +96,68 @@ def inspect(features: Path) -> None:
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
 @click.option("--output", type=click.Path(path_type=Path, dir_okay=False), help="Write here instead of stdout.")
 @user_errors
-def predict(inputs, head, features, finetuned, top_k, batch_size, num_workers, device, fmt, output) -> None:
-    """Classify image files or folders with a head (--head and --features) or a fine-tuned model (--finetuned).
+def predict(inputs, head, features, finetuned, model, top_k, batch_size, num_workers, device, fmt, output) -> None:
+    """Classify image files or folders with a head (--head and --features), a fine-tuned model (--finetuned) or
+    an exported one (--model).
 
     Files that cannot be read as images are listed on stderr with their reason; the rest are predicted.
     """
+    from pipeline.io import write_text
+
+    if bool(head) + bool(finetuned) + bool(model) != 1 or bool(head) != bool(features):
+        raise click.UsageError("give either --head with --features, or --finetuned, or --model")
+    if model and device not in ("auto", "cpu"):
+        raise click.UsageError(f"--model runs on onnxruntime's CPU provider; --device {device} is for the others")
+    if model:
+        # Imports no torch: a machine that serves exported models needs only onnxruntime, Pillow and numpy.
+        from pipeline.onnx_predict import OnnxPredictor, list_images
+
+        paths = list_images(list(inputs))  # a mistyped path fails before any model is loaded
+        predictor = OnnxPredictor(model)
+        predictions, rejected = predictor.predict(paths, top_k, batch_size)
+    else:
+        from pipeline.predict import finetuned_predictor, head_predictor, list_images
+
+        paths = list_images(list(inputs))
+        predictor = head_predictor(head, features, device) if head else finetuned_predictor(finetuned, device)
+        predictions, rejected = predictor.predict(paths, top_k, batch_size, num_workers)
+    for r in rejected:
+        click.echo(f"rejected {_shown(r.path)}: {r.reason} ({r.detail})", err=True)
+    if not predictions:  # before --output is written: no file that looks like an answer
+        raise PipelineError(f"none of the {len(paths)} files given could be read as an image")
+    text = _formatted(predictions, rejected, fmt, min(top_k, len(predictor.classes)))
+    if output:
+        write_text(output, text)
+    else:
+        click.echo(text, nl=False)
+    click.echo(f"predicted {len(predictions)} images, rejected {len(rejected)}", err=True)
+
+
+def _shown(path: str) -> str:
+    """A path as UTF-8 text: bytes of a name that is not valid UTF-8 are escaped (`bad\\xffname.png`)."""
+    import os
+
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _formatted(predictions: list, rejected: list, fmt: str, k: int) -> str:
+    """Predictions as JSON (with the rejected files) or as CSV with k (class, probability) column pairs."""
     import csv
     import io
     import json
 
-    from pipeline.io import write_text
-    from pipeline.predict import finetuned_predictor, head_predictor, list_images
-
-    if bool(head) + bool(finetuned) != 1 or bool(head) != bool(features):
-        raise click.UsageError("give either --head with --features, or --finetuned")
-    paths = list_images(list(inputs))  # a mistyped path fails before any model is loaded
-    predictor = head_predictor(head, features, device) if head else finetuned_predictor(finetuned, device)
-    predictions, rejected = predictor.predict(paths, top_k, batch_size, num_workers)
-    for r in rejected:
-        click.echo(f"rejected {r.path}: {r.reason} ({r.detail})", err=True)
-    if not predictions:  # before --output is written: no file that looks like an answer
-        raise PipelineError(f"none of the {len(paths)} files given could be read as an image")
     buffer = io.StringIO()
     if fmt == "json":
         payload = {
             "predictions": [
-                {"path": p.path, "top": [{"class": c, "probability": q} for c, q in p.top]} for p in predictions
+                {"path": _shown(p.path), "top": [{"class": c, "probability": q} for c, q in p.top]} for p in predictions
             ],
-            "rejected": [{"path": r.path, "reason": r.reason, "detail": r.detail} for r in rejected],
+            "rejected": [{"path": _shown(r.path), "reason": r.reason, "detail": r.detail} for r in rejected],
         }
         buffer.write(json.dumps(payload, indent=2) + "\n")
     else:
         writer = csv.writer(buffer)
-        k = min(top_k, len(predictor.classes))
         writer.writerow(["path", *[f"{name}_{i}" for i in range(1, k + 1) for name in ("class", "probability")]])
         for p in predictions:
-            writer.writerow([p.path, *[v for c, q in p.top for v in (c, f"{q:.6f}")]])
-    if output:
-        write_text(output, buffer.getvalue())
-    else:
-        click.echo(buffer.getvalue(), nl=False)
-    click.echo(f"predicted {len(predictions)} images, rejected {len(rejected)}", err=True)
+            writer.writerow([_shown(p.path), *[v for c, q in p.top for v in (c, f"{q:.6f}")]])
+    return buffer.getvalue()

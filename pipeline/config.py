@@ -156,6 +156,22 @@ class FinetuneCurveParams:
 
 
 @dataclass(frozen=True)
+class ExportParams:
+    # Head names (see heads:), chosen_on_val (among the heads export writes, not k-NN, the best on val) and
+    # finetune (the fine-tuned network).
+    models: list[str] = field(default_factory=lambda: ["chosen_on_val", "finetune"])
+    opset: int = 18  # ONNX opset: torch's exporter's lowest native one (onnxruntime >= 1.14 runs it)
+    batch_size: int = 32  # test images per batch in the parity check
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ConfigError("export.models is empty; name at least one model, e.g. [chosen_on_val, finetune]")
+        if len(set(self.models)) != len(self.models):
+            raise ConfigError(f"export.models names a model twice: {self.models}")
+        _at_least("export", self, opset=18, batch_size=1)
+
+
+@dataclass(frozen=True)
 class Params:
     prepare: PrepareParams = field(default_factory=PrepareParams)
     extract: ExtractParams = field(default_factory=ExtractParams)
@@ -164,6 +180,7 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     learning_curve: LearningCurveParams = field(default_factory=LearningCurveParams)
     finetune_curve: FinetuneCurveParams = field(default_factory=FinetuneCurveParams)
+    export: ExportParams = field(default_factory=ExportParams)
 
     def __post_init__(self) -> None:
         # dvc.yaml's warm_start stage depends on data/heads/logreg.h5 (and reads it with init_head: logreg).

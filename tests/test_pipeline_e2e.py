@@ -66,6 +66,7 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
         "learning_curve",
         "finetune_curve",
         "report",
+        "export",
         *(f"train_head@{h}" for h in heads),
         *(f"evaluate@{h}" for h in heads),
     }
@@ -82,6 +83,10 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     epochs = (project / "metrics" / "finetune" / "plots" / "metrics" / "val_loss.tsv").read_text().splitlines()
     assert epochs[0].split("\t") == ["step", "val_loss"] and len(epochs) == 2  # header and the one epoch
     assert json.loads((project / "metrics" / "extract.json").read_text())["computed"] == 30
+    # The head chosen on val and the fine-tuned network, each checked on the 6 test images against PyTorch.
+    parity = json.loads((project / "metrics" / "export.json").read_text())
+    assert "finetune" in parity and len(parity) == 2 and all(p["top1_agreement"] == 1.0 for p in parity.values())
+    assert sorted(p.name for p in (project / "data" / "export").iterdir()) == sorted(f"{m}.onnx" for m in parity)
     sh(project, "git", "add", "-A")
     sh(project, "git", "commit", "-qm", "baseline")
 
@@ -91,9 +96,16 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     params["heads"]["probe"]["grid"]["C"] = [1e-6]  # heavy regularisation: near-uniform probabilities
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = dvc(project, "repro")
-    # That head, its evaluation, the learning curve (drawn for the head chosen on val among all of them) and the
-    # report that compares every model; nothing upstream.
-    assert stages_run(second) == {"check_params", "train_head@probe", "evaluate@probe", "learning_curve", "report"}
+    # That head, its evaluation, the learning curve (drawn for the head chosen on val among all of them), the
+    # report that compares every model, and the export (which head val chooses may change); nothing upstream.
+    assert stages_run(second) == {
+        "check_params",
+        "train_head@probe",
+        "evaluate@probe",
+        "learning_curve",
+        "report",
+        "export",
+    }
     assert "Stage 'extract' didn't change, skipping" in second
 
     diff = json.loads(dvc(project, "metrics", "diff", "--json"))

@@ -249,3 +249,20 @@ def test_special_files_in_a_folder_are_listed_as_rejected_not_skipped(trained, t
     assert code == 0, stderr
     assert [Path(p["path"]).name for p in payload["predictions"]] == ["photo.png"]
     assert sorted(Path(r["path"]).name for r in payload["rejected"]) == ["pipe.png", "sock.png"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_a_file_name_that_is_not_utf8_is_predicted_and_written_escaped(trained, tmp_path, fmt):
+    """Before: predict crashed on `bad\\xffname.png` and left a 0-byte output file."""
+    folder = tmp_path / "new"
+    folder.mkdir()
+    (folder / os.fsdecode(b"bad\xffname.png")).write_bytes(trained["test"][0].read_bytes())
+    (folder / os.fsdecode(b"broken\xfe.png")).write_bytes(b"not an image")
+    out = tmp_path / f"predictions.{fmt}"
+    runner = CliRunner()
+    args = ["predict", "--head", str(trained["head"]), "--features", str(trained["store"]), "--device", "cpu"]
+    result = runner.invoke(main, [*args, "--format", fmt, "--output", str(out), str(folder)])
+    assert result.exit_code == 0, result.output
+    text = out.read_text(encoding="utf-8")
+    assert "bad\\xffname.png" in text.replace("\\\\", "\\")
+    assert "rejected" in result.stderr and "broken\\xfe.png" in result.stderr
