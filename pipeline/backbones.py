@@ -20,6 +20,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from pipeline.errors import PipelineError
+from pipeline.images import PIL_FILTERS
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +30,6 @@ RANDOM_TEST_MODELS = ("test_efficientnet", "test_resnet")
 # Part of every fingerprint: bump it when decoding or preprocessing code changes the pixels it produces,
 # so embedding caches computed by the old code are not reused.
 PIXELS_VERSION = 3  # 3: resize and centre crop resample only the pixels the crop keeps
-
-
-# torchvision's interpolation names (what weights' transforms and timm configs use) -> Pillow's filters.
-_PIL_FILTERS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-    "lanczos": Image.Resampling.LANCZOS,
-}
 
 
 class BackboneError(PipelineError):
@@ -57,8 +47,8 @@ class Preprocessing:
     std: tuple[float, float, float]
 
     def __post_init__(self) -> None:
-        if self.interpolation not in _PIL_FILTERS:
-            expected = ", ".join(_PIL_FILTERS)
+        if self.interpolation not in PIL_FILTERS:
+            expected = ", ".join(PIL_FILTERS)
             raise BackboneError(f"unsupported interpolation {self.interpolation!r}; expected one of {expected}")
 
     def with_image_size(self, size: int | None) -> Preprocessing:
@@ -82,7 +72,7 @@ class Preprocessing:
         short, long = min(w, h), max(w, h)
         new_w, new_h = (self.resize, int(self.resize * long / short))[:: 1 if w <= h else -1]
         c = self.crop
-        resample = _PIL_FILTERS[self.interpolation]
+        resample = PIL_FILTERS[self.interpolation]
         if resample in (Image.Resampling.NEAREST, Image.Resampling.BOX) or c > self.resize:
             img = TF.center_crop(TF.resize(img, self.resize, InterpolationMode(self.interpolation)), c)
         else:

@@ -103,22 +103,22 @@ def predict(inputs, head, features, finetuned, model, top_k, batch_size, num_wor
     Files that cannot be read as images are listed on stderr with their reason; the rest are predicted.
     """
     from pipeline.io import write_text
+    from pipeline.prediction import list_images
 
     if bool(head) + bool(finetuned) + bool(model) != 1 or bool(head) != bool(features):
         raise click.UsageError("give either --head with --features, or --finetuned, or --model")
     if model and device not in ("auto", "cpu"):
         raise click.UsageError(f"--model runs on onnxruntime's CPU provider; --device {device} is for the others")
+    paths = list_images(list(inputs))  # a mistyped path fails before any model is loaded
     if model:
         # Imports no torch: a machine that serves exported models needs only onnxruntime, Pillow and numpy.
-        from pipeline.onnx_predict import OnnxPredictor, list_images
+        from pipeline.onnx_predict import OnnxPredictor
 
-        paths = list_images(list(inputs))  # a mistyped path fails before any model is loaded
         predictor = OnnxPredictor(model)
         predictions, rejected = predictor.predict(paths, top_k, batch_size)
     else:
-        from pipeline.predict import finetuned_predictor, head_predictor, list_images
+        from pipeline.predict import finetuned_predictor, head_predictor
 
-        paths = list_images(list(inputs))
         predictor = head_predictor(head, features, device) if head else finetuned_predictor(finetuned, device)
         predictions, rejected = predictor.predict(paths, top_k, batch_size, num_workers)
     for r in rejected:

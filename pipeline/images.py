@@ -56,6 +56,15 @@ REASONS = (
     "too_many_pixels",
     "corrupt",
 )
+# torchvision's interpolation names (what weights' transforms, timm configs and `Preprocessing` use) -> Pillow's.
+PIL_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 # No image Pillow decodes within its pixel limit (twice MAX_IMAGE_PIXELS is its hard stop) is larger than
 # that many pixels of 16-bit RGBA stored raw, plus room for metadata: 1.5 GB. A larger file is not read.
 MAX_FILE_BYTES = 2 * Image.MAX_IMAGE_PIXELS * 8 + 64 * 2**20

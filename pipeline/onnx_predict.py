@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +17,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.config import usable_cores
-from pipeline.dataset import is_junk
 from pipeline.errors import PipelineError
-from pipeline.images import ImageRejected, decode_rgb, read_bytes
+from pipeline.images import PIL_FILTERS, ImageRejected, decode_rgb, read_bytes
+from pipeline.prediction import Prediction, Rejected
 
 log = logging.getLogger(__name__)
 
@@ -29,56 +28,9 @@ OUTPUT = "probabilities"  # float32 [batch, classes]
 # The metadata every exported file holds (JSON values); what `OnnxPredictor` reads.
 REQUIRED_METADATA = ("classes", "preprocessing", "jpeg_draft")
 
-# torchvision's interpolation names, as `Preprocessing` stores them -> Pillow's filters.
-PIL_FILTERS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-    "lanczos": Image.Resampling.LANCZOS,
-}
-
 
 class OnnxModelError(PipelineError):
     """A file is not an ONNX model exported by this pipeline, or onnxruntime is missing."""
-
-
-# The three below mirror pipeline.predict's, which imports torch: this module must not.
-@dataclass(frozen=True)
-class Prediction:
-    path: str
-    top: list[tuple[str, float]]  # (class, probability), most probable first
-
-
-@dataclass(frozen=True)
-class Rejected:
-    path: str
-    reason: str
-    detail: str
-
-
-def list_images(inputs: list[Path]) -> list[Path]:
-    """Files as given, folders walked recursively, in sorted order, hidden and system files inside a given
-    folder skipped: `pipeline.predict.list_images`, without importing torch (tests/test_export.py checks that
-    both list the same). Everything in a folder but its folders is listed, special files and broken links
-    included: reading refuses them by type, so they come back as rejected with their reason."""
-    paths: list[Path] = []
-    for item in inputs:
-        if item.is_dir():
-            found = [
-                p
-                for p in sorted(item.rglob("*"))
-                if not p.is_dir() and not any(is_junk(part) for part in p.relative_to(item).parts)
-            ]
-            if not found:
-                raise PipelineError(f"{item}: no image files in this folder (hidden and system files are skipped)")
-            paths.extend(found)
-        elif item.exists() or item.is_symlink():
-            paths.append(item)
-        else:
-            raise PipelineError(f"{item}: no such file or folder")
-    return paths
 
 
 def crop_uint8(img: Image.Image, preprocessing: dict) -> np.ndarray:

@@ -2,7 +2,6 @@
 README's deploy example run them without torch."""
 
 import json
-import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -36,8 +35,7 @@ from pipeline.extract import extract
 from pipeline.finetune import finetune
 from pipeline.heads import load_head, save_head
 from pipeline.onnx_predict import OnnxModelError, OnnxPredictor, crop_uint8, read_metadata
-from pipeline.onnx_predict import list_images as list_images_without_torch
-from pipeline.predict import list_images
+from pipeline.prediction import list_images
 from pipeline.selection import train_head
 from pipeline.store import read_attrs, read_store
 from stages.export import main as export_stage
@@ -316,7 +314,8 @@ def test_the_torch_free_crop_gives_the_pipelines_pixels(interpolation):
         np.testing.assert_array_equal(crop_uint8(image, asdict(pre)), pre.to_uint8(image).numpy())
 
 
-def test_the_torch_free_listing_lists_what_predict_lists(tmp_path):
+def test_the_listing_both_predictors_share_skips_hidden_files_and_keeps_broken_links(tmp_path):
+    """One torch-free `pipeline.prediction.list_images` serves `--model` and the torch predictors alike."""
     folder = tmp_path / "photos"
     write_image_folder(folder, {"a": 2, "b": 1})
     (folder / ".hidden").mkdir()
@@ -324,10 +323,15 @@ def test_the_torch_free_listing_lists_what_predict_lists(tmp_path):
     (folder / "Thumbs.db").write_bytes(b"\0")
     (folder / "dangling.png").symlink_to(tmp_path / "nowhere.png")
     inputs = [folder, tmp_path / "photos" / "a" / "a_000.png"]
-    assert list_images_without_torch(inputs) == list_images(inputs)
+    names = [p.relative_to(tmp_path).as_posix() for p in list_images(inputs)]
+    assert names == [
+        "photos/a/a_000.png",
+        "photos/a/a_001.png",
+        "photos/b/b_000.png",
+        "photos/dangling.png",
+        "photos/a/a_000.png",
+    ]
     (tmp_path / "empty").mkdir()
-    for missing in ([tmp_path / "nope"], [tmp_path / "empty"]):
-        with pytest.raises(PipelineError) as theirs:
+    for missing, message in (([tmp_path / "nope"], "no such file or folder"), ([tmp_path / "empty"], "no image files")):
+        with pytest.raises(PipelineError, match=message):
             list_images(missing)
-        with pytest.raises(type(theirs.value), match=re.escape(str(theirs.value))):
-            list_images_without_torch(missing)

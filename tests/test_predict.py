@@ -19,7 +19,7 @@ from pipeline.evaluate_finetune import evaluate_finetuned
 from pipeline.extract import extract
 from pipeline.finetune import finetune
 from pipeline.heads import load_head, save_head
-from pipeline.predict import list_images
+from pipeline.prediction import list_images
 from pipeline.selection import train_head
 from pipeline.store import load_arrays, read_store, save_arrays
 from tests.conftest import prepare_manifest
