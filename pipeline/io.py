@@ -116,9 +116,9 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_json(path: Path, payload: object) -> None:
+def write_json(path: Path, payload: object, indent: int = 2) -> None:
     """Write JSON atomically, so a failed stage never leaves a half-written metrics file."""
-    write_text(path, json.dumps(payload, indent=2) + "\n")
+    write_text(path, json.dumps(payload, indent=indent) + "\n")
 
 
 def _fsync(path: Path) -> None:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
-from dvclive import Live
-from scmrepo.exceptions import SCMError
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, log_loss
 
-from pipeline.errors import PipelineError
+from pipeline.io import write_json
 
 
 def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: int = 15) -> float:
@@ -79,45 +76,15 @@ def model_record(
     return record, class_names(y_true, classes), class_names(proba.argmax(1), classes)
 
 
-# DVCLive announces the experiment it logs to on every stage; the stage's own summary line says what matters.
-logging.getLogger("dvclive").setLevel(logging.WARNING)
+def write_model_metrics(folder: Path, record: dict, actual: list[str], predicted: list[str]) -> None:
+    """One model's test metrics and confusion matrix, as the files DVC reads.
 
-
-def log_model(live_dir: Path, record: dict, actual: list[str], predicted: list[str]) -> None:
-    """One model's test metrics and confusion matrix, through DVCLive (DVC's own logger).
-
-    `live_dir`/metrics.json holds the record: its numbers logged as metrics, the model's description (name,
-    strategy, kind, backbone, hyperparameters) beside them, so `dvc metrics diff` and `dvc exp show` show both.
-    `live_dir`/plots/sklearn/confusion.json holds one {actual, predicted} record per test image.
+    `folder`/metrics.json holds the record: its numbers, which `dvc metrics diff` compares, and the model's
+    description (name, strategy, kind, backbone, hyperparameters) beside them. `folder`/plots/sklearn/
+    confusion.json holds one {actual, predicted} record per test image, for `dvc plots show`. Written as plain
+    JSON, in DVCLive's layout: a DVCLive session would cost a scoring stage half a second to start (it opens
+    the DVC repository and reads git) for two files (issue 18).
     """
-    with _live(live_dir) as live:
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                live.log_metric(key, value, plot=False)
-            else:
-                live.summary[key] = value  # descriptions: DVCLive's summary is the metrics file
-        live.log_sklearn_plot("confusion_matrix", actual, predicted, name="confusion.json")
-
-
-def log_epochs(live_dir: Path, history: list[dict], keys: tuple[str, ...], best_epoch: int) -> None:
-    """Per-epoch values through DVCLive: `live_dir`/plots/metrics/<key>.tsv (one row per epoch, for `dvc plots`);
-    in `live_dir`/metrics.json (for `dvc exp show`) the values of `best_epoch`, the epoch whose weights were kept,
-    not those of the last epoch run."""
-    with _live(live_dir) as live:
-        for record in history:
-            for key in keys:
-                live.log_metric(key, record[key])
-            live.next_step()
-        live.summary = {"best_epoch": best_epoch, "epochs_run": len(history)}
-        live.summary.update({key: history[best_epoch - 1][key] for key in keys})
-
-
-def _live(live_dir: Path) -> Live:
-    # The stages' outputs are declared in dvc.yaml; DVCLive neither edits it nor saves experiments itself.
-    try:
-        return Live(str(live_dir), save_dvc_exp=False, dvcyaml=False)
-    except SCMError as err:  # DVCLive reads the current commit, and a new repository has none (dvclive#522)
-        raise PipelineError(
-            f"DVCLive cannot log to {live_dir}: {err}; commit once (git add -A && git commit -m start), "
-            "then run `dvc repro` again (the stages that finished are kept)"
-        ) from err
+    write_json(folder / "metrics.json", record, indent=4)
+    confusion = [{"actual": a, "predicted": p} for a, p in zip(actual, predicted, strict=True)]
+    write_json(folder / "plots" / "sklearn" / "confusion.json", confusion, indent=4)

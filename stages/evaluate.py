@@ -7,7 +7,7 @@ import click
 from pipeline.config import load_params
 from pipeline.errors import user_errors
 from pipeline.evaluate import evaluate_head
-from pipeline.metrics import log_model
+from pipeline.metrics import write_model_metrics
 
 PathArg = click.Path(path_type=Path)
 
@@ -15,12 +15,12 @@ PathArg = click.Path(path_type=Path)
 @click.command()
 @click.option("--features", type=PathArg, required=True, help="Feature store the head was trained on.")
 @click.option("--head", type=PathArg, required=True, help="A trained head.")
-@click.option("--live", type=PathArg, required=True, help="DVCLive folder: metrics.json and the confusion plot.")
+@click.option("--live", type=PathArg, required=True, help="Folder for metrics.json and the confusion plot.")
 @click.option("--params", type=PathArg, default=Path("params.yaml"), show_default=True)
 @user_errors
 def main(features: Path, head: Path, live: Path, params: Path) -> None:
     scores, actual, predicted = evaluate_head(features, head, ece_bins=load_params(params).evaluate.ece_bins)
-    log_model(live, scores, actual, predicted)
+    write_model_metrics(live, scores, actual, predicted)
     click.echo(
         f"evaluate@{scores['model']}: test accuracy {scores['accuracy']:.4f}, macro-F1 {scores['macro_f1']:.4f} "
         f"on {scores['n_test']} images -> {live / 'metrics.json'}"

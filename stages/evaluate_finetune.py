@@ -7,7 +7,7 @@ import click
 from pipeline.config import load_params
 from pipeline.errors import user_errors
 from pipeline.evaluate_finetune import evaluate_finetuned
-from pipeline.metrics import log_model
+from pipeline.metrics import write_model_metrics
 
 PathArg = click.Path(path_type=Path)
 
@@ -16,7 +16,7 @@ PathArg = click.Path(path_type=Path)
 @click.option("--finetuned", type=PathArg, required=True, help="The fine-tuned model folder.")
 @click.option("--manifest", type=PathArg, required=True)
 @click.option("--data", type=PathArg, required=True, help="ImageFolder root the manifest's paths are relative to.")
-@click.option("--live", type=PathArg, required=True, help="DVCLive folder: metrics.json and the confusion plot.")
+@click.option("--live", type=PathArg, required=True, help="Folder for metrics.json and the confusion plot.")
 @click.option("--params", type=PathArg, default=Path("params.yaml"), show_default=True)
 @user_errors
 def main(finetuned: Path, manifest: Path, data: Path, live: Path, params: Path) -> None:
@@ -24,7 +24,7 @@ def main(finetuned: Path, manifest: Path, data: Path, live: Path, params: Path) 
     scores, actual, predicted = evaluate_finetuned(
         finetuned, manifest, data, params=p.finetune, ece_bins=p.evaluate.ece_bins
     )
-    log_model(live, scores, actual, predicted)
+    write_model_metrics(live, scores, actual, predicted)
     click.echo(
         f"evaluate_finetune: test accuracy {scores['accuracy']:.4f}, macro-F1 {scores['macro_f1']:.4f} "
         f"on {scores['n_test']} images -> {live / 'metrics.json'}"

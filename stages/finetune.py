@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from pipeline.config import load_params
 from pipeline.errors import user_errors
 from pipeline.finetune import finetune
-from pipeline.metrics import log_epochs
+from pipeline.live import log_epochs
 
 PathArg = click.Path(path_type=Path)
 EPOCH_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
