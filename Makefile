@@ -10,6 +10,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 run: $(STAMP)
 	@test -d data/raw || transfer sample digits data/raw
 	dvc repro
+	@echo && cat reports/summary.txt
 
 test: $(STAMP)
 	pytest

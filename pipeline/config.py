@@ -92,6 +92,10 @@ class HeadParams:
     # Refit the chosen setting on train+val before saving (the linear-probe protocol).
     refit_on_train_val: bool = True
     seed: int = 0
+    # How the grid point is chosen: on the val split, by stratified k-fold cross-validation on train+val, or
+    # auto: cross-validation when val is too small to separate grid points (pipeline.selection.MIN_VAL_IMAGES).
+    selection: Literal["auto", "val", "cv"] = "auto"
+    cv_folds: int = 5  # at least 2 (checked with the head's name by pipeline.selection.check_head_params)
 
 
 @dataclass(frozen=True)
@@ -126,14 +130,18 @@ class FinetuneParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     ece_bins: int = 15
+    # 95% intervals: Wilson's for accuracy, a percentile bootstrap over test images for macro-F1 and for the
+    # report's paired comparison of two models (resamples and seed here, so reruns give the same interval).
+    bootstrap_resamples: int = 2000
+    seed: int = 0
 
     def __post_init__(self) -> None:
-        _at_least("evaluate", self, ece_bins=1)
+        _at_least("evaluate", self, ece_bins=1, bootstrap_resamples=100, seed=0)
 
 
 @dataclass(frozen=True)
 class LearningCurveParams:
-    # Training images per class for the learning curve of the head chosen on val (plus "all").
+    # Training images per class for the learning curve of the chosen head (plus "all").
     sizes: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50])
     seeds: int = 5  # random subsets per size: the curve shows their mean and spread
 

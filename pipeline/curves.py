@@ -17,11 +17,6 @@ log = logging.getLogger(__name__)
 ALL = 0  # learning-curve size meaning "every training image"
 
 
-def best_on_val(heads: list[TrainedHead]) -> TrainedHead:
-    """The head whose best grid point scored highest on val (the first in the list on a tie)."""
-    return max(heads, key=lambda h: max(c["val_accuracy"] for c in h.val_curve))
-
-
 def subsample_train(store: FeatureStore, per_class: int, seed: int) -> FeatureStore:
     """The store with at most `per_class` train rows of each class (seeded); val and test rows unchanged."""
     rng = np.random.default_rng(seed)
@@ -42,7 +37,10 @@ def subsample_train(store: FeatureStore, per_class: int, seed: int) -> FeatureSt
 def learning_curve(store: FeatureStore, head: TrainedHead, sizes: list[int], seeds: int) -> list[dict]:
     """Test accuracy of the head's kind and chosen hyperparameters against training images per class: the mean
     and spread over `seeds` random subsets of each size, and every training image ("all")."""
-    params = HeadParams(kind=head.kind, args=dict(head.hyperparameters), grid={}, refit_on_train_val=False)
+    # One grid point, nothing to choose: fitted on the train subset, scored on test (val is not needed).
+    params = HeadParams(
+        kind=head.kind, args=dict(head.hyperparameters), grid={}, refit_on_train_val=False, selection="val"
+    )
     smallest = min(int(((store.split == 0) & (store.labels == c)).sum()) for c in np.unique(store.labels))
     points = []
     for size in sorted({s for s in sizes if 0 < s < smallest} | {ALL}, key=lambda s: s or 10**9):

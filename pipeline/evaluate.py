@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.config import EvaluateParams
 from pipeline.heads import load_head
-from pipeline.metrics import model_record
+from pipeline.metrics import Scored, model_record
 from pipeline.store import StoreError, read_store
 
 
-def evaluate_head(store_path: Path, head_path: Path, *, ece_bins: int = 15) -> tuple[dict, list[str], list[str]]:
-    """Test-split metrics of a head on its feature store, and each test image's actual and predicted class."""
+def evaluate_head(store_path: Path, head_path: Path, params: EvaluateParams | None = None) -> Scored:
+    """Test-split metrics of a head on its feature store, and each test image's answer (`params`: the
+    evaluate section, its defaults when None)."""
     store = read_store(store_path)
     head = load_head(head_path, store)
     x_test, y_test = store.subset("test")
@@ -20,6 +22,7 @@ def evaluate_head(store_path: Path, head_path: Path, *, ece_bins: int = 15) -> t
         y_test,
         head.predict_proba(x_test),
         store.classes,
+        store.paths_of("test"),
         describe={
             "model": head.name,
             "strategy": "feature_extraction",
@@ -30,5 +33,5 @@ def evaluate_head(store_path: Path, head_path: Path, *, ece_bins: int = 15) -> t
         trainable_params=head.trainable_params,
         fit_seconds=round(head.fit_seconds, 3),
         hyperparameters=head.hyperparameters,
-        ece_bins=ece_bins,
+        params=params or EvaluateParams(),
     )

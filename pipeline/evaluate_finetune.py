@@ -6,21 +6,26 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import FinetuneParams
+from pipeline.config import EvaluateParams, FinetuneParams
 from pipeline.dataset import read_manifest
 from pipeline.finetuned import load_finetuned
-from pipeline.metrics import model_record
+from pipeline.metrics import Scored, model_record
 from pipeline.runtime import Images, Runtime, image_batches, predict_proba
 from pipeline.store import StoreError
 
 
 def evaluate_finetuned(
-    model_dir: Path, manifest_path: Path, data_root: Path, *, params: FinetuneParams, ece_bins: int = 15
-) -> tuple[dict, list[str], list[str]]:
-    """Test-split metrics of the fine-tuned model, and each test image's actual and predicted class.
+    model_dir: Path,
+    manifest_path: Path,
+    data_root: Path,
+    *,
+    params: FinetuneParams,
+    scoring: EvaluateParams | None = None,
+) -> Scored:
+    """Test-split metrics of the fine-tuned model, and each test image's answer.
 
     Decoded and run as fine-tuning validated it: `params` gives the batch size, decoding workers, device and
-    precision.
+    precision; `scoring` the calibration bins and the bootstrap (the evaluate section's defaults when None).
     """
     model, config, preprocessing = load_finetuned(model_dir)
     classes = config["classes"]
@@ -42,6 +47,7 @@ def evaluate_finetuned(
         y_test,
         proba,
         classes,
+        [r.path for r in rows],
         describe={"model": "finetune", "strategy": "fine_tuning", "kind": "finetune", "backbone": config["backbone"]},
         sizes=(sum(r.split == "train" for r in ok), sum(r.split == "val" for r in ok)),
         trainable_params=training["trainable_params"],
@@ -55,5 +61,5 @@ def evaluate_finetuned(
             "best_epoch": training["best_epoch"],
             "image_size": config["preprocessing"]["crop"],
         },
-        ece_bins=ece_bins,
+        params=scoring or EvaluateParams(),
     )

@@ -17,12 +17,11 @@ from tqdm import tqdm
 
 from pipeline.backbones import Preprocessing, backbone_of_store
 from pipeline.config import ExportParams
-from pipeline.curves import best_on_val
 from pipeline.dataset import ManifestRow, manifest_sha256, read_manifest
 from pipeline.errors import PipelineError
 from pipeline.estimators import CosineCentroids, TemperatureScaled
 from pipeline.finetuned import load_finetuned
-from pipeline.heads import TrainedHead, load_head
+from pipeline.heads import TrainedHead, chosen_head, load_head
 from pipeline.io import atomic_folder
 from pipeline.onnx_predict import INPUT, OUTPUT, OnnxPredictor
 from pipeline.predict import Predictor, finetuned_predictor, head_predictor
@@ -31,7 +30,7 @@ from pipeline.store import read_attrs
 
 log = logging.getLogger(__name__)
 
-CHOSEN_ON_VAL = "chosen_on_val"  # in export.models: the exportable head with the best val accuracy
+CHOSEN_ON_VAL = "chosen_on_val"  # in export.models: the exportable head chosen_head picks (val or k-fold)
 FINETUNE = "finetune"  # in export.models: the fine-tuned network
 LINEAR_HEADS = ("logreg", "ridge", "linear_svm", "centroid")  # kinds that are an affine map, then softmax
 # How far an exported model's probabilities may be from the trained model's on any test image. Two correct
@@ -260,8 +259,8 @@ def _check_head(name: str, head_names: list[str], heads_dir: Path) -> None:
 
 
 def chosen_on_val(head_names: list[str], heads_dir: Path) -> str:
-    """The head with the best val accuracy among those export writes (pipeline.curves.best_on_val's choice, k-NN
-    left out): a pipeline whose best head on val is k-NN still exports its best linear one, and says so."""
+    """The chosen head among those export writes (pipeline.heads.chosen_head's rule, k-NN left out): a
+    pipeline whose best head on held-out rows is k-NN still exports its best linear one, and says so."""
     heads = [load_head(heads_dir / f"{name}.h5") for name in head_names]
     linear = [h for h in heads if h.kind in LINEAR_HEADS]
     if not linear:
@@ -269,10 +268,10 @@ def chosen_on_val(head_names: list[str], heads_dir: Path) -> str:
             f"export.models: {CHOSEN_ON_VAL} finds no head export can write among {', '.join(head_names)} (it writes "
             f"{', '.join(LINEAR_HEADS)} heads); name the models to export, e.g. [{FINETUNE}]"
         )
-    chosen, best = best_on_val(linear), best_on_val(heads)
+    chosen, best = chosen_head(linear), chosen_head(heads)
     if best is not chosen:
         log.warning(
-            "export: %s is %s; %s scored higher on val but is a %s head, which is not exported",
+            "export: %s is %s; %s scored higher on held-out rows but is a %s head, which is not exported",
             CHOSEN_ON_VAL,
             chosen.name,
             best.name,

@@ -48,7 +48,7 @@ def finetune_curve(
         write_manifest(subsample_manifest(manifest, size, params.seed), subset)
         model = work / f"model-{size}"
         finetune(subset, data_root, backbone, tuned, model, work / "checkpoints", weights=weights)
-        scores, _, _ = evaluate_finetuned(model, subset, data_root, params=tuned)
+        scores = evaluate_finetuned(model, subset, data_root, params=tuned).record
         points.append(
             {"model": "finetune", "per_class": size, "label": str(size), "accuracy": scores["accuracy"], "std": 0.0}
         )

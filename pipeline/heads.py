@@ -95,7 +95,7 @@ class TrainedHead:
     classes: list[str]
     store_fingerprint: str
     hyperparameters: dict  # every argument of the estimator that we set: defaults, args, chosen grid values
-    val_curve: list[dict]  # one record per grid point: its values, val accuracy, val log loss (temperature)
+    val_curve: list[dict]  # per grid point: its values, held-out accuracy and log loss (val or k-fold mean)
     fit_seconds: float
     n_train: int
     n_val: int
@@ -103,6 +103,7 @@ class TrainedHead:
     # The store's manifest hash: which rows were train, val and test. The fingerprint says what computed the
     # features, not how they were split; a head of another split may have trained on the store's test rows.
     manifest_sha256: str | None = None
+    selection: str = "the val split"  # the held-out rows that scored the grid, in words (pipeline.selection)
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """Probabilities for every class of the store, columns in class-index order."""
@@ -115,6 +116,19 @@ class TrainedHead:
         trained), nor k-NN's stored rows: its training only keeps the embeddings, so it has 0."""
         clf = self.model.named_steps["clf"]
         return int(sum(np.size(attrgetter(name)(clf)) for name in HEADS[self.kind].trainable))
+
+
+def held_out(head: TrainedHead) -> dict:
+    """The chosen grid point's record: its held-out accuracy and log loss (val, or the k-fold means)."""
+    return max(head.val_curve, key=lambda r: (r["val_accuracy"], -r["val_log_loss"]))
+
+
+def chosen_head(heads: list[TrainedHead]) -> TrainedHead:
+    """The head to report and export: the highest held-out accuracy of its chosen point; ties go to the lower
+    held-out log loss (the better probabilities), then to the first in params.yaml order. Heads trained on one
+    store are scored on the same held-out rows (pipeline.selection.selection_method), so they compare."""
+    ranked = [(held_out(h)["val_accuracy"], -held_out(h)["val_log_loss"], -i) for i, h in enumerate(heads)]
+    return heads[-max(ranked)[2]]
 
 
 def full_proba(model: Pipeline, x: np.ndarray, n_classes: int) -> np.ndarray:
@@ -143,6 +157,7 @@ def save_head(head: TrainedHead, path: Path) -> None:
             "n_val": head.n_val,
             "store": head.store_attrs,
             "manifest_sha256": head.manifest_sha256,
+            "selection": head.selection,
         },
     )
 
@@ -150,8 +165,6 @@ def save_head(head: TrainedHead, path: Path) -> None:
 def load_head(path: Path, store: FeatureStore | None = None) -> TrainedHead:
     """Load a head, checking that its file is intact and consistent (classes, shapes, finite numbers); given the
     store it will score, refuse it if it was trained on another one (`check_trained_on`)."""
-    if not Path(path).is_file():  # before load_arrays, whose message is about feature stores
-        raise StoreError(f"head file {path} not found; run the train_head stage first")
     arrays, attrs = load_arrays(path)
     if attrs.get("kind") not in HEADS:
         raise StoreError(f"{path}: not a head file (kind {attrs.get('kind')!r})")
@@ -174,6 +187,7 @@ def load_head(path: Path, store: FeatureStore | None = None) -> TrainedHead:
         n_val=int(attrs["n_val"]),
         store_attrs=attrs.get("store", {}),
         manifest_sha256=attrs["manifest_sha256"],
+        selection=attrs.get("selection", "the val split"),
     )
     if store is not None:
         check_trained_on(head, store.attrs, path, "the feature store")
@@ -187,8 +201,9 @@ def check_trained_on(head: TrainedHead, store_attrs: dict, path: Path, store: Pa
     fingerprint, manifest = store_attrs.get("fingerprint"), store_attrs.get("manifest_sha256")
     if head.store_fingerprint != fingerprint:
         raise StoreError(
-            f"{path} was trained on features with fingerprint {head.store_fingerprint}, "
-            f"but {store} has {fingerprint} ({store_attrs.get('backbone')}); {HEAD_FIX}"
+            f"{path} was trained on features with fingerprint {head.store_fingerprint} "
+            f"({_features_of(head.store_attrs)}), but {store} has {fingerprint} ({_features_of(store_attrs)}); "
+            f"{HEAD_FIX}"
         )
     if head.manifest_sha256 != manifest:
         raise StoreError(
@@ -198,6 +213,14 @@ def check_trained_on(head: TrainedHead, store_attrs: dict, path: Path, store: Pa
         )
     if head.classes != list(store_attrs.get("classes", [])):
         raise StoreError(f"{path} has classes {head.classes}, but {store} has {store_attrs.get('classes')}; {HEAD_FIX}")
+
+
+def _features_of(attrs: dict) -> str:
+    """What computed a store's features, in words: the backbone, its weights file when one was given, the size."""
+    weights = f", weights {attrs['weights_file']}" if attrs.get("weights_file") else ""
+    precision = f", {attrs['precision']}" if attrs.get("precision") else ""
+    size = f" at {attrs['image_size']} px" if attrs.get("image_size") else ""
+    return f"{attrs.get('backbone') or 'unknown backbone'}{size}{weights}{precision}"
 
 
 def _decoded(hyperparameters: dict) -> dict:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import glob
 import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -119,6 +120,14 @@ def write_text(path: Path, text: str) -> None:
 def write_json(path: Path, payload: object, indent: int = 2) -> None:
     """Write JSON atomically, so a failed stage never leaves a half-written metrics file."""
     write_text(path, json.dumps(payload, indent=indent) + "\n")
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Write a CSV file (UTF-8, a header line, then `rows`) atomically."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 def _fsync(path: Path) -> None:

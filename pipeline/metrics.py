@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, log_loss
 
-from pipeline.io import write_json
+from pipeline.config import EvaluateParams
+from pipeline.io import write_csv, write_json
+from pipeline.stats import bootstrap_interval, macro_f1, wilson_interval
 
 
 def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: int = 15) -> float:
@@ -47,25 +51,58 @@ def class_names(indices: np.ndarray, classes: list[str]) -> list[str]:
     return [classes[i] for i in indices]
 
 
+@dataclass(frozen=True)
+class Scored:
+    """A model's test metrics, and what it answered for each test image (in the test split's order)."""
+
+    record: dict
+    paths: list[str]
+    actual: list[str]
+    predicted: list[str]
+    confidence: list[float]  # the probability of the predicted class
+
+
+def intervals(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, params: EvaluateParams) -> dict[str, float]:
+    """95% intervals: Wilson's for accuracy (a proportion), a percentile bootstrap over the test images for
+    macro-F1 (no closed form), seeded by `params` so that a rerun writes the same numbers."""
+    accuracy = wilson_interval(int((y_true == y_pred).sum()), len(y_true))
+    f1 = bootstrap_interval(
+        y_true,
+        y_pred,
+        lambda t, p: macro_f1(t, p, n_classes),
+        n_resamples=params.bootstrap_resamples,
+        seed=params.seed,
+    )
+    return {
+        "accuracy_ci95_low": accuracy[0],
+        "accuracy_ci95_high": accuracy[1],
+        "macro_f1_ci95_low": f1[0],
+        "macro_f1_ci95_high": f1[1],
+    }
+
+
 def model_record(
     y_true: np.ndarray,
     proba: np.ndarray,
     classes: list[str],
+    paths: list[str],
     *,
     describe: dict,
     sizes: tuple[int, int],
     trainable_params: int,
     fit_seconds: float,
     hyperparameters: dict,
-    ece_bins: int,
-) -> tuple[dict, list[str], list[str]]:
-    """The one schema of every model's test metrics, and each test image's actual and predicted class.
+    params: EvaluateParams,
+) -> Scored:
+    """The one schema of every model's test metrics, and each test image's answer.
 
     `describe` names the model (model, strategy, kind, backbone); `sizes` are its train and val images.
     """
+    y_pred = proba.argmax(1)
     record = {
         **describe,
-        **classification_metrics(y_true, proba, ece_bins),
+        **classification_metrics(y_true, proba, params.ece_bins),
+        **intervals(y_true, y_pred, len(classes), params),
         "n_train": sizes[0],
         "n_val": sizes[1],
         "n_test": len(y_true),
@@ -73,18 +110,32 @@ def model_record(
         "fit_seconds": fit_seconds,
         "hyperparameters": hyperparameters,
     }
-    return record, class_names(y_true, classes), class_names(proba.argmax(1), classes)
+    confidence = [round(float(c), 6) for c in proba.max(axis=1)]
+    return Scored(record, list(paths), class_names(y_true, classes), class_names(y_pred, classes), confidence)
 
 
-def write_model_metrics(folder: Path, record: dict, actual: list[str], predicted: list[str]) -> None:
-    """One model's test metrics and confusion matrix, as the files DVC reads.
+PREDICTIONS_HEADER = ("path", "actual", "predicted", "confidence")
+
+
+def write_model_metrics(folder: Path, scored: Scored) -> None:
+    """One model's test metrics, confusion matrix and answers, as files DVC and the report read.
 
     `folder`/metrics.json holds the record: its numbers, which `dvc metrics diff` compares, and the model's
     description (name, strategy, kind, backbone, hyperparameters) beside them. `folder`/plots/sklearn/
     confusion.json holds one {actual, predicted} record per test image, for `dvc plots show`. Written as plain
     JSON, in DVCLive's layout: a DVCLive session would cost a scoring stage half a second to start (it opens
-    the DVC repository and reads git) for two files (issue 18).
+    the DVC repository and reads git) for two files (issue 18). `folder`/predictions.csv holds each test
+    image's answer: the report compares two models image by image and draws the reliability diagram from it.
     """
-    write_json(folder / "metrics.json", record, indent=4)
-    confusion = [{"actual": a, "predicted": p} for a, p in zip(actual, predicted, strict=True)]
+    write_json(folder / "metrics.json", scored.record, indent=4)
+    confusion = [{"actual": a, "predicted": p} for a, p in zip(scored.actual, scored.predicted, strict=True)]
     write_json(folder / "plots" / "sklearn" / "confusion.json", confusion, indent=4)
+    rows = zip(scored.paths, scored.actual, scored.predicted, scored.confidence, strict=True)
+    write_csv(folder / "predictions.csv", PREDICTIONS_HEADER, [(p, a, q, f"{c:.6f}") for p, a, q, c in rows])
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """A model's predictions.csv: one dict per test image (path, actual, predicted, confidence as float)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [{**row, "confidence": float(row["confidence"])} for row in rows]

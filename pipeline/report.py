@@ -1,9 +1,10 @@
-"""The strategy report: every model's costs and scores side by side, a learning curve, a recommendation."""
+"""The strategy report: every model's costs and scores side by side with their uncertainty, a paired comparison
+of fine-tuning with the chosen head, learning curves and per-model pictures."""
 
 from __future__ import annotations
 
 import json
-import logging
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.backbones import Backbone, backbone_of_store
+from pipeline import figures
+from pipeline.backbones import backbone_of_store
 from pipeline.errors import PipelineError
 from pipeline.finetuned import load_finetuned
-from pipeline.heads import TrainedHead, load_head
+from pipeline.heads import TrainedHead, chosen_head, held_out, load_head
+from pipeline.metrics import read_predictions
+from pipeline.stats import Comparison, compare
 from pipeline.store import FeatureStore
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,13 +29,21 @@ class ModelRow:
     layers_trained: str
     params_updated: int
     params_total: int  # of the whole network that classifies an image: backbone + output layer
-    train_seconds: float
+    train_seconds: float  # what it took to get this model: heads include the one-off extraction
+    fit_seconds: float  # the model's own training: a head's fit alone
     inference_ms: float  # per image, batch of 32, on this machine
-    accuracy: float
-    macro_f1: float
-    ece: float
+    scores: dict  # the model's test metrics (metrics.json): accuracy, macro_f1, ece and their intervals
     train_accuracy: float
-    gap: float  # train accuracy - test accuracy: the overfitting gap
+    chosen_on: str = ""  # heads: the held-out rows their grid was scored on, and the score
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.scores["accuracy"])
+
+    @property
+    def gap(self) -> float:
+        """Train accuracy - test accuracy: the overfitting gap."""
+        return self.train_accuracy - self.accuracy
 
     @property
     def fraction_updated(self) -> float:
@@ -44,33 +54,48 @@ def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> i
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def forward_ms_per_image(network: torch.nn.Module, image_size: int, batch: int = 32) -> float:
-    """Median milliseconds per image of three timed forward passes on random input (after a warm-up)."""
-    x = torch.randn(batch, 3, image_size, image_size)
+def forward_ms_per_image(network: torch.nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
+    """Median milliseconds per row of `repeats` timed forward passes on `x` (after a warm-up pass)."""
     times = []
     with torch.inference_mode():
         network.eval()
         network(x)
-        for _ in range(3):
+        for _ in range(repeats):
             start = time.perf_counter()
             network(x)
             times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times)) / batch
+    return 1000 * float(np.median(times)) / len(x)
+
+
+def backbone_ms(backbone: torch.nn.Module, image_size: int, batch: int = 32) -> float:
+    """The frozen backbone's forward pass per image: measured once and shared by every model built on it, so
+    that the noise of two measurements cannot rank identical work differently."""
+    return forward_ms_per_image(backbone, torch.randn(batch, 3, image_size, image_size))
+
+
+def head_ms(head: TrainedHead, features: np.ndarray, repeats: int = 5) -> float:
+    """A head's own cost per image on cached features (median of `repeats` passes over at most 1,000 rows)."""
+    rows = features[:1000]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        head.predict_proba(rows)
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times)) / max(1, len(rows))
 
 
 def head_rows(
-    store: FeatureStore, heads: list[TrainedHead], metrics: dict[str, dict], backbone: Backbone
-) -> list[ModelRow]:
-    """One row per head: the backbone is frozen, only the head's numbers are learned."""
+    store: FeatureStore, heads: list[TrainedHead], metrics: dict[str, dict], extract_seconds: float
+) -> tuple[list[ModelRow], float]:
+    """One row per head (the backbone is frozen, only the head's numbers are learned), and the backbone's
+    forward milliseconds per image, which every head's inference includes."""
+    backbone = backbone_of_store(store.attrs)
     backbone_params = count_parameters(backbone.features)
-    forward_ms = forward_ms_per_image(backbone.features, int(store.attrs["image_size"]))
+    shared_ms = backbone_ms(backbone.features, int(store.attrs["image_size"]))
     x_train, y_train = store.subset("train")
     rows = []
     for head in heads:
         m = metrics[head.name]
-        start = time.perf_counter()
-        train_accuracy = float((head.predict_proba(x_train).argmax(1) == y_train).mean())
-        head_ms = 1000 * (time.perf_counter() - start) / max(1, len(y_train))
         rows.append(
             ModelRow(
                 name=head.name,
@@ -78,22 +103,32 @@ def head_rows(
                 layers_trained=f"new {head.kind} head only (backbone frozen)",
                 params_updated=head.trainable_params,
                 params_total=backbone_params + head.trainable_params,
-                train_seconds=float(m["fit_seconds"]),
-                inference_ms=forward_ms + head_ms,
-                accuracy=m["accuracy"],
-                macro_f1=m["macro_f1"],
-                ece=m["ece"],
-                train_accuracy=train_accuracy,
-                gap=train_accuracy - m["accuracy"],
+                train_seconds=extract_seconds + float(m["fit_seconds"]),
+                fit_seconds=float(m["fit_seconds"]),
+                inference_ms=shared_ms + head_ms(head, x_train),
+                scores=m,
+                train_accuracy=float((head.predict_proba(x_train).argmax(1) == y_train).mean()),
+                chosen_on=f"{held_out(head)['val_accuracy']:.4f} ({_short(head.selection)})",
             )
         )
-    return rows
+    return rows, shared_ms
 
 
-def finetune_row(model_dir: Path, metrics: dict) -> ModelRow:
+def _short(selection: str) -> str:
+    """ "5-fold cross-validation on train+val (...)" -> "5-fold CV"; "the val split (...)" -> "val"."""
+    return selection.split(" cross-validation")[0] + " CV" if "cross-validation" in selection else "val"
+
+
+def finetune_row(model_dir: Path, metrics: dict, store_attrs: dict, shared_ms: float) -> ModelRow:
+    """The fine-tuned network's row. Built on the store's backbone at the store's image size, its inference is
+    that same shared forward pass plus its new output layer; otherwise its whole network is timed."""
     model, config, preprocessing = load_finetuned(model_dir)
     training = config["training"]
-    train_accuracy = float(training["train_accuracy"])
+    same = config["backbone"] == store_attrs.get("backbone") and preprocessing.crop == store_attrs.get("image_size")
+    if same:
+        inference = shared_ms + forward_ms_per_image(model.head, torch.randn(32, model.head.in_features))
+    else:
+        inference = forward_ms_per_image(model, torch.randn(32, 3, preprocessing.crop, preprocessing.crop))
     return ModelRow(
         name="finetune",
         strategy="fine_tuning",
@@ -101,59 +136,95 @@ def finetune_row(model_dir: Path, metrics: dict) -> ModelRow:
         params_updated=int(training["trainable_params"]),
         params_total=count_parameters(model),
         train_seconds=float(training["train_seconds"]),
-        inference_ms=forward_ms_per_image(model, preprocessing.crop),
-        accuracy=metrics["accuracy"],
-        macro_f1=metrics["macro_f1"],
-        ece=metrics["ece"],
-        train_accuracy=train_accuracy,
-        gap=train_accuracy - metrics["accuracy"],
+        fit_seconds=float(training["train_seconds"]),
+        inference_ms=inference,
+        scores=metrics,
+        train_accuracy=float(training["train_accuracy"]),
     )
 
 
-def recommend(rows: list[ModelRow], extract_seconds: float, best_head: str | None = None) -> str:
-    """Plain words computed from the numbers: which strategy, and why.
-
-    `best_head` is the head chosen on val (the test split only scores); by default the most accurate.
-    """
-    heads = [r for r in rows if r.strategy == "feature_extraction"]
-    tuned = [r for r in rows if r.strategy == "fine_tuning"]
-    if not heads:
-        raise PipelineError("the report needs at least one head")
-    best = next((r for r in heads if r.name == best_head), None) or max(heads, key=lambda r: r.accuracy)
-    if not tuned:
-        return f"Only feature extraction was measured: {best.name} reaches {best.accuracy:.1%} test accuracy."
-    ft = tuned[0]
-    fx_cost = best.train_seconds + extract_seconds
-    speedup = ft.train_seconds / fx_cost if fx_cost > 0 else float("inf")
-    cost = f"1/{speedup:.0f} of" if speedup >= 1 else f"{1 / speedup:.1f}x"
-    if ft.accuracy - best.accuracy > 0.01:
-        return (
-            f"Fine-tuning gains {100 * (ft.accuracy - best.accuracy):.1f} points of test accuracy over the best head "
-            f"on frozen features ({ft.accuracy:.1%} against {best.name}'s {best.accuracy:.1%}) for {speedup:.0f}x "
-            f"its training time ({ft.train_seconds:.0f} s against {fx_cost:.0f} s including extraction): "
-            "use fine-tuning."
+def paired(metrics_dir: Path, a: str, b: str, seed: int) -> Comparison:
+    """Compare models `a` and `b` image by image on their shared test split (their predictions.csv files)."""
+    answers = {name: read_predictions(Path(metrics_dir) / name / "predictions.csv") for name in (a, b)}
+    right = {name: {r["path"]: r["actual"] == r["predicted"] for r in rows} for name, rows in answers.items()}
+    if set(right[a]) != set(right[b]):
+        raise PipelineError(
+            f"{a} and {b} were scored on different test images ({len(right[a])} and {len(right[b])}, "
+            f"{len(set(right[a]) & set(right[b]))} in common); run `dvc repro` so both score the same split"
         )
-    return (
-        f"Frozen features reach {best.accuracy / ft.accuracy:.0%} of the fine-tuned accuracy ({best.name}: "
-        f"{best.accuracy:.1%}, fine-tuned: {ft.accuracy:.1%}) at {cost} the training time "
-        f"({fx_cost:.0f} s including extraction, against {ft.train_seconds:.0f} s): use feature extraction."
+    paths = sorted(right[a])
+    return compare(np.array([right[a][p] for p in paths]), np.array([right[b][p] for p in paths]), seed=seed)
+
+
+def _with_interval(row: ModelRow) -> str:
+    s = row.scores
+    return f"{row.accuracy:.1%}, 95% interval {s['accuracy_ci95_low']:.1%} to {s['accuracy_ci95_high']:.1%}"
+
+
+def recommend(head: ModelRow, tuned: ModelRow | None, comparison: Comparison | None) -> str:
+    """Plain words computed from the numbers: which strategy, and why. `comparison` is fine-tuning (a) against
+    the chosen head (b) on the same test images; with no measurable difference the cheaper run is advised."""
+    if tuned is None or comparison is None:
+        return f"Only feature extraction was measured: {head.name} reaches {_with_interval(head)} test accuracy."
+    c, n = comparison, int(head.scores["n_test"])
+    evidence = (
+        f"on the same {n} test images they disagree on {c.mcnemar.a_only + c.mcnemar.b_only}: "
+        f"{c.mcnemar.a_only} right only after fine-tuning, {c.mcnemar.b_only} only with {head.name} (McNemar's "
+        f"exact test p = {c.mcnemar.p_value:.3g}; the difference is {100 * c.difference:+.1f} points, paired 95% "
+        f"interval {100 * c.interval[0]:+.1f} to {100 * c.interval[1]:+.1f})"
     )
+    costs = f"{tuned.train_seconds:.0f} s of fine-tuning against {head.train_seconds:.0f} s for {head.name} "
+    costs += "including extraction"
+    if c.verdict == "a":
+        return (
+            f"Fine-tuning ({_with_interval(tuned)}) is more accurate than {head.name} on frozen features "
+            f"({_with_interval(head)}): {evidence}; it costs {costs}. Use fine-tuning."
+        )
+    if c.verdict == "b":
+        return (
+            f"{head.name} on frozen features ({_with_interval(head)}) is more accurate than fine-tuning "
+            f"({_with_interval(tuned)}): {evidence}; it costs {costs}. Use feature extraction."
+        )
+    cheaper = "feature extraction" if head.train_seconds <= tuned.train_seconds else "fine-tuning"
+    return (
+        f"No measurable difference between fine-tuning ({_with_interval(tuned)}) and {head.name} on frozen "
+        f"features ({_with_interval(head)}): {evidence}. Choose on cost ({costs}): use {cheaper}."
+    )
+
+
+def choice_of_head(heads: list[TrainedHead], chosen: TrainedHead, rows: list[ModelRow]) -> str:
+    """How the head compared with fine-tuning was chosen, and what the test split would have said."""
+    text = (
+        f"**Head.** {chosen.name}, chosen among {len(heads)} heads by its held-out accuracy "
+        f"({held_out(chosen)['val_accuracy']:.4f}) on {chosen.selection}. Ties go to the lower held-out log "
+        "loss, then to the first in params.yaml."
+    )
+    best_on_test = max((r for r in rows if r.strategy == "feature_extraction"), key=lambda r: r.accuracy)
+    if best_on_test.name != chosen.name:
+        text += (
+            f" {best_on_test.name} scores higher on test ({best_on_test.accuracy:.4f} against "
+            f"{next(r for r in rows if r.name == chosen.name).accuracy:.4f}), but the test split only scores: a "
+            "head chosen on it would report an optimistic accuracy."
+        )
+    return text
 
 
 def render(
     rows: list[ModelRow],
+    intro: list[str],
     curve: list[dict],
     curve_head: str,
-    recommendation: str,
     extract_seconds: float,
     tuned_curve: list[dict] | None = None,
 ) -> str:
-    lines = ["# Feature extraction or fine-tuning?", "", f"**Recommendation.** {recommendation}", "", *_table(rows)]
+    lines = ["# Feature extraction or fine-tuning?", "", *intro, "", *_table(rows)]
     lines += [
         "",
-        f"Training seconds of the heads exclude the one-off extraction of the features ({extract_seconds:.1f} s), "
-        "which every head shares. Inference is the backbone's forward pass plus the head, measured on this "
-        "machine. The fine-tuned model's train accuracy is the one seen during its best epoch.",
+        f"Training seconds of a head are the one-off extraction of the features ({extract_seconds:.1f} s, which "
+        "every head shares) plus its own fit, in brackets. Inference is the backbone's forward pass, measured "
+        "once for every model built on it (median of 5 batches of 32 on this machine), plus each model's own "
+        "output layer. Intervals: Wilson's for accuracy, a bootstrap over test images for macro-F1. The "
+        "fine-tuned model's train accuracy is the one seen during its best epoch.",
         "",
         f"## Learning curve ({curve_head} on frozen features)",
         "",
@@ -171,12 +242,11 @@ def render(
             *[f"| {p['per_class']} | {p['accuracy']:.4f} |" for p in tuned_curve],
             "",
         ]
-    lines += [
-        "![learning curve](learning_curve.png)",
-        "",
-        "![accuracy against training time](accuracy_vs_time.png)",
-        "",
-    ]
+    lines += ["![learning curve](learning_curve.png)", "", "![accuracy against training time](accuracy_vs_time.png)"]
+    lines += ["", "## Each model on the test split", ""]
+    for r in sorted(rows, key=lambda r: -r.accuracy):
+        lines += [f"![{r.name}: confusion matrix](models/{r.name}_confusion.png) "
+                  f"![{r.name}: reliability diagram](models/{r.name}_reliability.png)", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -184,62 +254,64 @@ def _table(rows: list[ModelRow]) -> list[str]:
     """Every model's row, the most accurate first."""
     lines = [
         "| model | strategy | layers trained | parameters updated | share of the network | training s "
-        "| inference ms/image | test accuracy | macro-F1 | ECE | train accuracy | overfitting gap |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| inference ms/image | held-out accuracy | test accuracy (95% interval) "
+        "| macro-F1 (95% interval) | ECE | train accuracy | overfitting gap |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: -r.accuracy):
+        s = r.scores
+        seconds = f"{r.train_seconds:.1f}" + (f" ({r.fit_seconds:.2f})" if r.strategy == "feature_extraction" else "")
         lines.append(
             f"| {r.name} | {r.strategy.replace('_', ' ')} | {r.layers_trained} | {r.params_updated:,} | "
-            f"{r.fraction_updated:.2%} | {r.train_seconds:.2f} | {r.inference_ms:.2f} | {r.accuracy:.4f} | "
-            f"{r.macro_f1:.4f} | {r.ece:.4f} | {r.train_accuracy:.4f} | {r.gap:+.4f} |"
+            f"{r.fraction_updated:.2%} | {seconds} | {r.inference_ms:.2f} | {r.chosen_on or '-'} | "
+            f"{r.accuracy:.4f} ({s['accuracy_ci95_low']:.4f}-{s['accuracy_ci95_high']:.4f}) | "
+            f"{s['macro_f1']:.4f} ({s['macro_f1_ci95_low']:.4f}-{s['macro_f1_ci95_high']:.4f}) | {s['ece']:.4f} | "
+            f"{r.train_accuracy:.4f} | {r.gap:+.4f} |"
         )
     return lines
 
 
 def write_figures(
-    rows: list[ModelRow], curve: list[dict], curve_head: str, out_dir: Path, tuned_curve: list[dict] | None = None
+    rows: list[ModelRow],
+    metrics_dir: Path,
+    classes: list[str],
+    curves: tuple[list[dict], str, list[dict] | None],
+    out_dir: Path,
+    ece_bins: int,
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    from matplotlib import pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    x = [p["per_class"] for p in curve]
-    y = np.array([p["accuracy"] for p in curve])
-    s = np.array([p["std"] for p in curve])
-    ax.plot(x, y, marker="o", label=curve_head)
-    ax.fill_between(x, y - s, y + s, alpha=0.2)
-    if tuned_curve:
-        ax.plot(
-            [p["per_class"] for p in tuned_curve],
-            [p["accuracy"] for p in tuned_curve],
-            marker="s",
-            color="tab:red",
-            label="fine-tuned",
-        )
+    """The report's PNGs: learning curve, accuracy against training time, and per model its confusion matrix
+    and reliability diagram (drawn from its predictions.csv)."""
+    curve, curve_head, tuned_curve = curves
     tuned = [r for r in rows if r.strategy == "fine_tuning"]
-    if tuned:
-        ax.axhline(tuned[0].accuracy, color="tab:red", linestyle="--", label="fine-tuned, all images")
-    ax.set(xscale="log", xlabel="training images per class", ylabel="test accuracy", title="Learning curve")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "learning_curve.png", dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        ax.scatter(
-            max(r.train_seconds, 1e-3), r.accuracy, color="tab:red" if r.strategy == "fine_tuning" else "tab:blue"
-        )
-        ax.annotate(r.name, (max(r.train_seconds, 1e-3), r.accuracy), textcoords="offset points", xytext=(4, 4))
-    ax.set(
-        xscale="log", xlabel="training seconds (log)", ylabel="test accuracy", title="Accuracy against training time"
+    figures.learning_curve_png(
+        curve, curve_head, out_dir / "learning_curve.png", tuned_curve, tuned[0].accuracy if tuned else None
     )
-    fig.tight_layout()
-    fig.savefig(out_dir / "accuracy_vs_time.png", dpi=100)
-    plt.close(fig)
+    points = [
+        {"name": r.name, "strategy": r.strategy, "seconds": r.train_seconds, "accuracy": r.accuracy,
+         "low": r.scores["accuracy_ci95_low"], "high": r.scores["accuracy_ci95_high"]}
+        for r in rows
+    ]  # fmt: skip
+    figures.accuracy_vs_time_png(points, out_dir / "accuracy_vs_time.png")
+    for r in rows:
+        answers = read_predictions(Path(metrics_dir) / r.name / "predictions.csv")
+        actual, predicted = [a["actual"] for a in answers], [a["predicted"] for a in answers]
+        figures.confusion_png(actual, predicted, classes, f"{r.name} on the test split", out_dir / "models" /
+                              f"{r.name}_confusion.png")  # fmt: skip
+        figures.reliability_png(
+            np.array([a["confidence"] for a in answers]),
+            np.array(actual) == np.array(predicted),
+            float(r.scores["ece"]),
+            ece_bins,
+            f"{r.name} on the test split",
+            out_dir / "models" / f"{r.name}_reliability.png",
+        )
+
+
+@dataclass(frozen=True)
+class Report:
+    markdown: str
+    rows: list[ModelRow]
+    recommendation: str
 
 
 def build_report(
@@ -248,11 +320,13 @@ def build_report(
     metrics_dir: Path,
     finetuned: Path | None,
     extract_seconds: float,
-    curve: list[dict],
-    tuned_curve: list[dict],
-) -> tuple[str, list[ModelRow]]:
-    """Markdown and its rows. `curve` is the learning curve of the head chosen on val (the `learning_curve`
-    stage); `tuned_curve` fine-tuning's on subsets (the `finetune_curve` stage; empty when not asked for)."""
+    curves: tuple[list[dict], list[dict]],
+    seed: int = 0,
+) -> Report:
+    """Markdown, its rows and its advice. `curves`: the learning curve of the chosen head (the `learning_curve`
+    stage) and fine-tuning's on subsets (the `finetune_curve` stage; empty when not asked for). `seed`: the
+    paired bootstrap's."""
+    curve, tuned_curve = curves
     heads = [load_head(p, store) for p in head_paths]
     metrics = {p.parent.name: json.loads(p.read_text()) for p in sorted(Path(metrics_dir).glob("*/metrics.json"))}
     missing = [h.name for h in heads if h.name not in metrics]
@@ -260,12 +334,32 @@ def build_report(
         raise PipelineError(f"no metrics for {', '.join(missing)} in {metrics_dir}; run evaluate first")
     if not curve:
         raise PipelineError(
-            "the learning curve has no point: every training subset was too small for the head chosen on val "
+            "the learning curve has no point: every training subset was too small for the chosen head "
             "(see learning_curve.sizes)"
         )
-    rows = head_rows(store, heads, metrics, backbone_of_store(store.attrs))
+    rows, shared_ms = head_rows(store, heads, metrics, extract_seconds)
+    chosen = chosen_head(heads)
+    tuned, comparison = None, None
     if finetuned is not None and "finetune" in metrics:
-        rows.append(finetune_row(finetuned, metrics["finetune"]))
-    best = curve[0]["model"]  # the head chosen on val, like every other choice here: the test split only scores
-    recommendation = recommend(rows, extract_seconds, best)
-    return render(rows, curve, best, recommendation, extract_seconds, tuned_curve), rows
+        tuned = finetune_row(finetuned, metrics["finetune"], store.attrs, shared_ms)
+        rows.append(tuned)
+        comparison = paired(metrics_dir, "finetune", chosen.name, seed)
+    head_row = next(r for r in rows if r.name == chosen.name)
+    advice = recommend(head_row, tuned, comparison)
+    intro = [f"**Recommendation.** {advice}", "", choice_of_head(heads, chosen, rows)]
+    return Report(render(rows, intro, curve, curve[0]["model"], extract_seconds, tuned_curve), rows, advice)
+
+
+def summary(report: Report, chosen: str, where: Path) -> str:
+    """A few lines for the console at the end of `make run`: the advice, every model's test accuracy with its
+    interval, and where the report is."""
+    lines = [f"Feature extraction or fine-tuning? Full report: {where}", ""]
+    lines += textwrap.wrap(report.recommendation, width=100)
+    lines.append("")
+    for r in sorted(report.rows, key=lambda r: -r.accuracy):
+        s, note = r.scores, " (the chosen head)" if r.name == chosen else ""
+        lines.append(
+            f"  {r.name:<12} test accuracy {r.accuracy:.4f} (95% interval {s['accuracy_ci95_low']:.4f}-"
+            f"{s['accuracy_ci95_high']:.4f}), {r.train_seconds:.0f} s to train{note}"
+        )
+    return "\n".join(lines) + "\n"

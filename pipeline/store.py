@@ -120,6 +120,11 @@ class FeatureStore:
         mask = np.isin(self.split, [SPLIT_CODES[s] for s in splits])
         return self.features[mask], self.labels[mask]
 
+    def paths_of(self, *splits: str) -> list[str]:
+        """Image paths of the rows in the given splits, in store order (the order of `subset`)."""
+        mask = np.isin(self.split, [SPLIT_CODES[s] for s in splits])
+        return [path for path, keep in zip(self.paths, mask, strict=True) if keep]
+
     def split_sizes(self) -> dict[str, int]:
         return {name: int((self.split == code).sum()) for name, code in SPLIT_CODES.items()}
 
@@ -204,11 +209,12 @@ def check_matches(
         raise StoreError(f"{path} has classes {attrs.get('classes')}, but {list(expect_classes)} were expected")
 
 
-def _open(path: Path, fix: str) -> h5py.File:
-    """Open a sealed file once its seal is checked; an unsealed one (older, or another program's) is refused."""
+def _open(path: Path, fix: str, what: str = "feature store", writer: str = "extract") -> h5py.File:
+    """Open a sealed file once its seal is checked; an unsealed one (older, or another program's) is refused.
+    A missing one is named as `what`, with the stage that writes it."""
     path = Path(path)
     if not path.is_file():
-        raise StoreError(f"feature store {path} not found; run the extract stage first")
+        raise StoreError(f"{what} {path} not found; run the {writer} stage first")
     if not verify(path, fix):
         raise StoreError(
             f"{path} was written by an older version of this pipeline or by another program (no checksum); {fix}"
@@ -442,8 +448,9 @@ def save_arrays(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
 
 
 def load_arrays(path: Path, fix: str = HEAD_FIX) -> tuple[dict[str, np.ndarray], dict]:
-    """What `save_arrays` wrote, once the file's seal is checked and no dataset declares more than the file holds."""
-    with _open(path, fix) as f:
+    """What `save_arrays` wrote (a head file), once the file's seal is checked and no dataset declares more than
+    the file holds."""
+    with _open(path, fix, what="head file", writer="train_head") as f:
         _check_declared_sizes(path, f, fix)
         try:
             return {key: f[key][()] for key in f}, _decode_attrs(f.attrs)

@@ -19,8 +19,9 @@ PathArg = click.Path(path_type=Path)
 @click.option("--params", type=PathArg, default=Path("params.yaml"), show_default=True)
 @user_errors
 def main(features: Path, head: Path, live: Path, params: Path) -> None:
-    scores, actual, predicted = evaluate_head(features, head, ece_bins=load_params(params).evaluate.ece_bins)
-    write_model_metrics(live, scores, actual, predicted)
+    scored = evaluate_head(features, head, load_params(params).evaluate)
+    write_model_metrics(live, scored)
+    scores = scored.record
     click.echo(
         f"evaluate@{scores['model']}: test accuracy {scores['accuracy']:.4f}, macro-F1 {scores['macro_f1']:.4f} "
         f"on {scores['n_test']} images -> {live / 'metrics.json'}"

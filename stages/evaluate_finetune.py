@@ -21,10 +21,9 @@ PathArg = click.Path(path_type=Path)
 @user_errors
 def main(finetuned: Path, manifest: Path, data: Path, live: Path, params: Path) -> None:
     p = load_params(params)
-    scores, actual, predicted = evaluate_finetuned(
-        finetuned, manifest, data, params=p.finetune, ece_bins=p.evaluate.ece_bins
-    )
-    write_model_metrics(live, scores, actual, predicted)
+    scored = evaluate_finetuned(finetuned, manifest, data, params=p.finetune, scoring=p.evaluate)
+    write_model_metrics(live, scored)
+    scores = scored.record
     click.echo(
         f"evaluate_finetune: test accuracy {scores['accuracy']:.4f}, macro-F1 {scores['macro_f1']:.4f} "
         f"on {scores['n_test']} images -> {live / 'metrics.json'}"

@@ -1,13 +1,14 @@
-"""DVC stage `learning_curve`: test accuracy of the head chosen on val against training images per class."""
+"""DVC stage `learning_curve`: test accuracy of the chosen head (pipeline.heads.chosen_head) against training
+images per class."""
 
 from pathlib import Path
 
 import click
 
 from pipeline.config import load_params
-from pipeline.curves import best_on_val, learning_curve
+from pipeline.curves import learning_curve
 from pipeline.errors import user_errors
-from pipeline.heads import load_head
+from pipeline.heads import chosen_head, held_out, load_head
 from pipeline.io import write_json
 from pipeline.store import read_store
 
@@ -23,10 +24,14 @@ PathArg = click.Path(path_type=Path)
 def main(features: Path, heads: Path, out: Path, params: Path) -> None:
     p = load_params(params)
     store = read_store(features)
-    best = best_on_val([load_head(heads / f"{name}.h5", store) for name in p.heads])
+    best = chosen_head([load_head(heads / f"{name}.h5", store) for name in p.heads])
     points = learning_curve(store, best, p.learning_curve.sizes, p.learning_curve.seeds)
     write_json(out, points)
-    click.echo(f"learning_curve: {best.name} (chosen on val) at {len(points)} sizes -> {out}")
+    score = held_out(best)["val_accuracy"]
+    click.echo(
+        f"learning_curve: {best.name} (held-out accuracy {score:.4f} on {best.selection}) at {len(points)} sizes "
+        f"-> {out}"
+    )
 
 
 if __name__ == "__main__":

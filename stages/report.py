@@ -8,7 +8,7 @@ import click
 from pipeline.config import load_params
 from pipeline.errors import PipelineError, user_errors
 from pipeline.io import write_text
-from pipeline.report import build_report, write_figures
+from pipeline.report import build_report, summary, write_figures
 from pipeline.store import read_store
 
 PathArg = click.Path(path_type=Path)
@@ -37,10 +37,12 @@ def main(features, heads, metrics, finetuned, extract_metrics, curve, finetune_c
     points, tuned = json.loads(curve.read_text()), json.loads(finetune_curve.read_text())
     head_paths = [heads / f"{name}.h5" for name in p.heads]
     store = read_store(features)
-    markdown, rows = build_report(store, head_paths, metrics, finetuned, extract_seconds, points, tuned)
-    write_figures(rows, points, points[0]["model"], out, tuned)
-    write_text(out / "strategy.md", markdown)
-    click.echo(f"report: {len(rows)} models, learning curve of {points[0]['model']} -> {out / 'strategy.md'}")
+    report = build_report(store, head_paths, metrics, finetuned, extract_seconds, (points, tuned), p.evaluate.seed)
+    chosen = points[0]["model"]  # the learning curve is the chosen head's
+    write_figures(report.rows, metrics, store.classes, (points, chosen, tuned), out, p.evaluate.ece_bins)
+    write_text(out / "strategy.md", report.markdown)
+    write_text(out / "summary.txt", summary(report, chosen, out / "strategy.md"))
+    click.echo(f"report: {len(report.rows)} models, learning curve of {chosen} -> {out / 'strategy.md'}")
 
 
 if __name__ == "__main__":

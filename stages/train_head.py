@@ -1,4 +1,4 @@
-"""DVC stage `train_head@<name>`: one head on the cached features, its grid chosen on val."""
+"""DVC stage `train_head@<name>`: one head on the cached features, its grid chosen on held-out rows."""
 
 from pathlib import Path
 
@@ -29,7 +29,10 @@ def main(name: str, features: Path, out: Path, curve: Path, params: Path) -> Non
     head = train_head(read_store(features), name, heads[name])
     save_head(head, out)
     write_json(curve, head.val_curve)
-    click.echo(f"train_head@{name}: {head.kind} with {head.hyperparameters} in {head.fit_seconds:.1f}s -> {out}")
+    click.echo(
+        f"train_head@{name}: {head.kind} with {head.hyperparameters}, chosen on {head.selection}, "
+        f"in {head.fit_seconds:.1f}s -> {out}"
+    )
 
 
 if __name__ == "__main__":

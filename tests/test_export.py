@@ -17,7 +17,6 @@ from PIL import Image
 from pipeline.backbones import Preprocessing
 from pipeline.cli import main as transfer
 from pipeline.config import ConfigError, ExtractParams, FinetuneParams, HeadParams, parse
-from pipeline.curves import best_on_val
 from pipeline.dataset import read_manifest
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate_head
@@ -33,7 +32,7 @@ from pipeline.export import (
 )
 from pipeline.extract import extract
 from pipeline.finetune import finetune
-from pipeline.heads import load_head, save_head
+from pipeline.heads import chosen_head, load_head, save_head
 from pipeline.onnx_predict import OnnxModelError, OnnxPredictor, crop_uint8, read_metadata
 from pipeline.prediction import list_images
 from pipeline.selection import train_head
@@ -72,11 +71,11 @@ def pipeline_run(tmp_path_factory) -> dict:
     store = read_store(store_path)
     for name, head in HEADS.items():
         save_head(train_head(store, name, head), work / "heads" / f"{name}.h5")
-        record, _, _ = evaluate_head(store_path, work / "heads" / f"{name}.h5")
+        record = evaluate_head(store_path, work / "heads" / f"{name}.h5").record
         _write(work / "metrics" / name / "metrics.json", record)
     tuning = FinetuneParams(epochs=1, init_head="random", augment=False, image_size=32, num_workers=0, device="cpu")
     finetune(manifest, root, "test_resnet", tuning, work / "finetune", work / "ckpt")
-    record, _, _ = evaluate_finetuned(work / "finetune", manifest, root, params=tuning)
+    record = evaluate_finetuned(work / "finetune", manifest, root, params=tuning).record
     _write(work / "metrics" / "finetune" / "metrics.json", record)
     test = [root / r.path for r in read_manifest(manifest).ok_rows() if r.split == "test"]
     return {"work": work, "root": root, "manifest": manifest, "store": store_path, "test": test}
@@ -186,9 +185,9 @@ def test_chosen_on_val_passes_over_a_knn_head_that_scored_higher(pipeline_run, t
         if name == "knn":
             head.val_curve = [{**point, "val_accuracy": 2.0} for point in head.val_curve]  # above any real one
         save_head(head, heads / f"{name}.h5")
-    linear = best_on_val([load_head(heads / f"{name}.h5") for name in ("logreg", "ridge", "centroid")]).name
+    linear = chosen_head([load_head(heads / f"{name}.h5") for name in ("logreg", "ridge", "centroid")]).name
     assert chosen_models([CHOSEN_ON_VAL], list(HEADS), heads) == [linear]
-    assert "knn scored higher on val but is a knn head, which is not exported" in caplog.text
+    assert "knn scored higher on held-out rows but is a knn head, which is not exported" in caplog.text
 
 
 def test_a_model_beyond_the_tolerance_is_not_shipped():
@@ -285,10 +284,12 @@ def test_parity_on_the_hymenoptera_photos_with_the_default_backbone(hymenoptera,
     heads = {kind: HeadParams(kind=kind, grid=grids.get(kind, {})) for kind in (*grids, "centroid")}
     for kind, params in heads.items():
         save_head(train_head(read_store(store), kind, params), tmp_path / "heads" / f"{kind}.h5")
-        _write(tmp_path / "metrics" / kind / "metrics.json", evaluate_head(store, tmp_path / "heads" / f"{kind}.h5")[0])
+        _write(
+            tmp_path / "metrics" / kind / "metrics.json", evaluate_head(store, tmp_path / "heads" / f"{kind}.h5").record
+        )
     tuning = FinetuneParams(epochs=1, init_head="random", augment=False, num_workers=0, device="cpu")
     finetune(manifest, hymenoptera, "efficientnet_lite0", tuning, tmp_path / "finetune", tmp_path / "ckpt")
-    record = evaluate_finetuned(tmp_path / "finetune", manifest, hymenoptera, params=tuning)[0]
+    record = evaluate_finetuned(tmp_path / "finetune", manifest, hymenoptera, params=tuning).record
     _write(tmp_path / "metrics" / "finetune" / "metrics.json", record)
     run = {"work": tmp_path, "root": hymenoptera, "manifest": manifest, "store": store}
     code, output = run_export(run, tmp_path / "out", [*heads, "finetune"], heads)

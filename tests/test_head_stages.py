@@ -11,7 +11,8 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.live import log_epochs
-from pipeline.store import SPLIT_CODES, write_store
+from pipeline.metrics import read_predictions
+from pipeline.store import SPLIT_CODES, read_store, write_store
 from tests.conftest import REPO
 
 # Runs one stage's click command in this process, then reports which of the heavy modules it imported: the
@@ -58,6 +59,15 @@ def test_train_head_and_evaluate_import_no_torch(tmp_path: Path):
     assert run_stage("stages.evaluate", "--head", str(head), "--live", str(tmp_path / "live"), *common) == []
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert metrics["model"] == "logreg" and metrics["n_test"] == 6 and metrics["accuracy"] == 1.0
+    # 6 of 6 right: Wilson's 95% interval is [1 / (1 + z^2 / 6), 1] = [0.6097, 1], not a bare 1.0.
+    assert metrics["accuracy_ci95_low"] == pytest.approx(6 / (6 + 1.959964**2), abs=1e-5)
+    assert metrics["accuracy_ci95_high"] == 1.0
+    assert metrics["macro_f1_ci95_low"] <= metrics["macro_f1"] <= metrics["macro_f1_ci95_high"]
+    answers = read_predictions(tmp_path / "live" / "predictions.csv")
+    store_rows = read_store(store)
+    assert [a["path"] for a in answers] == store_rows.paths_of("test")
+    assert [a["actual"] for a in answers] == [store_rows.classes[y] for y in store_rows.subset("test")[1]]
+    assert all(a["predicted"] == a["actual"] and 0.5 < a["confidence"] <= 1 for a in answers)
 
 
 def test_scoring_needs_no_commit_and_fine_tuning_curves_say_to_commit(tmp_path: Path, monkeypatch):

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, normalize
 
 from pipeline.config import HeadParams
 from pipeline.heads import HEADS, HeadError, load_head, save_head
-from pipeline.selection import train_head
+from pipeline.selection import selection_method, train_head
 from pipeline.store import SPLIT_CODES, FeatureStore, StoreError, load_arrays, save_arrays, sealed_h5
 from tests.conftest import make_store
 
@@ -90,7 +91,8 @@ def test_probabilities_are_valid(trained, blobs, kind):
 def test_the_chosen_grid_value_is_the_best_on_val():
     # Overlapping blobs: one neighbour follows the noise, fifteen vote it away.
     store = blob_store({"train": (40, 40, 40), "val": (30, 30, 30), "test": (5, 5, 5)}, separation=1.5)
-    head = train_head(store, "knn", HeadParams(kind="knn", grid={"n_neighbors": [15, 1]}))
+    head = train_head(store, "knn", HeadParams(kind="knn", grid={"n_neighbors": [15, 1]}, selection="val"))
+    assert head.selection == "the val split (90 images)"
     accuracies = {c["n_neighbors"]: c["val_accuracy"] for c in head.val_curve}
     assert list(accuracies) == [1, 15]  # ascending, whatever the order in params
     assert accuracies[15] > accuracies[1]
@@ -99,6 +101,49 @@ def test_the_chosen_grid_value_is_the_best_on_val():
     (x_train, y_train), (x_val, y_val) = store.subset("train"), store.subset("val")
     knn = KNeighborsClassifier(n_neighbors=15, metric="cosine").fit(normalize(x_train), y_train)
     assert accuracies[15] == pytest.approx((knn.predict(normalize(x_val)) == y_val).mean())
+
+
+def test_a_small_val_split_chooses_by_stratified_cross_validation_on_train_and_val():
+    store = blob_store({"train": (40, 40, 40), "val": (6, 6, 6), "test": (5, 5, 5)}, separation=1.5)
+    head = train_head(store, "knn", HeadParams(kind="knn", grid={"n_neighbors": [1, 15]}, cv_folds=4))
+    assert head.selection == "4-fold cross-validation on train+val (138 images; val has 18, fewer than 1000)"
+    # Each point's score is its mean accuracy over the folds of StratifiedKFold(4, shuffle, seed 0) on train+val.
+    x, y = store.subset("train", "val")
+    for record in head.val_curve:
+        fold_scores = []
+        for fit, held in StratifiedKFold(4, shuffle=True, random_state=0).split(x, y):
+            knn = KNeighborsClassifier(n_neighbors=record["n_neighbors"], metric="cosine")
+            knn.fit(normalize(x[fit]), y[fit])
+            fold_scores.append((knn.predict(normalize(x[held])) == y[held]).mean())
+        assert record["val_accuracy"] == pytest.approx(np.mean(fold_scores))
+        assert record["val_accuracy_std"] == pytest.approx(np.std(fold_scores))
+    assert head.hyperparameters["n_neighbors"] == 15  # on 138 images the vote of 15 beats the noise of 1
+    # The kept model is refit on every train+val row, as after a choice on val.
+    assert len(head.model.named_steps["clf"].reference_labels_) == 138
+
+
+@pytest.mark.parametrize(
+    ("params", "n_val", "expected"),
+    [
+        (HeadParams(), 37, (5, "5-fold cross-validation on train+val (120 images; val has 37, fewer than 1000)")),
+        (HeadParams(), 1000, (0, "the val split (1000 images)")),
+        (HeadParams(selection="cv", cv_folds=3), 5000, (3, "3-fold cross-validation on train+val (120 images)")),
+        (HeadParams(selection="val"), 37, (0, "the val split (37 images)")),
+    ],
+)
+def test_where_grid_points_are_scored(params, n_val, expected):
+    assert selection_method(params, np.repeat([0, 1, 2], 40), n_val) == expected
+
+
+def test_a_class_too_small_for_k_folds_lowers_k_and_below_two_uses_val():
+    assert selection_method(HeadParams(), np.array([0] * 30 + [1] * 3), 10)[0] == 3
+    folds, how = selection_method(HeadParams(), np.array([0] * 30 + [1]), 10)
+    assert folds == 0 and how == "the val split (10 images; a class has one train+val image, too few to cross-validate)"
+
+
+def test_cv_folds_below_two_is_a_params_error_naming_the_head(blobs):
+    with pytest.raises(HeadError, match=r"heads\.h\.cv_folds must be >= 2; got 1"):
+        train_head(blobs, "h", HeadParams(kind="logreg", grid={"C": [1.0]}, cv_folds=1))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -155,8 +200,13 @@ def test_a_binary_head_round_trips(tmp_path):
 def test_loading_against_another_store_fingerprint_fails(trained, tmp_path):
     save_head(trained["ridge"], tmp_path / "ridge.h5")
     other = blob_store(BALANCED, fingerprint="def")
-    with pytest.raises(StoreError, match="fingerprint abc.*def"):
+    other.attrs.update(backbone="resnet50", image_size=224, precision="fp32")
+    with pytest.raises(StoreError) as err:
         load_head(tmp_path / "ridge.h5", other)
+    assert str(err.value) == (  # the fingerprints, and what computed each side's features
+        f"{tmp_path / 'ridge.h5'} was trained on features with fingerprint abc (test), but the feature "
+        "store has def (resnet50 at 224 px, fp32); rerun train_head"
+    )
 
 
 @pytest.mark.parametrize("kind", BALANCED_OK)
@@ -194,9 +244,12 @@ def test_unknown_kind_and_unknown_argument_name_the_key(blobs):
 
 
 def test_knn_skips_a_k_larger_than_the_train_split(blobs):
-    head = train_head(blobs, "knn", HeadParams(kind="knn", grid={"n_neighbors": [3.0, 1000.0]}))
+    head = train_head(blobs, "knn", HeadParams(kind="knn", grid={"n_neighbors": [3.0, 1000.0]}, selection="val"))
     assert [c["n_neighbors"] for c in head.val_curve] == [3]  # and 3.0 from YAML became the integer 3
-    with pytest.raises(HeadError, match=r"heads\.h\.grid: every value of n_neighbors exceeds the 90 train rows"):
+    message = r"heads\.h\.grid: every value of n_neighbors exceeds the {} rows a point is fitted on"
+    with pytest.raises(HeadError, match=message.format(90)):  # the train split
+        train_head(blobs, "h", HeadParams(kind="knn", grid={"n_neighbors": [1000]}, selection="val"))
+    with pytest.raises(HeadError, match=message.format(100)):  # 4/5 of train+val's 126 rows, with 5 folds
         train_head(blobs, "h", HeadParams(kind="knn", grid={"n_neighbors": [1000]}))
 
 
@@ -322,7 +375,7 @@ import sys
 import numpy as np
 from pipeline.config import HeadParams
 from pipeline.heads import load_head, save_head
-from pipeline.selection import train_head
+from pipeline.selection import selection_method, train_head
 from pipeline.store import FeatureStore
 
 head = load_head(sys.argv[1])
@@ -429,3 +482,19 @@ def test_a_head_is_refused_against_a_store_of_another_manifest_naming_both(train
     renamed = FeatureStore(**{**store.__dict__, "attrs": {**store.attrs, "classes": ["c0", "c1", "cX"]}})
     with pytest.raises(StoreError, match=r"classes \['c0', 'c1', 'c2'\].*\['c0', 'c1', 'cX'\].*rerun train_head"):
         load_head(tmp_path / "head.h5", renamed)
+
+
+def test_an_ill_conditioned_ridge_fit_is_explained_once_instead_of_warned_per_fold(caplog, recwarn):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 150))
+    x[:, 100:] = x[:, :50] * 1.0000001  # nearly repeated columns: a singular system without alpha
+    store = make_store(x, np.repeat([0, 1], 100), np.tile([0, 0, 0, 1, 2], 40), ["a", "b"])
+    with caplog.at_level("INFO", logger="pipeline.selection"):
+        head = train_head(store, "ridge", HeadParams(kind="ridge", grid={"alpha": [1e-12, 10.0]}))
+    assert not [w for w in recwarn if "Singular matrix" in str(w.message) or "ill-conditioned" in str(w.message)]
+    explained = [r.getMessage() for r in caplog.records if "ill-conditioned" in r.getMessage()]
+    assert explained == [
+        "heads.ridge: {'alpha': 1e-12}: ill-conditioned least squares (the solver warned), so this fit may be "
+        "inexact; its held-out score decides whether it is used"
+    ]
+    assert head.hyperparameters["alpha"] == 10.0

@@ -26,6 +26,6 @@ def test_logistic_head_on_lite0_features_reaches_093(hymenoptera, tmp_path):
     store = read_store(result.store)
     head = train_head(store, "logreg", HeadParams(kind="logreg", grid={"C": [0.01, 0.1, 1.0]}))
     save_head(head, tmp_path / "logreg.h5")
-    metrics, _, _ = evaluate_head(result.store, tmp_path / "logreg.h5")
+    metrics = evaluate_head(result.store, tmp_path / "logreg.h5").record
     assert metrics["n_test"] == 153
     assert metrics["accuracy"] >= 0.93

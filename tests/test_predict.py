@@ -101,7 +101,7 @@ def test_head_predictions_agree_with_evaluate_on_the_test_split(image_folder, tm
     (on CUDA `auto` means bf16; on the CPU it checks the same rule here), they agree as `disagreements` says."""
     params = ExtractParams(backbone="test_resnet", image_size=32, num_workers=0, device=device, precision=precision)
     trained = _train(image_folder, tmp_path, params)
-    _, _, predicted = evaluate_head(trained["store"], trained["head"])
+    predicted = evaluate_head(trained["store"], trained["head"]).predicted
     model = ["--head", str(trained["head"]), "--features", str(trained["store"])]
     code, payload, stderr = _predict("--device", device, *model, *map(str, trained["test"]))
     assert code == 0, stderr
@@ -148,7 +148,7 @@ def test_finetuned_predictions_agree_with_evaluate(trained, tmp_path):
         FinetuneParams(), epochs=1, init_head="random", augment=False, image_size=32, num_workers=0, device="cpu"
     )
     finetune(trained["manifest"], trained["root"], "test_resnet", params, tmp_path / "ft", tmp_path / "ckpt")
-    _, _, predicted = evaluate_finetuned(tmp_path / "ft", trained["manifest"], trained["root"], params=params)
+    predicted = evaluate_finetuned(tmp_path / "ft", trained["manifest"], trained["root"], params=params).predicted
     # Evaluated on the CPU above, so predicted on it too: the top classes are compared exactly.
     code, payload, _ = _predict("--device", "cpu", "--finetuned", str(tmp_path / "ft"), *map(str, trained["test"]))
     assert code == 0
