@@ -87,7 +87,7 @@ class HeadParams:
     kind: str = "logreg"
     # Keyword arguments of the estimator, by the estimator's own names (e.g. max_iter, class_weight).
     args: dict[str, Any] = field(default_factory=dict)
-    # The regularisation grid searched on the val split, e.g. {C: [0.01, 0.1, 1]}.
+    # The regularisation grid, each point scored on held-out rows (see selection), e.g. {C: [0.01, 0.1, 1]}.
     grid: dict[str, list[float]] = field(default_factory=dict)
     # Refit the chosen setting on train+val before saving (the linear-probe protocol).
     refit_on_train_val: bool = True
@@ -130,8 +130,8 @@ class FinetuneParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     ece_bins: int = 15
-    # 95% intervals: Wilson's for accuracy, a percentile bootstrap over test images for macro-F1 and for the
-    # report's paired comparison of two models (resamples and seed here, so reruns give the same interval).
+    # 95% intervals: Wilson's for accuracy, a percentile bootstrap over test images for macro-F1 (resamples and
+    # seed here, so reruns give the same interval). The report's paired comparison is exact (pipeline.stats).
     bootstrap_resamples: int = 2000
     seed: int = 0
 
@@ -164,8 +164,23 @@ class FinetuneCurveParams:
 
 
 @dataclass(frozen=True)
+class AuditParams:
+    # Cosine similarity of two images' embeddings at or above which images of different splits count as
+    # near-copies (benchmarks/duplicate_threshold.py measures copies against distinct photos).
+    duplicate_threshold: float = 0.95
+    folds: int = 5  # cross-validation folds of the out-of-fold probabilities whose label errors cleanlab ranks
+    seed: int = 0
+    top: int = 24  # images per picture grid in reports/audit/
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.duplicate_threshold <= 1.0:
+            raise ConfigError(f"audit.duplicate_threshold must be in (0, 1]; got {self.duplicate_threshold}")
+        _at_least("audit", self, folds=2, seed=0, top=1)
+
+
+@dataclass(frozen=True)
 class ExportParams:
-    # Head names (see heads:), chosen_on_val (among the heads export writes, not k-NN, the best on val) and
+    # Head names (see heads:), chosen_on_val (among the heads export writes, not k-NN, the chosen head) and
     # finetune (the fine-tuned network).
     models: list[str] = field(default_factory=lambda: ["chosen_on_val", "finetune"])
     opset: int = 18  # ONNX opset: torch's exporter's lowest native one (onnxruntime >= 1.14 runs it)
@@ -189,6 +204,7 @@ class Params:
     learning_curve: LearningCurveParams = field(default_factory=LearningCurveParams)
     finetune_curve: FinetuneCurveParams = field(default_factory=FinetuneCurveParams)
     export: ExportParams = field(default_factory=ExportParams)
+    audit: AuditParams = field(default_factory=AuditParams)
 
     def __post_init__(self) -> None:
         # dvc.yaml's warm_start stage depends on data/heads/logreg.h5 (and reads it with init_head: logreg).

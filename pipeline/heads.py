@@ -1,4 +1,4 @@
-"""Heads on cached features: a registry of scikit-learn pipelines, selection on val, saving as plain arrays."""
+"""Heads on cached features: a registry of scikit-learn pipelines, the chosen head, saving as plain arrays."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def _scaled(estimator: BaseEstimator) -> Pipeline:
 
 
 def _scaled_calibrated(estimator: BaseEstimator) -> Pipeline:
-    """ridge and linear_svm: the decision function is no probability, so it is temperature-scaled on val."""
+    """ridge and linear_svm: the decision function is no probability, so it is temperature-scaled on held-out rows."""
     return Pipeline([("scale", StandardScaler()), ("clf", TemperatureScaled(estimator))])
 
 
@@ -68,7 +68,7 @@ def _knn_pipeline(estimator: BaseEstimator) -> Pipeline:
 
 
 def _centroid_pipeline(estimator: BaseEstimator) -> Pipeline:
-    """centroid: cosine to each class's mean direction (scale-free, so no scaler), temperature-scaled on val."""
+    """centroid: cosine to each class's mean direction (scale-free, no scaler), temperature-scaled on held-out rows."""
     return Pipeline([("clf", TemperatureScaled(estimator))])
 
 
@@ -112,23 +112,37 @@ class TrainedHead:
     @property
     def trainable_params(self) -> int:
         """Numbers fitted to the data: coefficients and intercepts of the linear heads, the class means of
-        centroid, plus 1 for a temperature fitted on val. Scaler statistics are not counted (they are not
+        centroid, plus 1 for a temperature fitted on held-out rows. Scaler statistics are not counted (they are not
         trained), nor k-NN's stored rows: its training only keeps the embeddings, so it has 0."""
         clf = self.model.named_steps["clf"]
         return int(sum(np.size(attrgetter(name)(clf)) for name in HEADS[self.kind].trainable))
 
 
+def grid_rank(record: dict) -> tuple[float, float]:
+    """How grid points of one head compare: held-out accuracy, then the lower held-out log loss (exact ties:
+    the first point in ascending grid order, which pipeline.selection tries first)."""
+    return record["val_accuracy"], -record["val_log_loss"]
+
+
 def held_out(head: TrainedHead) -> dict:
-    """The chosen grid point's record: its held-out accuracy and log loss (val, or the k-fold means)."""
-    return max(head.val_curve, key=lambda r: (r["val_accuracy"], -r["val_log_loss"]))
+    """The chosen grid point's record: its held-out accuracy and log loss (val, or pooled over k folds)."""
+    return max(head.val_curve, key=grid_rank)
 
 
 def chosen_head(heads: list[TrainedHead]) -> TrainedHead:
-    """The head to report and export: the highest held-out accuracy of its chosen point; ties go to the lower
-    held-out log loss (the better probabilities), then to the first in params.yaml order. Heads trained on one
-    store are scored on the same held-out rows (pipeline.selection.selection_method), so they compare."""
-    ranked = [(held_out(h)["val_accuracy"], -held_out(h)["val_log_loss"], -i) for i, h in enumerate(heads)]
-    return heads[-max(ranked)[2]]
+    """The head to report and export: the highest held-out accuracy of its chosen point; ties go to the first
+    in params.yaml order (not to log loss: heads with a temperature fit it on the very rows it would be scored
+    on, which favours them). The heads must have been scored on the same held-out rows, or they do not compare.
+    """
+    methods = {h.selection for h in heads}
+    if len(methods) > 1:
+        described = "; ".join(f"{h.name}: {h.selection}" for h in heads)
+        raise HeadError(
+            f"the heads were scored on different held-out rows ({described}), so their scores do not compare; give "
+            "every head the same selection, cv_folds and seed under heads: in params.yaml"
+        )
+    best = max(held_out(h)["val_accuracy"] for h in heads)
+    return next(h for h in heads if held_out(h)["val_accuracy"] == best)
 
 
 def full_proba(model: Pipeline, x: np.ndarray, n_classes: int) -> np.ndarray:

@@ -10,6 +10,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, log_loss
 
 from pipeline.config import EvaluateParams
+from pipeline.errors import PipelineError
 from pipeline.io import write_csv, write_json
 from pipeline.stats import bootstrap_interval, macro_f1, wilson_interval
 
@@ -136,6 +137,14 @@ def write_model_metrics(folder: Path, scored: Scored) -> None:
 
 def read_predictions(path: Path) -> list[dict]:
     """A model's predictions.csv: one dict per test image (path, actual, predicted, confidence as float)."""
+    fix = "run `dvc repro` so that evaluate writes it again"
+    if not Path(path).is_file():
+        raise PipelineError(f"{path} not found (written by evaluate since it records each test image's answer); {fix}")
     with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    return [{**row, "confidence": float(row["confidence"])} for row in rows]
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != PREDICTIONS_HEADER:
+            raise PipelineError(f"{path}: columns {reader.fieldnames}, expected {list(PREDICTIONS_HEADER)}; {fix}")
+        try:
+            return [{**row, "confidence": float(row["confidence"])} for row in reader]
+        except ValueError as err:
+            raise PipelineError(f"{path}: line {reader.line_num}: {err}; {fix}") from err

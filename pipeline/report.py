@@ -143,17 +143,19 @@ def finetune_row(model_dir: Path, metrics: dict, store_attrs: dict, shared_ms: f
     )
 
 
-def paired(metrics_dir: Path, a: str, b: str, seed: int) -> Comparison:
+def paired(metrics_dir: Path, a: str, b: str) -> Comparison:
     """Compare models `a` and `b` image by image on their shared test split (their predictions.csv files)."""
     answers = {name: read_predictions(Path(metrics_dir) / name / "predictions.csv") for name in (a, b)}
-    right = {name: {r["path"]: r["actual"] == r["predicted"] for r in rows} for name, rows in answers.items()}
-    if set(right[a]) != set(right[b]):
+    truth = {name: {r["path"]: r["actual"] for r in rows} for name, rows in answers.items()}
+    if truth[a] != truth[b]:
+        common = set(truth[a]) & set(truth[b])
         raise PipelineError(
-            f"{a} and {b} were scored on different test images ({len(right[a])} and {len(right[b])}, "
-            f"{len(set(right[a]) & set(right[b]))} in common); run `dvc repro` so both score the same split"
+            f"{a} and {b} were scored on different test images or labels ({len(truth[a])} and {len(truth[b])} "
+            f"images, {len(common)} paths in common); run `dvc repro` so both score the same split"
         )
+    right = {name: {r["path"]: r["actual"] == r["predicted"] for r in rows} for name, rows in answers.items()}
     paths = sorted(right[a])
-    return compare(np.array([right[a][p] for p in paths]), np.array([right[b][p] for p in paths]), seed=seed)
+    return compare(np.array([right[a][p] for p in paths]), np.array([right[b][p] for p in paths]))
 
 
 def _with_interval(row: ModelRow) -> str:
@@ -170,7 +172,7 @@ def recommend(head: ModelRow, tuned: ModelRow | None, comparison: Comparison | N
     evidence = (
         f"on the same {n} test images they disagree on {c.mcnemar.a_only + c.mcnemar.b_only}: "
         f"{c.mcnemar.a_only} right only after fine-tuning, {c.mcnemar.b_only} only with {head.name} (McNemar's "
-        f"exact test p = {c.mcnemar.p_value:.3g}; the difference is {100 * c.difference:+.1f} points, paired 95% "
+        f"exact test p = {c.mcnemar.p_value:.3g}; the difference is {100 * c.difference:+.1f} points, exact 95% "
         f"interval {100 * c.interval[0]:+.1f} to {100 * c.interval[1]:+.1f})"
     )
     costs = f"{tuned.train_seconds:.0f} s of fine-tuning against {head.train_seconds:.0f} s for {head.name} "
@@ -196,8 +198,7 @@ def choice_of_head(heads: list[TrainedHead], chosen: TrainedHead, rows: list[Mod
     """How the head compared with fine-tuning was chosen, and what the test split would have said."""
     text = (
         f"**Head.** {chosen.name}, chosen among {len(heads)} heads by its held-out accuracy "
-        f"({held_out(chosen)['val_accuracy']:.4f}) on {chosen.selection}. Ties go to the lower held-out log "
-        "loss, then to the first in params.yaml."
+        f"({held_out(chosen)['val_accuracy']:.4f}) on {chosen.selection}. Ties go to the first in params.yaml."
     )
     best_on_test = max((r for r in rows if r.strategy == "feature_extraction"), key=lambda r: r.accuracy)
     if best_on_test.name != chosen.name:
@@ -216,7 +217,9 @@ def render(
     curve_head: str,
     extract_seconds: float,
     tuned_curve: list[dict] | None = None,
+    sections: list[str] | None = None,
 ) -> str:
+    """The report's markdown; `sections` (lines) come after the per-model pictures."""
     lines = ["# Feature extraction or fine-tuning?", "", *intro, "", *_table(rows)]
     lines += [
         "",
@@ -247,7 +250,29 @@ def render(
     for r in sorted(rows, key=lambda r: -r.accuracy):
         lines += [f"![{r.name}: confusion matrix](models/{r.name}_confusion.png) "
                   f"![{r.name}: reliability diagram](models/{r.name}_reliability.png)", ""]  # fmt: skip
-    return "\n".join(lines)
+    return "\n".join([*lines, *(sections or [])])
+
+
+PER_CLASS_ROWS = 30  # above this many classes, the per-class table keeps the classes hardest on average
+
+
+def per_class_accuracy(metrics_dir: Path, models: list[str], classes: list[str]) -> list[str]:
+    """Markdown: each class's test accuracy (right / images) for every model, from their predictions.csv.
+    With many classes, the PER_CLASS_ROWS classes with the lowest mean accuracy over the models."""
+    table = {}
+    for model in models:
+        answers = read_predictions(Path(metrics_dir) / model / "predictions.csv")
+        for name in classes:
+            mine = [a for a in answers if a["actual"] == name]
+            table[model, name] = (sum(a["predicted"] == name for a in mine), len(mine))
+    mean = {c: np.mean([r / n if n else 1.0 for r, n in (table[m, c] for m in models)]) for c in classes}
+    shown = sorted(classes, key=lambda c: mean[c])[:PER_CLASS_ROWS] if len(classes) > PER_CLASS_ROWS else classes
+    title = "## Accuracy per class" + (f" (the {PER_CLASS_ROWS} hardest classes)" if shown is not classes else "")
+    lines = [title, "", "| class | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+    for c in shown:
+        cells = [f"{r / n:.3f} ({r}/{n})" if n else "-" for r, n in (table[m, c] for m in models)]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _table(rows: list[ModelRow]) -> list[str]:
@@ -307,11 +332,15 @@ def write_figures(
         )
 
 
+INTERVAL_KEYS = {"accuracy_ci95_low", "accuracy_ci95_high", "macro_f1_ci95_low", "macro_f1_ci95_high"}
+
+
 @dataclass(frozen=True)
 class Report:
     markdown: str
     rows: list[ModelRow]
     recommendation: str
+    chosen: str  # the head compared with fine-tuning (pipeline.heads.chosen_head)
 
 
 def build_report(
@@ -321,17 +350,21 @@ def build_report(
     finetuned: Path | None,
     extract_seconds: float,
     curves: tuple[list[dict], list[dict]],
-    seed: int = 0,
 ) -> Report:
     """Markdown, its rows and its advice. `curves`: the learning curve of the chosen head (the `learning_curve`
-    stage) and fine-tuning's on subsets (the `finetune_curve` stage; empty when not asked for). `seed`: the
-    paired bootstrap's."""
+    stage) and fine-tuning's on subsets (the `finetune_curve` stage; empty when not asked for)."""
     curve, tuned_curve = curves
     heads = [load_head(p, store) for p in head_paths]
     metrics = {p.parent.name: json.loads(p.read_text()) for p in sorted(Path(metrics_dir).glob("*/metrics.json"))}
     missing = [h.name for h in heads if h.name not in metrics]
     if missing:
         raise PipelineError(f"no metrics for {', '.join(missing)} in {metrics_dir}; run evaluate first")
+    older = [name for name, m in metrics.items() if not set(m) >= INTERVAL_KEYS]
+    if older:
+        raise PipelineError(
+            f"{metrics_dir}: the metrics of {', '.join(older)} have no 95% intervals (written by an older version); "
+            "run `dvc repro` so that evaluate scores them again"
+        )
     if not curve:
         raise PipelineError(
             "the learning curve has no point: every training subset was too small for the chosen head "
@@ -343,21 +376,25 @@ def build_report(
     if finetuned is not None and "finetune" in metrics:
         tuned = finetune_row(finetuned, metrics["finetune"], store.attrs, shared_ms)
         rows.append(tuned)
-        comparison = paired(metrics_dir, "finetune", chosen.name, seed)
+        comparison = paired(metrics_dir, "finetune", chosen.name)
     head_row = next(r for r in rows if r.name == chosen.name)
     advice = recommend(head_row, tuned, comparison)
     intro = [f"**Recommendation.** {advice}", "", choice_of_head(heads, chosen, rows)]
-    return Report(render(rows, intro, curve, curve[0]["model"], extract_seconds, tuned_curve), rows, advice)
+    per_class = per_class_accuracy(
+        metrics_dir, [r.name for r in sorted(rows, key=lambda r: -r.accuracy)], store.classes
+    )
+    markdown = render(rows, intro, curve, curve[0]["model"], extract_seconds, tuned_curve, per_class)
+    return Report(markdown, rows, advice, chosen.name)
 
 
-def summary(report: Report, chosen: str, where: Path) -> str:
+def summary(report: Report, where: Path) -> str:
     """A few lines for the console at the end of `make run`: the advice, every model's test accuracy with its
     interval, and where the report is."""
     lines = [f"Feature extraction or fine-tuning? Full report: {where}", ""]
     lines += textwrap.wrap(report.recommendation, width=100)
     lines.append("")
     for r in sorted(report.rows, key=lambda r: -r.accuracy):
-        s, note = r.scores, " (the chosen head)" if r.name == chosen else ""
+        s, note = r.scores, " (the chosen head)" if r.name == report.chosen else ""
         lines.append(
             f"  {r.name:<12} test accuracy {r.accuracy:.4f} (95% interval {s['accuracy_ci95_low']:.4f}-"
             f"{s['accuracy_ci95_high']:.4f}), {r.train_seconds:.0f} s to train{note}"

@@ -19,7 +19,7 @@ from sklearn.pipeline import Pipeline
 
 from pipeline.config import HeadParams
 from pipeline.estimators import TemperatureScaled
-from pipeline.heads import HEADS, STORE_ATTRS, HeadError, HeadKind, TrainedHead, full_proba
+from pipeline.heads import HEADS, STORE_ATTRS, HeadError, HeadKind, TrainedHead, full_proba, grid_rank
 from pipeline.store import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def train_head(store: FeatureStore, name: str, params: HeadParams) -> TrainedHea
     x_val, y_val = store.subset("val")
     if len(y_train) == 0 or len(y_val) == 0:
         raise HeadError(
-            f"heads.{name}: the store has {len(y_train)} train and {len(y_val)} val rows; selecting on val "
+            f"heads.{name}: the store has {len(y_train)} train and {len(y_val)} val rows; selecting a head "
             "needs both (see prepare.val_fraction)"
         )
     n_classes = len(store.classes)
@@ -122,7 +122,7 @@ def selection_method(params: HeadParams, y_fit: np.ndarray, n_val: int) -> tuple
     if folds < 2:
         return 0, f"the val split ({n_val} images; a class has one train+val image, too few to cross-validate)"
     why = f"; val has {n_val}, fewer than {MIN_VAL_IMAGES}" if params.selection == "auto" else ""
-    return folds, f"{folds}-fold cross-validation on train+val ({len(y_fit)} images{why})"
+    return folds, f"{folds}-fold cross-validation on train+val ({len(y_fit)} images, seed {params.seed}{why})"
 
 
 def _sweep(
@@ -146,9 +146,9 @@ def _sweep(
             for (x, y), (x_out, y_out) in held_out:
                 models.append(_fit(kind, {**fixed, **point}, x, y, name))
                 scores.append(_val_scores(models[-1], x_out, y_out, n_classes))
-        record = {**point, **_mean_scores(scores)}
+        record = {**point, **_pooled(scores, [len(y_out) for _, (_, y_out) in held_out])}
         curve.append(record)
-        if best is None or _rank(record) > _rank(best):
+        if best is None or grid_rank(record) > grid_rank(best):
             best, best_model = record, models[0]
     if best is None:
         bounded = ", ".join(kind.row_bounded)
@@ -158,9 +158,13 @@ def _sweep(
     return curve, best, best_model
 
 
-def _mean_scores(scores: list[dict[str, float]]) -> dict[str, float]:
-    """One held-out record from one score per fold: means (median temperature); with folds, the spread too."""
-    record = {key: float(np.mean([s[key] for s in scores])) for key in ("val_accuracy", "val_log_loss")}
+def _pooled(scores: list[dict[str, float]], sizes: list[int]) -> dict[str, float]:
+    """One held-out record from one score per fold: accuracy and log loss over every held-out image (fold
+    means weighted by fold size, so that one image counts the same in every fold), the median temperature;
+    with folds, the spread of the fold accuracies too."""
+    record = {
+        key: float(np.average([s[key] for s in scores], weights=sizes)) for key in ("val_accuracy", "val_log_loss")
+    }
     if "temperature" in scores[0]:
         record["temperature"] = float(np.median([s["temperature"] for s in scores]))
     if len(scores) > 1:
@@ -190,10 +194,6 @@ def _too_big(kind: HeadKind, point: dict, n_rows: int, name: str) -> bool:
             )
             return True
     return False
-
-
-def _rank(record: dict) -> tuple[float, float]:
-    return record["val_accuracy"], -record["val_log_loss"]
 
 
 def _fit(

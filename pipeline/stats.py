@@ -132,25 +132,21 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemar:
     return McNemar(a_only, b_only, float(binomtest(a_only, a_only + b_only, 0.5).pvalue))
 
 
-def _accuracy_difference(a: np.ndarray, b: np.ndarray) -> float:
-    return float(a.mean() - b.mean())
+def paired_difference_interval(test: McNemar, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact conditional interval of accuracy(a) - accuracy(b) on the same n images, dual to McNemar's test.
 
-
-def paired_difference_interval(
-    correct_a: np.ndarray,
-    correct_b: np.ndarray,
-    *,
-    n_resamples: int = 2000,
-    seed: int = 0,
-    confidence: float = 0.95,
-) -> tuple[float, float]:
-    """Percentile paired-bootstrap interval of accuracy(a) - accuracy(b).
-
-    Each resample uses the same image indices for both models, so the interval reflects only how the models
-    disagree, not how hard the sampled images happen to be; it is much narrower than two separate intervals.
+    Given the d = a_only + b_only images where the models disagree, a_only is Binomial(d, pi), and the difference
+    is (d / n) * (2 * pi - 1). The Clopper-Pearson interval of pi, mapped through that line, gives the interval.
+    For pi0 = 0.5 the binomial is symmetric, so the two-sided exact test rejects at level alpha exactly when this
+    interval at confidence 1 - alpha excludes 0: the interval and the verdict cannot disagree (a bootstrap
+    interval can, with few discordant images). With no disagreement the difference is 0, exactly.
     """
-    a, b = _correctness(correct_a, correct_b)
-    return bootstrap_interval(a, b, _accuracy_difference, n_resamples=n_resamples, seed=seed, confidence=confidence)
+    _check_confidence(confidence)
+    d = test.a_only + test.b_only
+    if d == 0:
+        return 0.0, 0.0
+    ci = binomtest(test.a_only, d, 0.5).proportion_ci(confidence_level=confidence, method="exact")
+    return d / n * (2 * ci.low - 1), d / n * (2 * ci.high - 1)
 
 
 @dataclass(frozen=True)
@@ -160,23 +156,23 @@ class Comparison:
     accuracy_a: float
     accuracy_b: float
     difference: float  # accuracy_a - accuracy_b
-    interval: tuple[float, float]  # paired bootstrap interval of the difference
+    interval: tuple[float, float]  # exact conditional interval of the difference (dual to the McNemar test)
     mcnemar: McNemar
     verdict: str  # "a", "b" or "none"
 
 
-def compare(correct_a: np.ndarray, correct_b: np.ndarray, *, alpha: float = 0.05, seed: int = 0) -> Comparison:
+def compare(correct_a: np.ndarray, correct_b: np.ndarray, *, alpha: float = 0.05) -> Comparison:
     """Compare two models scored on the same test images (boolean "was this image right" arrays).
 
     Verdict rule: "a" when the exact McNemar p-value is below `alpha` and a is more accurate, "b" when it is
     below `alpha` and b is more accurate, otherwise "none" (no measurable difference on this test set). The
-    interval is the paired bootstrap at confidence 1 - alpha, reported alongside and not used in the verdict.
+    interval (confidence 1 - alpha) is the test's dual: it excludes 0 exactly when the verdict is not "none".
     """
     a, b = _correctness(correct_a, correct_b)
     test = mcnemar_exact(a, b)
-    difference = _accuracy_difference(a, b)
+    difference = float(a.mean() - b.mean())
     verdict = "none"
     if test.p_value < alpha:
         verdict = "a" if difference > 0 else "b"
-    interval = paired_difference_interval(a, b, seed=seed, confidence=1.0 - alpha)
+    interval = paired_difference_interval(test, len(a), confidence=1.0 - alpha)
     return Comparison(float(a.mean()), float(b.mean()), difference, interval, test, verdict)

@@ -16,17 +16,19 @@ PathArg = click.Path(path_type=Path)
 @click.option("--finetuned", type=PathArg, required=True, help="The fine-tuned model folder.")
 @click.option("--manifest", type=PathArg, required=True)
 @click.option("--data", type=PathArg, required=True, help="ImageFolder root the manifest's paths are relative to.")
-@click.option("--live", type=PathArg, required=True, help="Folder for metrics.json and the confusion plot.")
+@click.option(
+    "--out", type=PathArg, required=True, help="Folder for metrics.json, predictions.csv, the confusion plot."
+)
 @click.option("--params", type=PathArg, default=Path("params.yaml"), show_default=True)
 @user_errors
-def main(finetuned: Path, manifest: Path, data: Path, live: Path, params: Path) -> None:
+def main(finetuned: Path, manifest: Path, data: Path, out: Path, params: Path) -> None:
     p = load_params(params)
     scored = evaluate_finetuned(finetuned, manifest, data, params=p.finetune, scoring=p.evaluate)
-    write_model_metrics(live, scored)
+    write_model_metrics(out, scored)
     scores = scored.record
     click.echo(
         f"evaluate_finetune: test accuracy {scores['accuracy']:.4f}, macro-F1 {scores['macro_f1']:.4f} "
-        f"on {scores['n_test']} images -> {live / 'metrics.json'}"
+        f"on {scores['n_test']} images -> {out / 'metrics.json'}"
     )
 
 

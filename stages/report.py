@@ -37,12 +37,12 @@ def main(features, heads, metrics, finetuned, extract_metrics, curve, finetune_c
     points, tuned = json.loads(curve.read_text()), json.loads(finetune_curve.read_text())
     head_paths = [heads / f"{name}.h5" for name in p.heads]
     store = read_store(features)
-    report = build_report(store, head_paths, metrics, finetuned, extract_seconds, (points, tuned), p.evaluate.seed)
-    chosen = points[0]["model"]  # the learning curve is the chosen head's
-    write_figures(report.rows, metrics, store.classes, (points, chosen, tuned), out, p.evaluate.ece_bins)
+    report = build_report(store, head_paths, metrics, finetuned, extract_seconds, (points, tuned))
+    curve_head = points[0]["model"]  # the learning_curve stage's choice, by the same rule as report.chosen
+    write_figures(report.rows, metrics, store.classes, (points, curve_head, tuned), out, p.evaluate.ece_bins)
     write_text(out / "strategy.md", report.markdown)
-    write_text(out / "summary.txt", summary(report, chosen, out / "strategy.md"))
-    click.echo(f"report: {len(report.rows)} models, learning curve of {chosen} -> {out / 'strategy.md'}")
+    write_text(out / "summary.txt", summary(report, out / "strategy.md"))
+    click.echo(f"report: {len(report.rows)} models, learning curve of {curve_head} -> {out / 'strategy.md'}")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def test_train_head_and_evaluate_import_no_torch(tmp_path: Path):
     head, common = tmp_path / "logreg.h5", ["--features", str(store), "--params", str(params)]
     train = ["--name", "logreg", "--out", str(head), "--curve", str(tmp_path / "curve.json"), *common]
     assert run_stage("stages.train_head", *train) == []
-    assert run_stage("stages.evaluate", "--head", str(head), "--live", str(tmp_path / "live"), *common) == []
+    assert run_stage("stages.evaluate", "--head", str(head), "--out", str(tmp_path / "live"), *common) == []
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert metrics["model"] == "logreg" and metrics["n_test"] == 6 and metrics["accuracy"] == 1.0
     # 6 of 6 right: Wilson's 95% interval is [1 / (1 + z^2 / 6), 1] = [0.6097, 1], not a bare 1.0.
@@ -83,7 +83,7 @@ def test_scoring_needs_no_commit_and_fine_tuning_curves_say_to_commit(tmp_path: 
     head, common = tmp_path / "logreg.h5", ["--features", str(store), "--params", str(params)]
     run_stage("stages.train_head", "--name", "logreg", "--out", str(head), "--curve", str(tmp_path / "c.json"), *common)
     done = subprocess.run(
-        [sys.executable, "-m", "stages.evaluate", "--head", str(head), "--live", "metrics", *common],
+        [sys.executable, "-m", "stages.evaluate", "--head", str(head), "--out", "metrics", *common],
         cwd=project,
         capture_output=True,
         text=True,

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, normalize
 
 from pipeline.config import HeadParams
-from pipeline.heads import HEADS, HeadError, load_head, save_head
+from pipeline.heads import HEADS, HeadError, chosen_head, load_head, save_head
 from pipeline.selection import selection_method, train_head
 from pipeline.store import SPLIT_CODES, FeatureStore, StoreError, load_arrays, save_arrays, sealed_h5
 from tests.conftest import make_store
@@ -106,16 +107,18 @@ def test_the_chosen_grid_value_is_the_best_on_val():
 def test_a_small_val_split_chooses_by_stratified_cross_validation_on_train_and_val():
     store = blob_store({"train": (40, 40, 40), "val": (6, 6, 6), "test": (5, 5, 5)}, separation=1.5)
     head = train_head(store, "knn", HeadParams(kind="knn", grid={"n_neighbors": [1, 15]}, cv_folds=4))
-    assert head.selection == "4-fold cross-validation on train+val (138 images; val has 18, fewer than 1000)"
-    # Each point's score is its mean accuracy over the folds of StratifiedKFold(4, shuffle, seed 0) on train+val.
+    assert head.selection == "4-fold cross-validation on train+val (138 images, seed 0; val has 18, fewer than 1000)"
+    # Each point's score: the share of train+val images it gets right when held out, over the folds of
+    # StratifiedKFold(4, shuffle, seed 0) (138 rows: folds of 35, 35, 34, 34, so not the mean of fold accuracies).
     x, y = store.subset("train", "val")
     for record in head.val_curve:
-        fold_scores = []
+        right, fold_scores = 0, []
         for fit, held in StratifiedKFold(4, shuffle=True, random_state=0).split(x, y):
             knn = KNeighborsClassifier(n_neighbors=record["n_neighbors"], metric="cosine")
             knn.fit(normalize(x[fit]), y[fit])
-            fold_scores.append((knn.predict(normalize(x[held])) == y[held]).mean())
-        assert record["val_accuracy"] == pytest.approx(np.mean(fold_scores))
+            correct = knn.predict(normalize(x[held])) == y[held]
+            right, fold_scores = right + correct.sum(), [*fold_scores, correct.mean()]
+        assert record["val_accuracy"] == pytest.approx(right / 138)
         assert record["val_accuracy_std"] == pytest.approx(np.std(fold_scores))
     assert head.hyperparameters["n_neighbors"] == 15  # on 138 images the vote of 15 beats the noise of 1
     # The kept model is refit on every train+val row, as after a choice on val.
@@ -125,9 +128,17 @@ def test_a_small_val_split_chooses_by_stratified_cross_validation_on_train_and_v
 @pytest.mark.parametrize(
     ("params", "n_val", "expected"),
     [
-        (HeadParams(), 37, (5, "5-fold cross-validation on train+val (120 images; val has 37, fewer than 1000)")),
+        (
+            HeadParams(),
+            37,
+            (5, "5-fold cross-validation on train+val (120 images, seed 0; val has 37, fewer than 1000)"),
+        ),
         (HeadParams(), 1000, (0, "the val split (1000 images)")),
-        (HeadParams(selection="cv", cv_folds=3), 5000, (3, "3-fold cross-validation on train+val (120 images)")),
+        (
+            HeadParams(selection="cv", cv_folds=3),
+            5000,
+            (3, "3-fold cross-validation on train+val (120 images, seed 0)"),
+        ),
         (HeadParams(selection="val"), 37, (0, "the val split (37 images)")),
     ],
 )
@@ -498,3 +509,15 @@ def test_an_ill_conditioned_ridge_fit_is_explained_once_instead_of_warned_per_fo
         "inexact; its held-out score decides whether it is used"
     ]
     assert head.hyperparameters["alpha"] == 10.0
+
+
+def test_the_chosen_head_is_the_best_held_out_and_ties_go_to_params_order(trained):
+    logreg, knn, ridge = (replace(trained[k]) for k in ("logreg", "knn", "ridge"))
+    logreg.val_curve = [{"val_accuracy": 0.9, "val_log_loss": 0.5}]
+    knn.val_curve = [{"val_accuracy": 0.95, "val_log_loss": 0.9}]
+    ridge.val_curve = [{"val_accuracy": 0.95, "val_log_loss": 0.1}]  # ties knn: its lower log loss does not count
+    assert chosen_head([logreg, knn, ridge]).name == "knn"
+    assert chosen_head([logreg, ridge, knn]).name == "ridge"
+    ridge.selection = "the val split (90 images)"
+    with pytest.raises(HeadError, match=r"scored on different held-out rows \(logreg: .*; ridge: the val split"):
+        chosen_head([logreg, knn, ridge])

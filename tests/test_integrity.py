@@ -71,7 +71,7 @@ def one_line_error(result: Result) -> str:
 
 
 def evaluate(run: Run, live: Path) -> Result:
-    args = ["--features", str(run.store), "--head", str(run.head), "--live", str(live), "--params", str(run.params)]
+    args = ["--features", str(run.store), "--head", str(run.head), "--out", str(live), "--params", str(run.params)]
     return CliRunner().invoke(evaluate_stage, args)
 
 

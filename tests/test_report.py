@@ -22,7 +22,7 @@ from pipeline.finetune_curve import finetune_curve
 from pipeline.finetuned import Classifier
 from pipeline.io import write_csv
 from pipeline.metrics import PREDICTIONS_HEADER
-from pipeline.report import ModelRow, finetune_row, head_rows, paired, recommend
+from pipeline.report import ModelRow, finetune_row, head_rows, paired, per_class_accuracy, recommend
 from pipeline.selection import train_head
 from pipeline.stats import compare, wilson_interval
 from pipeline.store import FeatureStore
@@ -131,11 +131,15 @@ def test_paired_comparison_reads_both_models_answers_image_by_image(tmp_path: Pa
     for name, wrong in (("finetune", {"b.png"}), ("logreg", {"a.png", "c.png"})):
         rows = [(p, "ant", "bee" if p in wrong else "ant", "0.9") for p in ("a.png", "b.png", "c.png")]
         write_csv(tmp_path / name / "predictions.csv", PREDICTIONS_HEADER, rows)
-    result = paired(tmp_path, "finetune", "logreg", seed=0)
+    result = paired(tmp_path, "finetune", "logreg")
     assert (result.mcnemar.a_only, result.mcnemar.b_only) == (2, 1)
-    write_csv(tmp_path / "logreg" / "predictions.csv", PREDICTIONS_HEADER, [("z.png", "ant", "ant", "0.9")])
-    with pytest.raises(PipelineError, match="finetune and logreg were scored on different test images"):
-        paired(tmp_path, "finetune", "logreg", seed=0)
+    relabelled = [(p, "bee", "bee", "0.9") for p in ("a.png", "b.png", "c.png")]  # same images, other labels
+    write_csv(tmp_path / "logreg" / "predictions.csv", PREDICTIONS_HEADER, relabelled)
+    with pytest.raises(PipelineError, match="finetune and logreg were scored on different test images or labels"):
+        paired(tmp_path, "finetune", "logreg")
+    (tmp_path / "logreg" / "predictions.csv").unlink()  # an older run's folder: one line saying what to do
+    with pytest.raises(PipelineError, match=r"logreg/predictions.csv not found .*; run `dvc repro`"):
+        paired(tmp_path, "finetune", "logreg")
 
 
 def test_finetune_curve_trains_on_subsets_and_scores_the_full_test_split(image_folder: Path, tmp_path: Path):
@@ -167,3 +171,22 @@ def test_report_refuses_an_unknown_extraction_cost_in_one_line(tmp_path):
     result = CliRunner().invoke(report_stage, [*args, "--params", str(REPO / "params.yaml")])
     assert result.exit_code == 1 and "has no extraction cost" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_accuracy_per_class_counts_each_models_answers(tmp_path: Path, monkeypatch):
+    answers = {"logreg": ["a", "a", "b", "c"], "finetune": ["a", "b", "b", "b"]}  # predicted; actual a, a, b, c
+    for model, predicted in answers.items():
+        rows = [(f"{i}.png", actual, p, "0.9") for i, (actual, p) in enumerate(zip("aabc", predicted, strict=True))]
+        write_csv(tmp_path / model / "predictions.csv", PREDICTIONS_HEADER, rows)
+    lines = per_class_accuracy(tmp_path, ["logreg", "finetune"], ["a", "b", "c"])
+    assert lines[2:6] == [
+        "| class | logreg | finetune |",
+        "|---|---|---|",
+        "| a | 1.000 (2/2) | 0.500 (1/2) |",
+        "| b | 1.000 (1/1) | 1.000 (1/1) |",
+    ]
+    assert lines[6] == "| c | 1.000 (1/1) | 0.000 (0/1) |"
+    monkeypatch.setattr("pipeline.report.PER_CLASS_ROWS", 2)  # many classes: the hardest on average only
+    hardest = per_class_accuracy(tmp_path, ["logreg", "finetune"], ["a", "b", "c"])
+    assert hardest[0] == "## Accuracy per class (the 2 hardest classes)"
+    assert [line.split(" |")[0] for line in hardest[4:6]] == ["| c", "| a"]

@@ -12,6 +12,7 @@ from sklearn.metrics import f1_score
 
 from pipeline.stats import (
     Comparison,
+    McNemar,
     bootstrap_interval,
     compare,
     macro_f1,
@@ -165,9 +166,22 @@ def test_clearly_better_model_wins():
     assert compare(b, a).verdict == "b"
 
 
-def test_paired_interval_is_deterministic():
-    a, b = _pairs(a_only=10, b_only=4, both=100, neither=6)
-    assert paired_difference_interval(a, b, seed=1) == paired_difference_interval(a, b, seed=1)
+@pytest.mark.parametrize("a_only", range(0, 13))
+@pytest.mark.parametrize("b_only", [0, 1, 2, 5])
+def test_the_paired_interval_excludes_zero_exactly_when_the_verdict_names_a_winner(a_only, b_only):
+    """The review's case: 5 against 0 disagreements has p = 0.0625, and a bootstrap interval excluded 0."""
+    result = compare(*_pairs(a_only=a_only, b_only=b_only, both=80, neither=13))
+    excludes_zero = result.interval[0] > 0 or result.interval[1] < 0
+    assert excludes_zero == (result.verdict != "none")
+    assert result.interval[0] - 1e-12 <= result.difference <= result.interval[1] + 1e-12
+
+
+def test_the_paired_interval_maps_clopper_pearson_onto_the_difference():
+    test = McNemar(a_only=6, b_only=0, p_value=2 * 0.5**6)
+    low, high = paired_difference_interval(test, n=269)
+    # Clopper-Pearson for 6 of 6 at 95%: (0.025 ** (1 / 6), 1); the difference is 6/269 * (2 * pi - 1).
+    assert low == pytest.approx(6 / 269 * (2 * 0.025 ** (1 / 6) - 1), rel=1e-9)
+    assert high == pytest.approx(6 / 269)
 
 
 def test_paired_inputs_are_checked():
