@@ -350,9 +350,11 @@ def build_report(
     finetuned: Path | None,
     extract_seconds: float,
     curves: tuple[list[dict], list[dict]],
+    audit: dict | None = None,
 ) -> Report:
     """Markdown, its rows and its advice. `curves`: the learning curve of the chosen head (the `learning_curve`
-    stage) and fine-tuning's on subsets (the `finetune_curve` stage; empty when not asked for)."""
+    stage) and fine-tuning's on subsets (the `finetune_curve` stage; empty when not asked for). `audit`: the
+    audit stage's counts, when it ran."""
     curve, tuned_curve = curves
     heads = [load_head(p, store) for p in head_paths]
     metrics = {p.parent.name: json.loads(p.read_text()) for p in sorted(Path(metrics_dir).glob("*/metrics.json"))}
@@ -383,8 +385,32 @@ def build_report(
     per_class = per_class_accuracy(
         metrics_dir, [r.name for r in sorted(rows, key=lambda r: -r.accuracy)], store.classes
     )
-    markdown = render(rows, intro, curve, curve[0]["model"], extract_seconds, tuned_curve, per_class)
+    sections = per_class + (audit_section(audit) if audit else [])
+    markdown = render(rows, intro, curve, curve[0]["model"], extract_seconds, tuned_curve, sections)
     return Report(markdown, rows, advice, chosen.name)
+
+
+def audit_section(counts: dict) -> list[str]:
+    """Markdown: the audit's counts (metrics/audit.json) and its picture grids (reports/audit/)."""
+    wrong = {key.removeprefix("misclassified_"): n for key, n in counts.items() if key.startswith("misclassified_")}
+    lines = [
+        "## Data audit",
+        "",
+        f"- {counts['cross_split_pairs']} pairs of images in different splits are near-copies (embedding cosine "
+        f">= {counts['duplicate_threshold']}; {counts['cross_split_exact_pairs']} of them identical files): a "
+        "test image that copies a training image inflates every score above. `audit/duplicates.csv`.",
+        f"- {counts['label_issues']} train or val images look mislabelled (cleanlab on out-of-fold probabilities "
+        "of a logistic head): `audit/label_issues.csv`, the most suspicious first.",
+        *[f"- {model} gets {n} test images wrong: `audit/misclassified_{model}.csv`." for model, n in wrong.items()],
+        "",
+        "![near-copies across splits](audit/duplicates.png)",
+        "",
+        "![likely label errors](audit/label_issues.png)",
+        "",
+    ]
+    return lines + [
+        line for model in wrong for line in (f"![{model}: misclassified](audit/misclassified_{model}.png)", "")
+    ]
 
 
 def summary(report: Report, where: Path) -> str:

@@ -22,10 +22,11 @@ PathArg = click.Path(path_type=Path)
 @click.option("--extract-metrics", type=PathArg, required=True)
 @click.option("--curve", type=PathArg, required=True, help="The learning_curve stage's output.")
 @click.option("--finetune-curve", type=PathArg, required=True, help="The finetune_curve stage's output.")
+@click.option("--audit", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="metrics/audit.json.")
 @click.option("--out", type=PathArg, required=True, help="Folder for strategy.md and its figures.")
 @click.option("--params", type=PathArg, default=Path("params.yaml"), show_default=True)
 @user_errors
-def main(features, heads, metrics, finetuned, extract_metrics, curve, finetune_curve, out, params) -> None:
+def main(features, heads, metrics, finetuned, extract_metrics, curve, finetune_curve, audit, out, params) -> None:
     p = load_params(params)
     # The cost of computing every embedding of the store, even those a rerun took from the cache.
     extract_seconds = json.loads(extract_metrics.read_text()).get("extraction_seconds")
@@ -37,7 +38,8 @@ def main(features, heads, metrics, finetuned, extract_metrics, curve, finetune_c
     points, tuned = json.loads(curve.read_text()), json.loads(finetune_curve.read_text())
     head_paths = [heads / f"{name}.h5" for name in p.heads]
     store = read_store(features)
-    report = build_report(store, head_paths, metrics, finetuned, extract_seconds, (points, tuned))
+    counts = json.loads(audit.read_text()) if audit else None
+    report = build_report(store, head_paths, metrics, finetuned, extract_seconds, (points, tuned), counts)
     curve_head = points[0]["model"]  # the learning_curve stage's choice, by the same rule as report.chosen
     write_figures(report.rows, metrics, store.classes, (points, curve_head, tuned), out, p.evaluate.ece_bins)
     write_text(out / "strategy.md", report.markdown)

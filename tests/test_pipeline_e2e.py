@@ -65,12 +65,17 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
         "evaluate_finetune",
         "learning_curve",
         "finetune_curve",
+        "audit",
         "report",
         "export",
         *(f"train_head@{h}" for h in heads),
         *(f"evaluate@{h}" for h in heads),
     }
     assert "Recommendation" in (project / "reports" / "strategy.md").read_text()
+    audit = json.loads((project / "metrics" / "audit.json").read_text())
+    assert audit["cross_split_exact_pairs"] == 0 and "misclassified_finetune" in audit
+    assert (project / "reports" / "audit" / "label_issues.png").is_file()
+    assert (project / "reports" / "summary.txt").read_text().startswith("Feature extraction or fine-tuning?")
     for model in ("logreg", "probe", "finetune"):
         metrics = json.loads((project / "metrics" / "models" / model / "metrics.json").read_text())
         assert metrics["n_test"] == 6 and metrics["model"] == model
@@ -96,13 +101,15 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     params["heads"]["probe"]["grid"]["C"] = [1e-6]  # heavy regularisation: near-uniform probabilities
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = dvc(project, "repro")
-    # That head, its evaluation, the learning curve (drawn for the head chosen on val among all of them), the
-    # report that compares every model, and the export (which head val chooses may change); nothing upstream.
+    # That head, its evaluation, the learning curve (drawn for the chosen head among all of them), the audit
+    # (which lists the chosen head's mistakes), the report that compares every model, and the export (which head
+    # is chosen may change); nothing upstream.
     assert stages_run(second) == {
         "check_params",
         "train_head@probe",
         "evaluate@probe",
         "learning_curve",
+        "audit",
         "report",
         "export",
     }
