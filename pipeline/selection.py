@@ -79,11 +79,7 @@ def train_head(store: FeatureStore, name: str, params: HeadParams) -> TrainedHea
     x_fit, y_fit = store.subset("train", "val")
     folds, how = selection_method(params, y_fit, len(y_val))
     start = time.perf_counter()
-    if folds:
-        splits = list(StratifiedKFold(folds, shuffle=True, random_state=params.seed).split(x_fit, y_fit))
-        held_out = [((x_fit[a], y_fit[a]), (x_fit[b], y_fit[b])) for a, b in splits]
-    else:
-        held_out = [((x_train, y_train), (x_val, y_val))]
+    held_out = _fits_and_held_out((x_train, y_train), (x_val, y_val), (x_fit, y_fit), folds, params.seed)
     curve, best, model = _sweep(kind, fixed, params.grid, held_out, n_classes, name)
     chosen = {k: best[k] for k in params.grid}
     if params.refit_on_train_val or folds:  # cross-validation's fold models are not kept
@@ -107,6 +103,22 @@ def train_head(store: FeatureStore, name: str, params: HeadParams) -> TrainedHea
         manifest_sha256=store.attrs.get("manifest_sha256"),
         selection=how,
     )
+
+
+def _fits_and_held_out(
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    train_val: tuple[np.ndarray, np.ndarray],
+    folds: int,
+    seed: int,
+) -> list[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]]:
+    """(rows to fit, rows to score) pairs: train and val, or the `folds` stratified folds of train+val (in
+    store order)."""
+    if not folds:
+        return [(train, val)]
+    x, y = train_val
+    splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y)
+    return [((x[a], y[a]), (x[b], y[b])) for a, b in splits]
 
 
 def selection_method(params: HeadParams, y_fit: np.ndarray, n_val: int) -> tuple[int, str]:
