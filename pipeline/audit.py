@@ -223,6 +223,19 @@ def table(kind: type[DuplicatePair] | type[LabelIssue], items: Sequence) -> tupl
     return header, [dataclasses.astuple(item) for item in items]
 
 
+def copies_in_test(pairs: list[DuplicatePair]) -> list[tuple[str, str]]:
+    """Each test image that copies a train or val image, once (its closest copy), with the reason in words."""
+    copies = {}
+    for p in pairs:  # most similar first: the first pair of an image is its closest copy
+        if p.split_b == "test" and p.split_a != "test" and p.path_b not in copies:
+            how = "identical to" if p.exact else f"near-copy (cosine {p.similarity:.3f}) of"
+            copies[p.path_b] = f"{how} {p.path_a} ({p.split_a})"
+    return sorted(copies.items())
+
+
+TEST_COPIES = "test_copies.csv"
+
+
 def write_audit(
     out: Path,
     data_root: Path,
@@ -237,6 +250,8 @@ def write_audit(
     pairs, issues, wrong = found
     write_csv(out / "duplicates.csv", *table(DuplicatePair, pairs))
     write_csv(out / "label_issues.csv", *table(LabelIssue, issues))
+    copies = copies_in_test(pairs)
+    write_csv(out / TEST_COPIES, ("path", "reason"), copies)
     cells = [
         {"images": [data_root / p.path_a, data_root / p.path_b],
          "caption": f"{p.path_a} ({p.split_a}) ~ {p.path_b} ({p.split_b})\n"
@@ -265,5 +280,6 @@ def write_audit(
         "cross_split_pairs": len(pairs),
         "cross_split_exact_pairs": sum(p.exact for p in pairs),
         "label_issues": len(issues),
+        "test_copies": len(copies),
         **{f"misclassified_{model}": len(rows) for model, rows in wrong.items()},
     }

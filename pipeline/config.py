@@ -174,6 +174,10 @@ class AuditParams:
     folds: int = 5  # cross-validation folds of the out-of-fold probabilities whose label errors cleanlab ranks
     seed: int = 0
     top: int = 24  # images per picture grid in reports/audit/
+    # Leave the test images that copy a train or val image (reports/audit/test_copies.csv, with the reason) out
+    # of the report's scores, so that it scores a clean test split; the data root and the manifest stay as
+    # they are, and metrics/models/ keeps the scores on the whole split.
+    drop_cross_split_duplicates: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.duplicate_threshold <= 1.0:

@@ -20,8 +20,11 @@ def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: in
 
     Written by hand: scikit-learn has reliability curves but no multiclass ECE.
     """
-    confidence = proba.max(axis=1)
-    correct = proba.argmax(axis=1) == y_true
+    return top_label_ece(proba.max(axis=1), proba.argmax(axis=1) == y_true, n_bins)
+
+
+def top_label_ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
+    """ECE from each image's top-class probability and whether that class was right."""
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     # Bin k holds confidences in (edges[k], edges[k+1]]; a confidence of exactly 0 joins the first bin.
     bins = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
@@ -133,6 +136,25 @@ def write_model_metrics(folder: Path, scored: Scored) -> None:
     write_json(folder / "plots" / "sklearn" / "confusion.json", confusion, indent=4)
     rows = zip(scored.paths, scored.actual, scored.predicted, scored.confidence, strict=True)
     write_csv(folder / "predictions.csv", PREDICTIONS_HEADER, [(p, a, q, f"{c:.6f}") for p, a, q, c in rows])
+
+
+def rescored(record: dict, answers: list[dict], classes: list[str], params: EvaluateParams) -> dict:
+    """`record` with its test scores computed again on `answers` (a subset of its test images): accuracy,
+    macro-F1, their intervals and ECE, from each image's answer. Log loss and balanced accuracy need more than
+    the answers hold and are left out."""
+    index = {name: i for i, name in enumerate(classes)}
+    y_true = np.array([index[a["actual"]] for a in answers], dtype=np.int64)
+    y_pred = np.array([index[a["predicted"]] for a in answers], dtype=np.int64)
+    confidence = np.array([a["confidence"] for a in answers])
+    kept = {k: v for k, v in record.items() if k not in ("log_loss", "balanced_accuracy")}
+    return {
+        **kept,
+        "accuracy": float((y_true == y_pred).mean()),
+        "macro_f1": macro_f1(y_true, y_pred, len(classes)),
+        "ece": top_label_ece(confidence, y_true == y_pred, params.ece_bins),
+        **intervals(y_true, y_pred, len(classes), params),
+        "n_test": len(answers),
+    }
 
 
 def read_predictions(path: Path) -> list[dict]:

@@ -3,6 +3,7 @@ of fine-tuning with the chosen head, learning curves and per-model pictures."""
 
 from __future__ import annotations
 
+import csv
 import json
 import textwrap
 import time
@@ -14,12 +15,34 @@ import torch
 
 from pipeline import figures
 from pipeline.backbones import backbone_of_store
+from pipeline.config import EvaluateParams
 from pipeline.errors import PipelineError
 from pipeline.finetuned import load_finetuned
 from pipeline.heads import TrainedHead, chosen_head, held_out, load_head
-from pipeline.metrics import read_predictions
+from pipeline.metrics import read_predictions, rescored
 from pipeline.stats import Comparison, compare
 from pipeline.store import FeatureStore
+
+
+@dataclass(frozen=True)
+class Answers:
+    """Each model's test answers (`metrics_dir`/<model>/predictions.csv), without the `excluded` test images
+    (audit.drop_cross_split_duplicates: the copies of train or val images)."""
+
+    metrics_dir: Path
+    excluded: frozenset[str] = frozenset()
+
+    def of(self, model: str) -> list[dict]:
+        rows = read_predictions(Path(self.metrics_dir) / model / "predictions.csv")
+        return [row for row in rows if row["path"] not in self.excluded]
+
+
+def read_copies_in_test(path: Path) -> frozenset[str]:
+    """The test images the audit found copying a train or val image (its test_copies.csv: path, reason)."""
+    if not Path(path).is_file():
+        raise PipelineError(f"{path} not found; run the audit stage (dvc repro) before the report")
+    with open(path, newline="", encoding="utf-8") as f:
+        return frozenset(row["path"] for row in csv.DictReader(f))
 
 
 @dataclass(frozen=True)
@@ -143,9 +166,9 @@ def finetune_row(model_dir: Path, metrics: dict, store_attrs: dict, shared_ms: f
     )
 
 
-def paired(metrics_dir: Path, a: str, b: str) -> Comparison:
+def paired(answers_of: Answers, a: str, b: str) -> Comparison:
     """Compare models `a` and `b` image by image on their shared test split (their predictions.csv files)."""
-    answers = {name: read_predictions(Path(metrics_dir) / name / "predictions.csv") for name in (a, b)}
+    answers = {name: answers_of.of(name) for name in (a, b)}
     truth = {name: {r["path"]: r["actual"] for r in rows} for name, rows in answers.items()}
     if truth[a] != truth[b]:
         common = set(truth[a]) & set(truth[b])
@@ -256,12 +279,12 @@ def render(
 PER_CLASS_ROWS = 30  # above this many classes, the per-class table keeps the classes hardest on average
 
 
-def per_class_accuracy(metrics_dir: Path, models: list[str], classes: list[str]) -> list[str]:
+def per_class_accuracy(answers_of: Answers, models: list[str], classes: list[str]) -> list[str]:
     """Markdown: each class's test accuracy (right / images) for every model, from their predictions.csv.
     With many classes, the PER_CLASS_ROWS classes with the lowest mean accuracy over the models."""
     table = {}
     for model in models:
-        answers = read_predictions(Path(metrics_dir) / model / "predictions.csv")
+        answers = answers_of.of(model)
         for name in classes:
             mine = [a for a in answers if a["actual"] == name]
             table[model, name] = (sum(a["predicted"] == name for a in mine), len(mine))
@@ -298,7 +321,7 @@ def _table(rows: list[ModelRow]) -> list[str]:
 
 def write_figures(
     rows: list[ModelRow],
-    metrics_dir: Path,
+    answers_of: Answers,
     classes: list[str],
     curves: tuple[list[dict], str, list[dict] | None],
     out_dir: Path,
@@ -318,7 +341,7 @@ def write_figures(
     ]  # fmt: skip
     figures.accuracy_vs_time_png(points, out_dir / "accuracy_vs_time.png")
     for r in rows:
-        answers = read_predictions(Path(metrics_dir) / r.name / "predictions.csv")
+        answers = answers_of.of(r.name)
         actual, predicted = [a["actual"] for a in answers], [a["predicted"] for a in answers]
         figures.confusion_png(actual, predicted, classes, f"{r.name} on the test split", out_dir / "models" /
                               f"{r.name}_confusion.png")  # fmt: skip
@@ -346,27 +369,23 @@ class Report:
 def build_report(
     store: FeatureStore,
     head_paths: list[Path],
-    metrics_dir: Path,
+    answers: Answers,
     finetuned: Path | None,
     extract_seconds: float,
     curves: tuple[list[dict], list[dict]],
     audit: dict | None = None,
+    scoring: EvaluateParams | None = None,
 ) -> Report:
-    """Markdown, its rows and its advice. `curves`: the learning curve of the chosen head (the `learning_curve`
-    stage) and fine-tuning's on subsets (the `finetune_curve` stage; empty when not asked for). `audit`: the
-    audit stage's counts, when it ran."""
+    """Markdown, its rows and its advice. `answers`: each model's test answers, without the test images left out
+    (their scores are then computed again, with `scoring`'s bins and bootstrap). `curves`: the learning curve
+    of the chosen head (the `learning_curve` stage) and fine-tuning's on subsets (the `finetune_curve` stage;
+    empty when not asked for). `audit`: the audit stage's counts, when it ran."""
     curve, tuned_curve = curves
     heads = [load_head(p, store) for p in head_paths]
-    metrics = {p.parent.name: json.loads(p.read_text()) for p in sorted(Path(metrics_dir).glob("*/metrics.json"))}
-    missing = [h.name for h in heads if h.name not in metrics]
-    if missing:
-        raise PipelineError(f"no metrics for {', '.join(missing)} in {metrics_dir}; run evaluate first")
-    older = [name for name, m in metrics.items() if not set(m) >= INTERVAL_KEYS]
-    if older:
-        raise PipelineError(
-            f"{metrics_dir}: the metrics of {', '.join(older)} have no 95% intervals (written by an older version); "
-            "run `dvc repro` so that evaluate scores them again"
-        )
+    metrics = _read_metrics(answers.metrics_dir, [h.name for h in heads])
+    if answers.excluded:
+        scoring = scoring or EvaluateParams()
+        metrics = {name: rescored(m, answers.of(name), store.classes, scoring) for name, m in metrics.items()}
     if not curve:
         raise PipelineError(
             "the learning curve has no point: every training subset was too small for the chosen head "
@@ -378,16 +397,40 @@ def build_report(
     if finetuned is not None and "finetune" in metrics:
         tuned = finetune_row(finetuned, metrics["finetune"], store.attrs, shared_ms)
         rows.append(tuned)
-        comparison = paired(metrics_dir, "finetune", chosen.name)
+        comparison = paired(answers, "finetune", chosen.name)
     head_row = next(r for r in rows if r.name == chosen.name)
     advice = recommend(head_row, tuned, comparison)
-    intro = [f"**Recommendation.** {advice}", "", choice_of_head(heads, chosen, rows)]
-    per_class = per_class_accuracy(
-        metrics_dir, [r.name for r in sorted(rows, key=lambda r: -r.accuracy)], store.classes
-    )
+    intro = [f"**Recommendation.** {advice}", "", choice_of_head(heads, chosen, rows), *_left_out(answers)]
+    per_class = per_class_accuracy(answers, [r.name for r in sorted(rows, key=lambda r: -r.accuracy)], store.classes)
     sections = per_class + (audit_section(audit) if audit else [])
     markdown = render(rows, intro, curve, curve[0]["model"], extract_seconds, tuned_curve, sections)
     return Report(markdown, rows, advice, chosen.name)
+
+
+def _read_metrics(metrics_dir: Path, heads: list[str]) -> dict[str, dict]:
+    """Every model's metrics.json under `metrics_dir`, once each head has one and all have their intervals."""
+    metrics = {p.parent.name: json.loads(p.read_text()) for p in sorted(Path(metrics_dir).glob("*/metrics.json"))}
+    missing = [name for name in heads if name not in metrics]
+    if missing:
+        raise PipelineError(f"no metrics for {', '.join(missing)} in {metrics_dir}; run evaluate first")
+    older = [name for name, m in metrics.items() if not set(m) >= INTERVAL_KEYS]
+    if older:
+        raise PipelineError(
+            f"{metrics_dir}: the metrics of {', '.join(older)} have no 95% intervals (written by an older version); "
+            "run `dvc repro` so that evaluate scores them again"
+        )
+    return metrics
+
+
+def _left_out(answers: Answers) -> list[str]:
+    if not answers.excluded:
+        return []
+    return [
+        "",
+        f"**Test split.** Every score here leaves out the {len(answers.excluded)} test images that copy a train or "
+        "val image (`audit.drop_cross_split_duplicates`; each with its reason in `audit/test_copies.csv`); "
+        "`metrics/models/` keeps the scores on the whole split. Log loss and balanced accuracy are not recomputed.",
+    ]
 
 
 def audit_section(counts: dict) -> list[str]:
@@ -399,6 +442,8 @@ def audit_section(counts: dict) -> list[str]:
         f"- {counts['cross_split_pairs']} pairs of images in different splits are near-copies (embedding cosine "
         f">= {counts['duplicate_threshold']}; {counts['cross_split_exact_pairs']} of them identical files): a "
         "test image that copies a training image inflates every score above. `audit/duplicates.csv`.",
+        f"- {counts.get('test_copies', 0)} test images copy a train or val image: `audit/test_copies.csv`, each "
+        "with its reason (left out of every score above with `audit.drop_cross_split_duplicates: true`).",
         f"- {counts['label_issues']} train or val images look mislabelled (cleanlab on out-of-fold probabilities "
         "of a logistic head): `audit/label_issues.csv`, the most suspicious first.",
         *[f"- {model} gets {n} test images wrong: `audit/misclassified_{model}.csv`." for model, n in wrong.items()],

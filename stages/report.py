@@ -8,7 +8,7 @@ import click
 from pipeline.config import load_params
 from pipeline.errors import PipelineError, user_errors
 from pipeline.io import write_text
-from pipeline.report import build_report, summary, write_figures
+from pipeline.report import Answers, build_report, read_copies_in_test, summary, write_figures
 from pipeline.store import read_store
 
 PathArg = click.Path(path_type=Path)
@@ -23,10 +23,11 @@ PathArg = click.Path(path_type=Path)
 @click.option("--curve", type=PathArg, required=True, help="The learning_curve stage's output.")
 @click.option("--finetune-curve", type=PathArg, required=True, help="The finetune_curve stage's output.")
 @click.option("--audit", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="metrics/audit.json.")
+@click.option("--test-copies", type=PathArg, help="The audit's test_copies.csv (audit.drop_cross_split_duplicates).")
 @click.option("--out", type=PathArg, required=True, help="Folder for strategy.md and its figures.")
 @click.option("--params", type=PathArg, default=Path("params.yaml"), show_default=True)
 @user_errors
-def main(features, heads, metrics, finetuned, extract_metrics, curve, finetune_curve, audit, out, params) -> None:
+def main(features, heads, metrics, finetuned, extract_metrics, curve, finetune_curve, audit, test_copies, out, params):
     p = load_params(params)
     # The cost of computing every embedding of the store, even those a rerun took from the cache.
     extract_seconds = json.loads(extract_metrics.read_text()).get("extraction_seconds")
@@ -39,9 +40,11 @@ def main(features, heads, metrics, finetuned, extract_metrics, curve, finetune_c
     head_paths = [heads / f"{name}.h5" for name in p.heads]
     store = read_store(features)
     counts = json.loads(audit.read_text()) if audit else None
-    report = build_report(store, head_paths, metrics, finetuned, extract_seconds, (points, tuned), counts)
+    leave_out = p.audit.drop_cross_split_duplicates and test_copies is not None
+    answers = Answers(metrics, read_copies_in_test(test_copies) if leave_out else frozenset())
+    report = build_report(store, head_paths, answers, finetuned, extract_seconds, (points, tuned), counts, p.evaluate)
     curve_head = points[0]["model"]  # the learning_curve stage's choice, by the same rule as report.chosen
-    write_figures(report.rows, metrics, store.classes, (points, curve_head, tuned), out, p.evaluate.ece_bins)
+    write_figures(report.rows, answers, store.classes, (points, curve_head, tuned), out, p.evaluate.ece_bins)
     write_text(out / "strategy.md", report.markdown)
     write_text(out / "summary.txt", summary(report, out / "strategy.md"))
     click.echo(f"report: {len(report.rows)} models, learning curve of {curve_head} -> {out / 'strategy.md'}")

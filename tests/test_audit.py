@@ -272,6 +272,11 @@ def test_the_audit_stage_writes_its_csvs_pictures_and_counts_and_the_report_show
         paths[4],
         "test",
     )
+    with open(out / "test_copies.csv", newline="") as f:  # what audit.drop_cross_split_duplicates leaves out
+        copies = {row["path"]: row["reason"] for row in csv.DictReader(f)}
+    assert copies[paths[4]] == f"near-copy (cosine 1.000) of {paths[0]} (train)" and counts["test_copies"] == len(
+        copies
+    )
     for picture in ("duplicates", "label_issues", "misclassified_logreg", "misclassified_finetune"):
         with Image.open(out / f"{picture}.png") as image:
             assert image.width > 100

@@ -24,7 +24,7 @@ from pipeline.extract import extract
 from pipeline.finetune import finetune
 from pipeline.finetuned import load_finetuned
 from pipeline.heads import load_head, save_head
-from pipeline.report import build_report
+from pipeline.report import Answers, build_report
 from pipeline.selection import train_head
 from pipeline.store import StoreError, load_arrays, read_attrs, read_store, save_arrays
 from stages.evaluate import main as evaluate_stage
@@ -104,7 +104,7 @@ def test_a_head_is_refused_by_every_reader_once_the_data_was_split_again(run, tm
     assert old[:16] in message and new[:16] in message and "rerun train_head" in message
 
     with pytest.raises(StoreError, match=rf"manifest {old[:16]}, but the feature store holds manifest {new[:16]}"):
-        build_report(read_store(run.store), [run.head], tmp_path, None, 1.0, ([], []))
+        build_report(read_store(run.store), [run.head], Answers(tmp_path), None, 1.0, ([], []))
 
 
 def test_a_head_saved_before_heads_recorded_their_manifest_is_refused_with_retrain(run):

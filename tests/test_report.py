@@ -13,7 +13,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pipeline.backbones import build_backbone
-from pipeline.config import FinetuneParams, HeadParams
+from pipeline.config import EvaluateParams, FinetuneParams, HeadParams
 from pipeline.curves import learning_curve, subsample_train
 from pipeline.dataset import read_manifest
 from pipeline.errors import PipelineError
@@ -21,8 +21,17 @@ from pipeline.finetune import finetune, freeze
 from pipeline.finetune_curve import finetune_curve
 from pipeline.finetuned import Classifier
 from pipeline.io import write_csv
-from pipeline.metrics import PREDICTIONS_HEADER
-from pipeline.report import ModelRow, finetune_row, head_rows, paired, per_class_accuracy, recommend
+from pipeline.metrics import PREDICTIONS_HEADER, rescored
+from pipeline.report import (
+    Answers,
+    ModelRow,
+    finetune_row,
+    head_rows,
+    paired,
+    per_class_accuracy,
+    read_copies_in_test,
+    recommend,
+)
 from pipeline.selection import train_head
 from pipeline.stats import compare, wilson_interval
 from pipeline.store import FeatureStore
@@ -131,15 +140,15 @@ def test_paired_comparison_reads_both_models_answers_image_by_image(tmp_path: Pa
     for name, wrong in (("finetune", {"b.png"}), ("logreg", {"a.png", "c.png"})):
         rows = [(p, "ant", "bee" if p in wrong else "ant", "0.9") for p in ("a.png", "b.png", "c.png")]
         write_csv(tmp_path / name / "predictions.csv", PREDICTIONS_HEADER, rows)
-    result = paired(tmp_path, "finetune", "logreg")
+    result = paired(Answers(tmp_path), "finetune", "logreg")
     assert (result.mcnemar.a_only, result.mcnemar.b_only) == (2, 1)
     relabelled = [(p, "bee", "bee", "0.9") for p in ("a.png", "b.png", "c.png")]  # same images, other labels
     write_csv(tmp_path / "logreg" / "predictions.csv", PREDICTIONS_HEADER, relabelled)
     with pytest.raises(PipelineError, match="finetune and logreg were scored on different test images or labels"):
-        paired(tmp_path, "finetune", "logreg")
+        paired(Answers(tmp_path), "finetune", "logreg")
     (tmp_path / "logreg" / "predictions.csv").unlink()  # an older run's folder: one line saying what to do
     with pytest.raises(PipelineError, match=r"logreg/predictions.csv not found .*; run `dvc repro`"):
-        paired(tmp_path, "finetune", "logreg")
+        paired(Answers(tmp_path), "finetune", "logreg")
 
 
 def test_finetune_curve_trains_on_subsets_and_scores_the_full_test_split(image_folder: Path, tmp_path: Path):
@@ -178,7 +187,7 @@ def test_accuracy_per_class_counts_each_models_answers(tmp_path: Path, monkeypat
     for model, predicted in answers.items():
         rows = [(f"{i}.png", actual, p, "0.9") for i, (actual, p) in enumerate(zip("aabc", predicted, strict=True))]
         write_csv(tmp_path / model / "predictions.csv", PREDICTIONS_HEADER, rows)
-    lines = per_class_accuracy(tmp_path, ["logreg", "finetune"], ["a", "b", "c"])
+    lines = per_class_accuracy(Answers(tmp_path), ["logreg", "finetune"], ["a", "b", "c"])
     assert lines[2:6] == [
         "| class | logreg | finetune |",
         "|---|---|---|",
@@ -187,6 +196,28 @@ def test_accuracy_per_class_counts_each_models_answers(tmp_path: Path, monkeypat
     ]
     assert lines[6] == "| c | 1.000 (1/1) | 0.000 (0/1) |"
     monkeypatch.setattr("pipeline.report.PER_CLASS_ROWS", 2)  # many classes: the hardest on average only
-    hardest = per_class_accuracy(tmp_path, ["logreg", "finetune"], ["a", "b", "c"])
+    hardest = per_class_accuracy(Answers(tmp_path), ["logreg", "finetune"], ["a", "b", "c"])
     assert hardest[0] == "## Accuracy per class (the 2 hardest classes)"
     assert [line.split(" |")[0] for line in hardest[4:6]] == ["| c", "| a"]
+
+
+def test_leaving_out_the_copies_of_training_images_scores_the_rest_again(tmp_path: Path):
+    """audit.drop_cross_split_duplicates: the report's answers skip the listed test images, and each model's
+    scores are computed again from what is left."""
+    rows = [("a.png", "ant", "ant", "0.9"), ("b.png", "ant", "ant", "0.8"), ("c.png", "bee", "ant", "0.7")]
+    write_csv(tmp_path / "logreg" / "predictions.csv", PREDICTIONS_HEADER, rows)
+    write_csv(tmp_path / "finetune" / "predictions.csv", PREDICTIONS_HEADER, [(p, a, a, "0.9") for p, a, _, _ in rows])
+    answers = Answers(tmp_path, frozenset({"a.png"}))  # a.png copies a training image
+    assert [row["path"] for row in answers.of("logreg")] == ["b.png", "c.png"]
+    assert paired(answers, "finetune", "logreg").accuracy_b == 0.5  # 1 of the 2 images left, not 2 of 3
+    record = {"model": "logreg", "accuracy": 2 / 3, "log_loss": 0.4, "n_test": 3, "fit_seconds": 0.1}
+    clean = rescored(record, answers.of("logreg"), ["ant", "bee"], EvaluateParams(bootstrap_resamples=200))
+    assert (clean["accuracy"], clean["n_test"], clean["fit_seconds"]) == (0.5, 2, 0.1)
+    assert "log_loss" not in clean  # the answers do not hold the probability of the true class
+    assert clean["accuracy_ci95_low"] < 0.5 < clean["accuracy_ci95_high"]
+    assert clean["ece"] == pytest.approx((abs(1 - 0.8) + abs(0 - 0.7)) / 2)  # two bins of one image each
+    copies = tmp_path / "test_copies.csv"
+    write_csv(copies, ("path", "reason"), [("a.png", "near-copy (cosine 0.990) of train/x.png (train)")])
+    assert read_copies_in_test(copies) == frozenset({"a.png"})
+    with pytest.raises(PipelineError, match="run the audit stage"):
+        read_copies_in_test(tmp_path / "missing.csv")
