@@ -7,7 +7,8 @@ import csv
 import json
 import textwrap
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +33,14 @@ class Answers:
     metrics_dir: Path
     excluded: frozenset[str] = frozenset()
 
+    read: dict[str, list[dict]] = field(default_factory=dict, compare=False, repr=False)
+
     def of(self, model: str) -> list[dict]:
-        rows = read_predictions(Path(self.metrics_dir) / model / "predictions.csv")
-        return [row for row in rows if row["path"] not in self.excluded]
+        """Read once per Answers: the scores, the paired test, the per-class table and the pictures share it."""
+        if model not in self.read:
+            rows = read_predictions(Path(self.metrics_dir) / model / "predictions.csv")
+            self.read[model] = [row for row in rows if row["path"] not in self.excluded]
+        return self.read[model]
 
 
 def read_copies_in_test(path: Path) -> frozenset[str]:
@@ -77,17 +83,22 @@ def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> i
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def forward_ms_per_image(network: torch.nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
-    """Median milliseconds per row of `repeats` timed forward passes on `x` (after a warm-up pass)."""
+def median_ms_per_row(run: Callable[[], object], n_rows: int, repeats: int = 5) -> float:
+    """Median milliseconds per row of `repeats` timed calls of `run` (after one untimed warm-up call)."""
+    run()
     times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times)) / max(1, n_rows)
+
+
+def forward_ms_per_image(network: torch.nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
+    """A network's forward pass on `x`, in milliseconds per row (in eval mode, without autograd)."""
     with torch.inference_mode():
         network.eval()
-        network(x)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            network(x)
-            times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times)) / len(x)
+        return median_ms_per_row(lambda: network(x), len(x), repeats)
 
 
 def backbone_ms(backbone: torch.nn.Module, image_size: int, batch: int = 32) -> float:
@@ -97,14 +108,9 @@ def backbone_ms(backbone: torch.nn.Module, image_size: int, batch: int = 32) -> 
 
 
 def head_ms(head: TrainedHead, features: np.ndarray, repeats: int = 5) -> float:
-    """A head's own cost per image on cached features (median of `repeats` passes over at most 1,000 rows)."""
+    """A head's own cost per image on cached features (over at most 1,000 rows)."""
     rows = features[:1000]
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        head.predict_proba(rows)
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times)) / max(1, len(rows))
+    return median_ms_per_row(lambda: head.predict_proba(rows), len(rows), repeats)
 
 
 def head_rows(
@@ -282,12 +288,11 @@ PER_CLASS_ROWS = 30  # above this many classes, the per-class table keeps the cl
 def per_class_accuracy(answers_of: Answers, models: list[str], classes: list[str]) -> list[str]:
     """Markdown: each class's test accuracy (right / images) for every model, from their predictions.csv.
     With many classes, the PER_CLASS_ROWS classes with the lowest mean accuracy over the models."""
-    table = {}
+    table = {(model, name): (0, 0) for model in models for name in classes}
     for model in models:
-        answers = answers_of.of(model)
-        for name in classes:
-            mine = [a for a in answers if a["actual"] == name]
-            table[model, name] = (sum(a["predicted"] == name for a in mine), len(mine))
+        for a in answers_of.of(model):  # one pass over the answers, whatever the number of classes
+            right, seen = table[model, a["actual"]]
+            table[model, a["actual"]] = (right + (a["predicted"] == a["actual"]), seen + 1)
     mean = {c: np.mean([r / n if n else 1.0 for r, n in (table[m, c] for m in models)]) for c in classes}
     shown = sorted(classes, key=lambda c: mean[c])[:PER_CLASS_ROWS] if len(classes) > PER_CLASS_ROWS else classes
     title = "## Accuracy per class" + (f" (the {PER_CLASS_ROWS} hardest classes)" if shown is not classes else "")
