@@ -6,8 +6,8 @@ Copies the pipeline into a temporary git + DVC project with the photos as data/r
 (`extract.image_size: null`), then prints:
 - the wall time of `dvc repro` of prepare, extract, every head and every head's evaluation (fine-tuning, the
   curves and the report left out), on a fresh embedding cache, with extraction's own compute time beside it;
-- for every head, the median wall time of `dvc repro -f -s train_head@<head>` and of `evaluate@<head>` over
-  `--repeats` runs, beside the head's fit seconds (its grid search and refit, from its metrics);
+- for every head, the median wall time of `dvc repro -f -s head@<head>` (train, then score on the test split)
+  over `--repeats` runs, beside the head's fit seconds (its grid search and refit, from its metrics);
 - `dvc status` and `python -c "import torch"` on the same machine, the floor any stage sits on.
 Wall times on a shared machine drift; the medians and the floors put them in proportion.
 """
@@ -29,8 +29,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "hymenoptera"
-# The feature-extraction half of the DAG: `dvc repro evaluate` runs these and everything upstream of them.
-TARGETS = ("evaluate",)
+# The feature-extraction half of the DAG: `dvc repro head` runs every head and everything upstream of them.
+TARGETS = ("head",)
 
 
 def timed(cwd: Path, *args: str) -> float:
@@ -75,16 +75,14 @@ def main(data: Path, repeats: int) -> None:
         extract = json.loads((project / "metrics" / "extract.json").read_text())
         click.echo(f"{data}: {extract['images']} images, {len(heads)} heads, python {sys.version.split()[0]}")
         click.echo(
-            f"dvc repro (prepare, extract, {len(heads)} heads, {len(heads)} evaluations): {full:.1f} s wall; "
+            f"dvc repro (prepare, extract, {len(heads)} heads trained and scored): {full:.1f} s wall; "
             f"extraction compute {extract['compute_seconds']:.1f} s"
         )
-        click.echo(f"{'head':<12} {'train_head s':>12} {'evaluate s':>11} {'together s':>11} {'fit s':>7}")
+        click.echo(f"{'head':<12} {'head@ stage s':>13} {'fit s':>7}")
         for head in heads:
-            train = [timed(project, *dvc, "repro", "-f", "-s", f"train_head@{head}") for _ in range(repeats)]
-            evaluate = [timed(project, *dvc, "repro", "-f", "-s", f"evaluate@{head}") for _ in range(repeats)]
+            stage = statistics.median(timed(project, *dvc, "repro", "-f", "-s", f"head@{head}") for _ in range(repeats))
             fit = json.loads((project / "metrics" / "models" / head / "metrics.json").read_text())["fit_seconds"]
-            t, e = statistics.median(train), statistics.median(evaluate)
-            click.echo(f"{head:<12} {t:>12.2f} {e:>11.2f} {t + e:>11.2f} {fit:>7.2f}")
+            click.echo(f"{head:<12} {stage:>13.2f} {fit:>7.2f}")
         status = statistics.median(timed(project, *dvc, "status") for _ in range(repeats))
         torch = statistics.median(timed(project, sys.executable, "-c", "import torch") for _ in range(repeats))
         click.echo(f"floors: dvc status {status:.2f} s, python -c 'import torch' {torch:.2f} s (medians of {repeats})")

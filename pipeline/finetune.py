@@ -131,17 +131,17 @@ def check_warm_start(
     if head.kind != "logreg":
         raise FinetuneError(f"init_head needs a logreg head; {head.name} is a {head.kind} head")
     if head.classes != classes:
-        raise FinetuneError(f"the logreg head has classes {head.classes}, the manifest {classes}; rerun train_head")
+        raise FinetuneError(f"the logreg head has classes {head.classes}, the manifest {classes}; rerun the head stage")
     if head.manifest_sha256 != manifest:
         raise FinetuneError(
             f"the logreg head was trained on the split of manifest {str(head.manifest_sha256)[:16]}, fine-tuning "
-            f"reads manifest {manifest[:16]} (prepare ran again since): rerun train_head on a store extracted from it"
+            f"reads manifest {manifest[:16]} (prepare ran again since): rerun the head stage on a store extracted from it"
         )
     seen = head.store_attrs
     if _as_path(seen.get("weights_file")) != _as_path(weights):  # `./w.safetensors` is `w.safetensors`
         raise FinetuneError(
             f"the logreg head was trained on features of weights {seen.get('weights_file') or 'the defaults'}, "
-            f"fine-tuning starts from {weights or 'the defaults'}: rerun extract and train_head"
+            f"fine-tuning starts from {weights or 'the defaults'}: rerun extract and the head stage"
         )
     if (seen.get("backbone"), seen.get("image_size")) != (backbone, crop):
         raise FinetuneError(

@@ -28,7 +28,7 @@ ROWS_PER_CHUNK = 256  # HDF5 chunk height of `features`: a few hundred KB to a f
 
 # What to do about a damaged or unreadable file, by what wrote it.
 STORE_FIX = "rerun extract"
-HEAD_FIX = "rerun train_head"
+HEAD_FIX = "rerun the head stage"
 
 # Every HDF5 file written here starts with HDF5's user block (room HDF5 leaves to the application, superblock
 # after it) holding the sha256 of the rest of the file, checked before HDF5 parses a byte. fletcher32, on every
@@ -450,7 +450,7 @@ def save_arrays(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
 def load_arrays(path: Path, fix: str = HEAD_FIX) -> tuple[dict[str, np.ndarray], dict]:
     """What `save_arrays` wrote (a head file), once the file's seal is checked and no dataset declares more than
     the file holds."""
-    with _open(path, fix, what="head file", writer="train_head") as f:
+    with _open(path, fix, what="head file", writer="head") as f:
         _check_declared_sizes(path, f, fix)
         try:
             return {key: f[key][()] for key in f}, _decode_attrs(f.attrs)

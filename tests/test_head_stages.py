@@ -49,14 +49,14 @@ def run_stage(module: str, *args: str) -> list[str]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_train_head_and_evaluate_import_no_torch(tmp_path: Path):
+def test_the_head_stage_imports_no_torch(tmp_path: Path):
     store = tiny_store(tmp_path / "features.h5")
     params = tmp_path / "params.yaml"
     params.write_text("heads:\n  logreg:\n    kind: logreg\n    grid:\n      C: [0.1, 1.0]\n")
-    head, common = tmp_path / "logreg.h5", ["--features", str(store), "--params", str(params)]
-    train = ["--name", "logreg", "--out", str(head), "--curve", str(tmp_path / "curve.json"), *common]
-    assert run_stage("stages.train_head", *train) == []
-    assert run_stage("stages.evaluate", "--head", str(head), "--out", str(tmp_path / "live"), *common) == []
+    head, curve, live = tmp_path / "logreg.h5", tmp_path / "curve.json", tmp_path / "live"
+    args = ["--name", "logreg", "--features", str(store), "--out", str(head), "--curve", str(curve)]
+    assert run_stage("stages.head", *args, "--metrics", str(live), "--params", str(params)) == []
+    assert head.is_file() and json.loads(curve.read_text())[0]["C"] == 0.1
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert metrics["model"] == "logreg" and metrics["n_test"] == 6 and metrics["accuracy"] == 1.0
     # 6 of 6 right: Wilson's 95% interval is [1 / (1 + z^2 / 6), 1] = [0.6097, 1], not a bare 1.0.
@@ -71,7 +71,7 @@ def test_train_head_and_evaluate_import_no_torch(tmp_path: Path):
 
 
 def test_scoring_needs_no_commit_and_fine_tuning_curves_say_to_commit(tmp_path: Path, monkeypatch):
-    """evaluate writes plain JSON, so a new repository without a commit scores heads; DVCLive, which writes the
+    """The head stage writes plain JSON, so a new repository without a commit scores heads; DVCLive, which writes the
     fine-tuning curves, reads the current commit (dvclive#522): there, one line saying to commit, no traceback."""
     project = tmp_path / "project"
     project.mkdir()
@@ -80,10 +80,9 @@ def test_scoring_needs_no_commit_and_fine_tuning_curves_say_to_commit(tmp_path: 
     store = tiny_store(tmp_path / "features.h5")
     params = tmp_path / "params.yaml"
     params.write_text("heads:\n  logreg:\n    kind: logreg\n    grid:\n      C: [1.0]\n")
-    head, common = tmp_path / "logreg.h5", ["--features", str(store), "--params", str(params)]
-    run_stage("stages.train_head", "--name", "logreg", "--out", str(head), "--curve", str(tmp_path / "c.json"), *common)
+    head = ["--name", "logreg", "--features", str(store), "--out", str(tmp_path / "logreg.h5")]
     done = subprocess.run(
-        [sys.executable, "-m", "stages.evaluate", "--head", str(head), "--out", "metrics", *common],
+        [sys.executable, "-m", "stages.head", *head, "--curve", "c.json", "--metrics", "metrics", "--params", str(params)],
         cwd=project,
         capture_output=True,
         text=True,

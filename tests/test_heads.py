@@ -216,7 +216,7 @@ def test_loading_against_another_store_fingerprint_fails(trained, tmp_path):
         load_head(tmp_path / "ridge.h5", other)
     assert str(err.value) == (  # the fingerprints, and what computed each side's features
         f"{tmp_path / 'ridge.h5'} was trained on features with fingerprint abc (test), but the feature "
-        "store has def (resnet50 at 224 px, fp32); rerun train_head"
+        "store has def (resnet50 at 224 px, fp32); rerun the head stage"
     )
 
 
@@ -343,7 +343,7 @@ def test_the_knn_head_gives_cosine_kneighbors_probabilities_bit_for_bit(weights,
 
 
 def test_loading_a_missing_head_file_says_to_train_it(tmp_path):
-    with pytest.raises(StoreError, match=r"head file .*missing\.h5 not found; run the train_head stage first"):
+    with pytest.raises(StoreError, match=r"head file .*missing\.h5 not found; run the head stage first"):
         load_head(tmp_path / "missing.h5")
 
 
@@ -358,7 +358,7 @@ def rewrite(path: Path, change) -> None:
     ("change", "message"),
     [
         # A head saved with skops, before heads were saved as datasets.
-        (lambda a: a.update(model=np.zeros(8, dtype=np.uint8)), "in the old skops format; rerun train_head"),
+        (lambda a: a.update(model=np.zeros(8, dtype=np.uint8)), "in the old skops format; rerun the head stage"),
         # Attribute paths the pipeline has no place for: another step, private state, a sub-estimator
         # the step has no argument for. None of them may set anything.
         (lambda a: a.update({"step.coef_": np.ones(3)}), r"unknown head file format \(dataset 'step\.coef_'\)"),
@@ -369,7 +369,7 @@ def rewrite(path: Path, change) -> None:
         # Plain arrays under names of their own, as heads were saved before skops.
         (lambda a: a.update(coef=np.ones(3)), r"unknown head file format \(dataset 'coef'\)"),
         (lambda a: [a.pop(k) for k in list(a) if k.startswith("clf.")], "no fitted TemperatureScaled in this"),
-        (lambda a: a.clear(), "no fitted StandardScaler in this head file; rerun train_head"),
+        (lambda a: a.clear(), "no fitted StandardScaler in this head file; rerun the head stage"),
     ],
 )
 def test_a_head_file_in_another_format_is_refused(trained, tmp_path, change, message):
@@ -459,7 +459,7 @@ def test_a_crafted_head_file_is_one_line_error_not_a_traceback(trained, tmp_path
     path = tmp_path / "head.h5"
     save_head(trained["logreg"], path)
     craft(path)
-    with pytest.raises(StoreError, match=rf"head\.h5: .*{message}.*rerun train_head") as err:
+    with pytest.raises(StoreError, match=rf"head\.h5: .*{message}.*rerun the head stage") as err:
         load_head(path).predict_proba(np.zeros((2, DIM)))
     assert "\n" not in str(err.value)
 
@@ -476,7 +476,7 @@ def test_a_head_with_a_nan_is_refused_at_load(trained, tmp_path, kind):
         a[key].flat[0] = np.nan
 
     _edit(path, arrays=poison)
-    with pytest.raises(StoreError, match=rf"head\.h5: {re.escape(key)} holds 1 non-finite value.*rerun train_head"):
+    with pytest.raises(StoreError, match=rf"head\.h5: {re.escape(key)} holds 1 non-finite value.*rerun the head stage"):
         load_head(path)
 
 
@@ -488,10 +488,10 @@ def test_a_head_is_refused_against_a_store_of_another_manifest_naming_both(train
     save_head(head, tmp_path / "head.h5")
     assert load_head(tmp_path / "head.h5", store).manifest_sha256 == "1" * 64
     resplit = FeatureStore(**{**blobs.__dict__, "attrs": {**blobs.attrs, "manifest_sha256": "2" * 64}})
-    with pytest.raises(StoreError, match=r"manifest 1111111111111111.*manifest 2222222222222222.*rerun train_head"):
+    with pytest.raises(StoreError, match=r"manifest 1111111111111111.*manifest 2222222222222222.*rerun the head stage"):
         load_head(tmp_path / "head.h5", resplit)
     renamed = FeatureStore(**{**store.__dict__, "attrs": {**store.attrs, "classes": ["c0", "c1", "cX"]}})
-    with pytest.raises(StoreError, match=r"classes \['c0', 'c1', 'c2'\].*\['c0', 'c1', 'cX'\].*rerun train_head"):
+    with pytest.raises(StoreError, match=r"classes \['c0', 'c1', 'c2'\].*\['c0', 'c1', 'cX'\].*rerun the head stage"):
         load_head(tmp_path / "head.h5", renamed)
 
 

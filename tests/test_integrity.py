@@ -3,7 +3,7 @@ disk is caught, in one line, never a traceback and never a plausible wrong numbe
 
 Each test is one probe: a store, head or model changed behind the pipeline's back (data re-split, bytes
 overwritten, a file cut short), then the stage that reads it. Real files throughout: the store written by
-extract, the head by train_head, the model by finetune.
+extract, the head by the head stage's code, the model by finetune.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pipeline.heads import load_head, save_head
 from pipeline.report import Answers, build_report
 from pipeline.selection import train_head
 from pipeline.store import StoreError, load_arrays, read_attrs, read_store, save_arrays
-from stages.evaluate import main as evaluate_stage
+from stages.head import main as head_stage
 from stages.warm_start import main as warm_start_stage
 from tests.conftest import prepare_manifest
 
@@ -51,7 +51,7 @@ class Run:
 
 @pytest.fixture
 def run(image_folder: Path, tmp_path: Path) -> Run:
-    """prepare (seed 0), extract and train_head@logreg on the 36 generated images."""
+    """prepare (seed 0), extract and a logistic head (as head@logreg trains it) on the 36 generated images."""
     manifest = prepare_manifest(image_folder, tmp_path / "manifest.csv")
     store = extract(manifest, image_folder, tmp_path / "features.h5", tmp_path / "cache", TINY).store
     save_head(train_head(read_store(store), "logreg", HeadParams(grid={"C": [1.0]})), tmp_path / "logreg.h5")
@@ -70,9 +70,11 @@ def one_line_error(result: Result) -> str:
     return lines[-1]
 
 
-def evaluate(run: Run, live: Path) -> Result:
-    args = ["--features", str(run.store), "--head", str(run.head), "--out", str(live), "--params", str(run.params)]
-    return CliRunner().invoke(evaluate_stage, args)
+def predict(run: Run) -> Result:
+    """`transfer predict` with the head and its store: a reader that scores the head, as the report does."""
+    image = next(run.root.glob("circle/*.png"))
+    args = ["predict", "--head", str(run.head), "--features", str(run.store), "--device", "cpu", str(image)]
+    return CliRunner().invoke(transfer, args)
 
 
 def resplit(run: Run, seed: int = 1) -> tuple[str, str]:
@@ -90,18 +92,12 @@ def resplit(run: Run, seed: int = 1) -> tuple[str, str]:
 def test_a_head_is_refused_by_every_reader_once_the_data_was_split_again(run, tmp_path):
     """Before: evaluate scored the head on test rows it had trained on (accuracy 1.0), exit 0."""
     old, new = resplit(run)
-    message = one_line_error(evaluate(run, tmp_path / "live"))
-    assert old[:16] in message and new[:16] in message and "rerun train_head" in message
-    assert not (tmp_path / "live" / "metrics.json").exists()
-
-    image = next(run.root.glob("circle/*.png"))
-    predict = ["predict", "--head", str(run.head), "--features", str(run.store), "--device", "cpu", str(image)]
-    message = one_line_error(CliRunner().invoke(transfer, predict))
-    assert old[:16] in message and new[:16] in message and "rerun train_head" in message
+    message = one_line_error(predict(run))
+    assert old[:16] in message and new[:16] in message and "rerun the head stage" in message
 
     warm = ["--manifest", str(run.manifest), "--head", str(run.head), "--out", str(tmp_path / "layer.safetensors")]
     message = one_line_error(CliRunner().invoke(warm_start_stage, [*warm, "--params", str(run.params)]))
-    assert old[:16] in message and new[:16] in message and "rerun train_head" in message
+    assert old[:16] in message and new[:16] in message and "rerun the head stage" in message
 
     with pytest.raises(StoreError, match=rf"manifest {old[:16]}, but the feature store holds manifest {new[:16]}"):
         build_report(read_store(run.store), [run.head], Answers(tmp_path), None, 1.0, ([], []))
@@ -112,14 +108,14 @@ def test_a_head_saved_before_heads_recorded_their_manifest_is_refused_with_retra
     arrays, attrs = load_arrays(run.head)
     del attrs["manifest_sha256"]
     save_arrays(run.head, arrays, attrs)
-    with pytest.raises(StoreError, match=r"logreg\.h5: saved before heads recorded the split .*; rerun train_head"):
+    with pytest.raises(StoreError, match=r"logreg\.h5: saved before heads recorded the split .*; rerun the head stage"):
         load_head(run.head)
     with h5py.File(run.head, "w") as f:  # as the old save_head wrote it: plain HDF5
         for key, value in arrays.items():
             f.create_dataset(key, data=value)
         f.attrs["schema_version"] = 1
         f.attrs.update({key: json.dumps(value) for key, value in attrs.items()})
-    with pytest.raises(StoreError, match=r"logreg\.h5 was written by an older version .*; rerun train_head") as err:
+    with pytest.raises(StoreError, match=r"logreg\.h5 was written by an older version .*; rerun the head stage") as err:
         load_head(run.head)
     assert "\n" not in str(err.value)
 
@@ -130,13 +126,13 @@ def zero(path: Path, start: int, count: int) -> None:
         f.write(bytes(count))
 
 
-def test_zeroed_bytes_in_a_head_file_stop_evaluate_in_one_line(run, tmp_path):
+def test_zeroed_bytes_in_a_head_file_stop_its_reader_in_one_line(run, tmp_path):
     """Before: evaluate reported another accuracy (0.8699 on the digits), exit 0."""
     with h5py.File(run.head, "r") as f:
         coefficients = f["clf.coef_"].id.get_chunk_info(0).byte_offset
     zero(run.head, coefficients + 64, 256)
-    message = one_line_error(evaluate(run, tmp_path / "live"))
-    assert str(run.head) in message and "rerun train_head" in message
+    message = one_line_error(predict(run))
+    assert str(run.head) in message and "rerun the head stage" in message
 
 
 @pytest.mark.parametrize("damage", ["zeroed", "truncated"])
@@ -147,8 +143,11 @@ def test_a_damaged_feature_store_stops_its_readers_in_one_line(run, tmp_path, da
     else:
         with run.store.open("r+b") as f:
             f.truncate(size // 2)
-    message = one_line_error(evaluate(run, tmp_path / "live"))
+    out = ["--out", str(tmp_path / "h.h5"), "--curve", str(tmp_path / "c.json"), "--metrics", str(tmp_path / "m")]
+    args = ["--name", "logreg", "--features", str(run.store), *out, "--params", str(run.params)]
+    message = one_line_error(CliRunner().invoke(head_stage, args))
     assert str(run.store) in message and "rerun extract" in message
+    assert not (tmp_path / "m").exists() and not (tmp_path / "h.h5").exists()
 
 
 def test_every_damaged_byte_of_a_head_or_a_store_is_caught(run):

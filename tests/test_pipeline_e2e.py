@@ -68,8 +68,7 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
         "audit",
         "report",
         "export",
-        *(f"train_head@{h}" for h in heads),
-        *(f"evaluate@{h}" for h in heads),
+        *(f"head@{h}" for h in heads),
     }
     assert "Recommendation" in (project / "reports" / "strategy.md").read_text()
     audit = json.loads((project / "metrics" / "audit.json").read_text())
@@ -101,13 +100,12 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     params["heads"]["probe"]["grid"]["C"] = [1e-6]  # heavy regularisation: near-uniform probabilities
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = dvc(project, "repro")
-    # That head, its evaluation, the learning curve (drawn for the chosen head among all of them), the audit
+    # That head (trained and scored), the learning curve (drawn for the chosen head among all of them), the audit
     # (which lists the chosen head's mistakes), the report that compares every model, and the export (which head
     # is chosen may change); nothing upstream.
     assert stages_run(second) == {
         "check_params",
-        "train_head@probe",
-        "evaluate@probe",
+        "head@probe",
         "learning_curve",
         "audit",
         "report",
@@ -126,7 +124,7 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     params["heads"]["logreg"]["grid"]["C"] = [0.5]
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = stages_run(dvc(project, "repro"))
-    assert {"train_head@logreg", "evaluate@logreg", "warm_start"} <= ran
+    assert {"head@logreg", "warm_start"} <= ran
     assert not ran & {"finetune", "evaluate_finetune", "finetune_curve", "extract"}
 
     # With init_head: logreg the warm start is the logistic head, so a new head does rerun fine-tuning.
@@ -135,7 +133,7 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     assert {"warm_start", "finetune", "evaluate_finetune"} <= stages_run(dvc(project, "repro"))
     params["heads"]["logreg"]["grid"]["C"] = [0.25]
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert {"train_head@logreg", "warm_start", "finetune"} <= stages_run(dvc(project, "repro"))
+    assert {"head@logreg", "warm_start", "finetune"} <= stages_run(dvc(project, "repro"))
 
     # The learning curve is its own stage: DVC knows what a change to it makes stale, and reruns only that.
     params["learning_curve"]["seeds"] = 2
@@ -159,7 +157,7 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
 def test_a_params_mistake_stops_dvc_repro_in_one_line_before_any_output_is_deleted(project: Path):
     """DVC deletes a stage's outputs just before running it: before, `batch_size: -4` then `dvc repro extract`
     left no feature store, and a head-kind typo deleted the head and its validation curve."""
-    dvc(project, "repro", "train_head@probe")
+    dvc(project, "repro", "head@probe")
     kept = {
         path: (project / path).read_bytes()
         for path in ("data/features/test_resnet.h5", "data/heads/probe.h5", "metrics/val_curve/probe.json")
@@ -167,7 +165,7 @@ def test_a_params_mistake_stops_dvc_repro_in_one_line_before_any_output_is_delet
     good = (project / "params.yaml").read_text()
     for mistake, target, message in (
         (("extract", "batch_size", -4), "extract", "extract.batch_size must be >= 1; got -4"),
-        (("heads", "probe", {"kind": "logregg"}), "train_head@probe", "heads.probe.kind: unknown head 'logregg'"),
+        (("heads", "probe", {"kind": "logregg"}), "head@probe", "heads.probe.kind: unknown head 'logregg'"),
     ):
         params = yaml.safe_load(good)
         section, key, value = mistake
@@ -186,4 +184,4 @@ def test_a_params_mistake_stops_dvc_repro_in_one_line_before_any_output_is_delet
         for path, data in kept.items():
             assert (project / path).read_bytes() == data, f"{path} changed after {mistake}"
     (project / "params.yaml").write_text(good)
-    assert stages_run(dvc(project, "repro", "train_head@probe")) <= {"check_params"}
+    assert stages_run(dvc(project, "repro", "head@probe")) <= {"check_params"}

@@ -229,7 +229,7 @@ def test_a_head_with_nan_coefficients_is_refused(trained):
     save_arrays(trained["head"], arrays, attrs)
     model = ["--head", str(trained["head"]), "--features", str(trained["store"])]
     message = _one_line_error(*_predict(*model, str(trained["test"][0]))[::2])
-    assert "clf.coef_ holds 1 non-finite value" in message and "rerun train_head" in message
+    assert "clf.coef_ holds 1 non-finite value" in message and "rerun the head stage" in message
 
 
 def test_special_files_in_a_folder_are_listed_as_rejected_not_skipped(trained, tmp_path):

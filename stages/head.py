@@ -1,0 +1,57 @@
+"""DVC stage `head@<name>`: train one head on the cached features, then score it on the test split.
+
+One stage, not two: starting Python and scikit-learn is most of what a head costs (benchmarks/head_stages.py).
+"""
+
+from pathlib import Path
+
+import click
+
+from pipeline.config import load_params
+from pipeline.errors import user_errors
+from pipeline.evaluate import check_has_test_rows, score_head
+from pipeline.heads import HeadError, load_head, save_head
+from pipeline.io import write_json
+from pipeline.metrics import write_model_metrics
+from pipeline.selection import check_head_params, train_head
+from pipeline.store import read_store
+
+PathArg = click.Path(path_type=Path)
+
+
+@click.command()
+@click.option("--name", required=True, help="The head's key under `heads` in params.yaml.")
+@click.option("--features", type=PathArg, required=True)
+@click.option("--out", type=PathArg, required=True, help="The trained head (HDF5).")
+@click.option("--curve", type=PathArg, required=True, help="Validation curve (DVC plot data, JSON).")
+@click.option(
+    "--metrics", type=PathArg, required=True, help="Folder for metrics.json, predictions.csv, the confusion plot."
+)
+@click.option("--params", type=PathArg, default=Path("params.yaml"), show_default=True)
+@user_errors
+def main(name: str, features: Path, out: Path, curve: Path, metrics: Path, params: Path) -> None:
+    config = load_params(params)
+    if name not in config.heads:
+        raise HeadError(f"no head '{name}' under heads in {params}; defined: {', '.join(config.heads)}")
+    check_head_params(name, config.heads[name])  # a misconfigured head fails before the store is read
+    store = read_store(features)
+    check_has_test_rows(store, features)  # before the fit, not after it
+    head = train_head(store, name, config.heads[name])
+    save_head(head, out)
+    write_json(curve, head.val_curve)
+    click.echo(
+        f"head@{name}: {head.kind} with {head.hyperparameters}, chosen on {head.selection}, "
+        f"in {head.fit_seconds:.1f}s -> {out}"
+    )
+    # Scored as saved: the file the report, the audit and export read is the one these metrics describe.
+    scored = score_head(store, features, load_head(out, store), config.evaluate)
+    write_model_metrics(metrics, scored)
+    record = scored.record
+    click.echo(
+        f"head@{name}: test accuracy {record['accuracy']:.4f}, macro-F1 {record['macro_f1']:.4f} "
+        f"on {record['n_test']} images -> {metrics / 'metrics.json'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
