@@ -57,11 +57,11 @@ def measure(work: Path, n: int, image_size: int, backbone: str) -> tuple[float, 
     write_images(raw, n, 64)
     write_manifest(build_manifest(raw, 0.15, 0.15, seed=0), work / "manifest.csv")
     (work / "params.yaml").write_text(
-        f"extract:\n  backbone: {backbone}\n  image_size: {image_size}\n  batch_size: 64\n  device: cpu\n"
+        f"extract:\n  backbones:\n    {backbone}:\n      image_size: {image_size}\n  batch_size: 64\n  device: cpu\n"
     )
     cmd = [
         sys.executable, "-m", "stages.extract", "--data", str(raw), "--manifest", str(work / "manifest.csv"),
-        "--out", str(work / "features.h5"), "--cache-dir", str(work / "cache"),
+        "--backbone", backbone, "--out", str(work / "features.h5"), "--cache-dir", str(work / "cache"),
         "--metrics", str(work / "extract.json"), "--params", str(work / "params.yaml"),
     ]  # fmt: skip
     return peak_tree_rss(cmd)

@@ -26,7 +26,6 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -34,7 +33,7 @@ import torch
 from photos import make_photos
 
 from pipeline.backbones import Preprocessing, build_backbone
-from pipeline.config import ExtractParams, usable_cores
+from pipeline.config import BackboneParams, ExtractParams, usable_cores
 from pipeline.dataset import Manifest, ManifestRow, build_manifest, write_manifest
 from pipeline.extract import extract
 from pipeline.images import decode_rgb, read_bytes
@@ -44,15 +43,20 @@ from pipeline.runtime import Images, Runtime, image_batches
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
 
 
+def only(params: ExtractParams) -> BackboneParams:
+    """The one backbone this benchmark runs (--backbone, --image-size)."""
+    return params.backbone(next(iter(params.backbones)))
+
+
 class PureForward:
     """The backbone alone on a ready, normalised batch: the ceiling extraction can approach."""
 
     def __init__(self, params: ExtractParams):
-        backbone = build_backbone(params.backbone)
+        backbone = build_backbone(only(params).backbone)
         # As extract runs it (channels_last everywhere).
         self.runtime = Runtime.resolve(params.device, params.precision, option="--device", channels_last=True)
         self.device, self.precision = self.runtime.device, self.runtime.precision
-        size = backbone.preprocessing.with_image_size(params.image_size).crop
+        size = backbone.preprocessing.with_image_size(only(params).image_size).crop
         self.model = self.runtime.place(backbone.features).eval()
         self.batch = torch.randn(params.batch_size, 3, size, size, device=self.device)
         self.batch = self.batch.contiguous(memory_format=torch.channels_last)
@@ -93,7 +97,7 @@ def throughput(
     per_slice = min(slice_batches * batch_size, len(rows) // batch_size * batch_size) or len(rows)
     slices = [rows[i : i + per_slice] for i in range(0, len(rows) - per_slice + 1, per_slice)]
     print(
-        f"{len(rows)} images from {data}, {params.backbone}, batch {batch_size}, loader {params.loader}, "
+        f"{len(rows)} images from {data}, {only(params).backbone}, batch {batch_size}, loader {params.loader}, "
         f"decode {params.decode}, workers {params.num_workers}, draft {params.jpeg_draft}; "
         f"{repeats} x {len(slices)} slices of {per_slice} images"
     )
@@ -128,7 +132,7 @@ def throughput(
 
 def loader_seconds(rows: list[ManifestRow], data: Path, params: ExtractParams, runtime: Runtime) -> float:
     """The extract stage's loader alone over `rows`: every image decoded, resized, cropped, on the device."""
-    p = build_backbone(params.backbone).preprocessing.with_image_size(params.image_size)
+    p = build_backbone(only(params).backbone).preprocessing.with_image_size(only(params).image_size)
     decoder = resolve_decoder(params.decode, runtime.device, p)
     jpeg = None if decoder == "pillow" else JpegDecoder.on(runtime.device, p)
     dataset = Images.of_rows(data, rows, p.to_uint8, p.resize if params.jpeg_draft else None, jpeg=jpeg)
@@ -157,7 +161,7 @@ def decode_only(rows: list[ManifestRow], data: Path, params: ExtractParams, runt
     """Print the loader's rate beside the Pillow ceiling with as many processes, alternating (ABBA)."""
     loader = params.loader if params.loader != "auto" else ("inline" if runtime.device.type == "cpu" else "workers")
     processes = params.num_workers if loader == "workers" else torch.get_num_threads()
-    p = build_backbone(params.backbone).preprocessing.with_image_size(params.image_size)
+    p = build_backbone(only(params).backbone).preprocessing.with_image_size(only(params).image_size)
     paths = [data / r.path for r in rows]
     draft = p.resize if params.jpeg_draft else None
     totals = {"loader": 0.0, "ceiling": 0.0}
@@ -196,7 +200,8 @@ def main(data, photos, photos_dir, slice_batches, repeats, decode_repeats, **opt
     if photos:
         folder = photos_dir or Path(tempfile.gettempdir()) / f"transfer-pipeline-photos-{photos}"
         data = make_photos(photos, folder, data)
-    params = replace(ExtractParams(), **options)
+    backbone, image_size = options.pop("backbone"), options.pop("image_size")
+    params = ExtractParams.of(backbone, image_size=image_size, **options)
     full = build_manifest(data, 0.15, 0.15, seed=0, num_workers=usable_cores())
     seen: set[str] = set()  # one row per content hash: each slice's images are all computed
     rows = [r for r in full.ok_rows() if not (r.sha256 in seen or seen.add(r.sha256))]

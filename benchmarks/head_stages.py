@@ -2,11 +2,11 @@
 
     .venv/bin/python benchmarks/head_stages.py [--data ../shared/datasets/hymenoptera] [--repeats 3]
 
-Copies the pipeline into a temporary git + DVC project with the photos as data/raw at the backbone's own size
-(`extract.image_size: null`), then prints:
+Copies the pipeline into a temporary git + DVC project with the photos as data/raw (params.yaml as it is: the
+backbone at its own size, 224 px, which `image_size: auto` picks for photos), then prints:
 - the wall time of `dvc repro` of prepare, extract, every head and every head's evaluation (fine-tuning, the
   curves and the report left out), on a fresh embedding cache, with extraction's own compute time beside it;
-- for every head, the median wall time of `dvc repro -f -s head@<head>` (train, then score on the test split)
+- for every head, the median wall time of `dvc repro -f -s head@<backbone>-<head>` (train, then score on the test split)
   over `--repeats` runs, beside the head's fit seconds (its grid search and refit, from its metrics);
 - `dvc status` and `python -c "import torch"` on the same machine, the floor any stage sits on.
 Wall times on a shared machine drift; the medians and the floors put them in proportion.
@@ -50,9 +50,7 @@ def make_project(work: Path, data: Path) -> Path:
     for name in ("pipeline", "stages"):
         shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", project)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["extract"]["image_size"] = None  # photos: the weights' own 224 px
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(REPO / "params.yaml", project)
     shutil.copytree(data, project / "data" / "raw")
     dvc = [sys.executable, "-m", "dvc"]
     timed(project, "git", "init", "-q")
@@ -70,18 +68,22 @@ def main(data: Path, repeats: int) -> None:
     dvc = [sys.executable, "-m", "dvc"]
     with tempfile.TemporaryDirectory() as tmp:
         project = make_project(Path(tmp), data)
-        heads = list(yaml.safe_load((project / "params.yaml").read_text())["heads"])
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        heads, (backbone,) = list(params["heads"]), list(params["extract"]["backbones"])
         full = timed(project, *dvc, "repro", *TARGETS)
-        extract = json.loads((project / "metrics" / "extract.json").read_text())
+        extract = json.loads((project / "metrics" / "extract" / f"{backbone}.json").read_text())
         click.echo(f"{data}: {extract['images']} images, {len(heads)} heads, python {sys.version.split()[0]}")
         click.echo(
             f"dvc repro (prepare, extract, {len(heads)} heads trained and scored): {full:.1f} s wall; "
-            f"extraction compute {extract['compute_seconds']:.1f} s"
+            f"extraction compute {extract['compute_seconds']:.1f} s ({backbone} at {extract['image_size']} px)"
         )
         click.echo(f"{'head':<12} {'head@ stage s':>13} {'fit s':>7}")
         for head in heads:
-            stage = statistics.median(timed(project, *dvc, "repro", "-f", "-s", f"head@{head}") for _ in range(repeats))
-            fit = json.loads((project / "metrics" / "models" / head / "metrics.json").read_text())["fit_seconds"]
+            model = f"{backbone}-{head}"
+            stage = statistics.median(
+                timed(project, *dvc, "repro", "-f", "-s", f"head@{model}") for _ in range(repeats)
+            )
+            fit = json.loads((project / "metrics" / "models" / model / "metrics.json").read_text())["fit_seconds"]
             click.echo(f"{head:<12} {stage:>13.2f} {fit:>7.2f}")
         status = statistics.median(timed(project, *dvc, "status") for _ in range(repeats))
         torch = statistics.median(timed(project, sys.executable, "-c", "import torch") for _ in range(repeats))

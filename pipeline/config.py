@@ -48,15 +48,35 @@ class PrepareParams:
             )
 
 
+# What names a backbone entry may have: it names a DVC stage (extract@<label>), a file, and a params key.
+LABEL_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
 @dataclass(frozen=True)
-class ExtractParams:
-    backbone: str = "efficientnet_lite0"
+class BackboneParams:
+    """One entry of extract.backbones: which network computes the features, with which weights, at which size."""
+
+    # A name from `transfer backbones`; None: the entry's own label (so `resnet50: {}` is ResNet-50).
+    backbone: str | None = None
     # Optional local weights file (safetensors or a torch state dict) for the backbone's architecture.
     weights: str | None = None
+    # Square input size in pixels; None: the size the weights were trained at; auto: that size, unless the images
+    # are tiny (pipeline.backbones.input_size says when and why), and the stage's output says which it chose.
+    image_size: int | Literal["auto"] | None = "auto"
+
+    @property
+    def weights_path(self) -> Path | None:
+        return Path(self.weights) if self.weights else None
+
+
+@dataclass(frozen=True)
+class ExtractParams:
+    # One extract stage, feature store and set of heads per entry, by label (extract@<label>,
+    # data/features/<label>.h5, head@<label>-<head>): adding an entry adds stages and reruns nothing else.
+    backbones: dict[str, BackboneParams] = field(default_factory=lambda: {DEFAULT_BACKBONE: BackboneParams()})
     # Allow downloading torchvision/timm weights that are not in the local cache.
     allow_download: bool = True
-    # Square input size; None keeps the size the weights were trained at.
-    image_size: int | None = None
     batch_size: int = 32
     # Decoding processes that run ahead of the forward pass when it runs on an accelerator (loader: workers).
     num_workers: int = 2
@@ -73,12 +93,33 @@ class ExtractParams:
     jpeg_draft: bool = True
 
     def __post_init__(self) -> None:
-        _at_least("extract", self, batch_size=1, num_workers=0, image_size=1)
-        _at_most("extract", self, image_size=MAX_IMAGE_SIZE)
+        _at_least("extract", self, batch_size=1, num_workers=0)
+        if not self.backbones:
+            raise ConfigError(f"extract.backbones is empty; name at least one, e.g. {{{DEFAULT_BACKBONE}: {{}}}}")
+        for label, entry in self.backbones.items():
+            if not label or not set(label) <= LABEL_CHARACTERS:
+                raise ConfigError(
+                    f"extract.backbones.{label}: a label may use only letters, digits and _ (it names a DVC stage, "
+                    "a file and a params key); put the network's own name under `backbone:`"
+                )
+            if isinstance(entry.image_size, int):
+                _at_least(f"extract.backbones.{label}", entry, image_size=1)
+                _at_most(f"extract.backbones.{label}", entry, image_size=MAX_IMAGE_SIZE)
 
-    @property
-    def weights_path(self) -> Path | None:
-        return Path(self.weights) if self.weights else None
+    @classmethod
+    def of(
+        cls, backbone: str, image_size: int | str | None = "auto", weights: str | None = None, **settings: Any
+    ) -> ExtractParams:
+        """One backbone, labelled by its name, with the shared `settings` (for code and tests; params.yaml has
+        the mapping)."""
+        return cls(backbones={backbone: BackboneParams(weights=weights, image_size=image_size)}, **settings)
+
+    def backbone(self, label: str) -> BackboneParams:
+        """The entry `label`, with its network's name filled in."""
+        if label not in self.backbones:
+            raise ConfigError(f"no backbone '{label}' under extract.backbones; defined: {', '.join(self.backbones)}")
+        entry = self.backbones[label]
+        return dataclasses.replace(entry, backbone=entry.backbone or label)
 
 
 @dataclass(frozen=True)
@@ -100,6 +141,8 @@ class HeadParams:
 
 @dataclass(frozen=True)
 class FinetuneParams:
+    # The label of the extract.backbones entry to fine-tune (its network, weights and image size); None: the first.
+    backbone: str | None = None
     # Trailing backbone blocks to train (`transfer backbones` shows the count), or "all"; 0 = new layer only.
     unfreeze: int | Literal["all"] = 2
     epochs: int = 5
@@ -114,8 +157,8 @@ class FinetuneParams:
     init_head: Literal["logreg", "random"] = "logreg"  # logreg: start from the trained logistic head
     early_stopping_patience: int = 3  # epochs without a lower val loss before stopping; 0 = never stop
     seed: int = 0
-    # None: extract.image_size, the inputs the frozen features came from (`load_params` fills it in).
-    image_size: int | None = None
+    # None: the backbone entry's image_size, the inputs its frozen features came from (`load_params` fills it in).
+    image_size: int | Literal["auto"] | None = None
     num_workers: int = 2
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
@@ -123,8 +166,10 @@ class FinetuneParams:
     def __post_init__(self) -> None:
         if self.unfreeze != "all" and self.unfreeze < 0:
             raise ConfigError(f"finetune.unfreeze must be >= 0 or 'all'; got {self.unfreeze}")
-        _at_least("finetune", self, epochs=1, batch_size=1, num_workers=0, image_size=1)
-        _at_most("finetune", self, image_size=MAX_IMAGE_SIZE)
+        _at_least("finetune", self, epochs=1, batch_size=1, num_workers=0)
+        if isinstance(self.image_size, int):
+            _at_least("finetune", self, image_size=1)
+            _at_most("finetune", self, image_size=MAX_IMAGE_SIZE)
 
 
 @dataclass(frozen=True)
@@ -214,11 +259,21 @@ class Params:
     audit: AuditParams = field(default_factory=AuditParams)
 
     def __post_init__(self) -> None:
-        # dvc.yaml's warm_start stage depends on data/heads/logreg.h5 (and reads it with init_head: logreg).
+        # dvc.yaml's warm_start stage depends on data/heads/<finetune.backbone>/logreg.h5 (read with init_head: logreg).
         if "logreg" not in self.heads or self.heads["logreg"].kind != "logreg":
             raise ConfigError(
                 "heads.logreg: keep a head named logreg of kind logreg; fine-tuning's warm_start stage depends on it"
             )
+        if self.finetune.backbone is not None and self.finetune.backbone not in self.extract.backbones:
+            raise ConfigError(
+                f"finetune.backbone: '{self.finetune.backbone}' is not under extract.backbones "
+                f"({', '.join(self.extract.backbones)}); name one of them"
+            )
+
+    @property
+    def finetune_backbone(self) -> BackboneParams:
+        """The extract.backbones entry fine-tuning starts from (`load_params` has filled finetune.backbone in)."""
+        return self.extract.backbone(self.finetune.backbone or next(iter(self.extract.backbones)))
 
 
 def _at_most(section: str, params: object, **maximum: int) -> None:
@@ -250,8 +305,11 @@ def load_params(path: Path) -> Params:
 def resolve(params: Params) -> Params:
     """Fill in the values that default to another section's, once, so no caller derives them again."""
     finetune, prepare = params.finetune, params.prepare
+    if finetune.backbone is None:
+        finetune = dataclasses.replace(finetune, backbone=next(iter(params.extract.backbones)))
     if finetune.image_size is None:
-        finetune = dataclasses.replace(finetune, image_size=params.extract.image_size)
+        entry = params.extract.backbones[finetune.backbone]
+        finetune = dataclasses.replace(finetune, image_size=entry.image_size)
     if prepare.num_workers is None:
         prepare = dataclasses.replace(prepare, num_workers=usable_cores())
     return dataclasses.replace(params, finetune=finetune, prepare=prepare)
@@ -267,9 +325,18 @@ def parse(cls: type, raw: Any, key: str) -> Any:
     unknown = sorted(set(raw) - set(names))
     if unknown:
         bad = _join(key, str(unknown[0]))
+        if bad in MOVED:
+            raise ConfigError(f"{bad} has moved: {MOVED[bad]}")
         raise ConfigError(f"unknown key '{bad}' (valid keys here: {', '.join(names)})")
     values = {name: _coerce(hints[name], raw[name], _join(key, name)) for name in names if name in raw}
     return cls(**values)
+
+
+# Keys of older params.yaml files, and where their values go now.
+MOVED = {
+    f"extract.{key}": f"set it per backbone, e.g. extract.backbones: {{{DEFAULT_BACKBONE}: {{{key}: <value>}}}}"
+    for key in ("backbone", "weights", "image_size")
+}
 
 
 def usable_cores() -> int:

@@ -59,7 +59,7 @@ def learning_curve(store: FeatureStore, head: TrainedHead, sizes: list[int], see
             label = "all" if size == ALL else str(size)  # "all": at least `smallest` per class
             points.append(
                 {
-                    "model": head.name,
+                    "model": head.model_name,
                     "per_class": per_class,
                     "label": label,
                     "accuracy": float(np.mean(scores)),

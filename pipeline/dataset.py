@@ -57,6 +57,14 @@ class Manifest:
     def quarantined(self) -> list[ManifestRow]:
         return [r for r in self.rows if r.status != "ok"]
 
+    def median_short_side(self) -> float:
+        """The median of the usable images' shorter sides, in pixels (0 for a manifest without sizes)."""
+        sides = sorted(min(r.width, r.height) for r in self.ok_rows())
+        if not sides:
+            return 0.0
+        middle = len(sides) // 2
+        return float(sides[middle]) if len(sides) % 2 else (sides[middle - 1] + sides[middle]) / 2
+
     def counts(self) -> dict[str, int]:
         """Image counts for the stage's metrics."""
         ok = self.ok_rows()

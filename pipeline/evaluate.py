@@ -34,7 +34,7 @@ def score_head(
         store.classes,
         store.paths_of("test"),
         describe={
-            "model": head.name,
+            "model": head.model_name,
             "strategy": "feature_extraction",
             "kind": head.kind,
             "backbone": store.attrs["backbone"],

@@ -21,7 +21,7 @@ from pipeline.dataset import ManifestRow, manifest_sha256, read_manifest
 from pipeline.errors import PipelineError
 from pipeline.estimators import CosineCentroids, TemperatureScaled
 from pipeline.finetuned import load_finetuned
-from pipeline.heads import TrainedHead, chosen_head, load_head
+from pipeline.heads import HeadFile, TrainedHead, chosen_head, load_head
 from pipeline.io import atomic_folder
 from pipeline.onnx_predict import INPUT, OUTPUT, OnnxPredictor
 from pipeline.predict import Predictor, finetuned_predictor, head_predictor
@@ -171,7 +171,7 @@ def head_exportable(head_path: Path, store_path: Path, metrics: dict) -> Exporta
     head, attrs = load_head(head_path), read_attrs(store_path)
     preprocessing = Preprocessing.from_dict(attrs["preprocessing"])
     described = {
-        "model": head.name,
+        "model": head.model_name,
         "kind": head.kind,
         "backbone": attrs["backbone"],
         "weights_id": attrs.get("weights_id"),
@@ -180,7 +180,7 @@ def head_exportable(head_path: Path, store_path: Path, metrics: dict) -> Exporta
         "hyperparameters": head.hyperparameters,
     }
     return Exportable(
-        name=head.name,
+        name=head.model_name,
         deployable=Deployable(preprocessing, backbone_of_store(attrs).features, head_layers(head)),
         reference=reference,
         metadata=_metadata(described, head.classes, preprocessing, reference.draft is not None, metrics),
@@ -235,49 +235,50 @@ def _version(package: str) -> str | None:
 # --- choosing, writing and checking -----------------------------------------------------------------------
 
 
-def chosen_models(requested: list[str], head_names: list[str], heads_dir: Path) -> list[str]:
-    """export.models with chosen_on_val resolved to a head's name, each name checked before any work: a head of
-    params.yaml's `heads:` that export can write as layers, or finetune."""
+def chosen_models(requested: list[str], heads: dict[str, HeadFile]) -> list[str]:
+    """export.models with chosen_on_val resolved to a model's name, each name checked before any work: a
+    (backbone, head) pair of params.yaml (`heads` by model name, <backbone>-<head>) that export can write as
+    layers, or finetune."""
     names: list[str] = []
     for name in requested:
         if name == CHOSEN_ON_VAL:
-            name = chosen_on_val(head_names, heads_dir)
+            name = chosen_on_val(heads)
         elif name != FINETUNE:
-            _check_head(name, head_names, heads_dir)
+            _check_head(name, heads)
         if name not in names:  # chosen_on_val may name a head listed too
             names.append(name)
     return names
 
 
-def _check_head(name: str, head_names: list[str], heads_dir: Path) -> None:
-    if name not in head_names:
-        valid = ", ".join([CHOSEN_ON_VAL, FINETUNE, *head_names])
+def _check_head(name: str, heads: dict[str, HeadFile]) -> None:
+    if name not in heads:
+        valid = ", ".join([CHOSEN_ON_VAL, FINETUNE, *heads])
         raise ExportError(f"export.models: unknown model '{name}'; valid: {valid}")
-    kind = load_head(heads_dir / f"{name}.h5").kind
+    kind = load_head(heads[name].path).kind
     if kind not in LINEAR_HEADS:
         raise ExportError(refusal(name, kind))
 
 
-def chosen_on_val(head_names: list[str], heads_dir: Path) -> str:
+def chosen_on_val(heads: dict[str, HeadFile]) -> str:
     """The chosen head among those export writes (pipeline.heads.chosen_head's rule, k-NN left out): a
     pipeline whose best head on held-out rows is k-NN still exports its best linear one, and says so."""
-    heads = [load_head(heads_dir / f"{name}.h5") for name in head_names]
-    linear = [h for h in heads if h.kind in LINEAR_HEADS]
+    trained = [f.load() for f in heads.values()]
+    linear = [h for h in trained if h.kind in LINEAR_HEADS]
     if not linear:
         raise ExportError(
-            f"export.models: {CHOSEN_ON_VAL} finds no head export can write among {', '.join(head_names)} (it writes "
+            f"export.models: {CHOSEN_ON_VAL} finds no head export can write among {', '.join(heads)} (it writes "
             f"{', '.join(LINEAR_HEADS)} heads); name the models to export, e.g. [{FINETUNE}]"
         )
-    chosen, best = chosen_head(linear), chosen_head(heads)
+    chosen, best = chosen_head(linear), chosen_head(trained)
     if best is not chosen:
         log.warning(
             "export: %s is %s; %s scored higher on held-out rows but is a %s head, which is not exported",
             CHOSEN_ON_VAL,
-            chosen.name,
-            best.name,
+            chosen.model_name,
+            best.model_name,
             best.kind,
         )
-    return chosen.name
+    return chosen.model_name
 
 
 def write_onnx(network: nn.Module, crop: int, path: Path, metadata: dict, opset: int) -> None:
@@ -350,8 +351,7 @@ def check_parity(name: str, result: dict) -> None:
 class Inputs:
     """What the export stage reads: the pipeline's outputs that describe and score the models."""
 
-    store: Path  # the feature store the heads were trained on
-    heads: Path  # folder of trained heads, <name>.h5
+    heads: dict[str, HeadFile]  # by model name (<backbone>-<head>): each head file and its feature store
     finetuned: Path  # the fine-tuned model folder
     metrics: Path  # folder of test metrics, <model>/metrics.json
     manifest: Path
@@ -384,8 +384,8 @@ def export_models(names: list[str], inputs: Inputs, out_dir: Path, params: Expor
 def _exportable(name: str, inputs: Inputs, manifest_hash: str) -> Exportable:
     path = inputs.metrics / name / "metrics.json"
     if not path.is_file():
-        raise ExportError(f"no test metrics for {name} ({path}); run its evaluate stage first")
+        raise ExportError(f"no test metrics for {name} ({path}); run its head or evaluate_finetune stage first")
     metrics = json.loads(path.read_text())
     if name == FINETUNE:
         return finetuned_exportable(inputs.finetuned, metrics, manifest_hash)
-    return head_exportable(inputs.heads / f"{name}.h5", inputs.store, metrics)
+    return head_exportable(inputs.heads[name].path, inputs.heads[name].store, metrics)

@@ -19,12 +19,13 @@ import torch
 import torchvision
 from tqdm import tqdm
 
-from pipeline.backbones import Backbone, Preprocessing, build_backbone, fingerprint
+from pipeline.backbones import Backbone, Preprocessing, build_backbone, fingerprint, input_size
 from pipeline.config import ExtractParams
 from pipeline.dataset import Manifest, ManifestRow, manifest_sha256, read_manifest
 from pipeline.jpeg import JpegDecoder, resolve_decoder
 from pipeline.runtime import Images, Runtime, forward_batches, image_batches
 from pipeline.store import SPLIT_CODES, EmbeddingCache, write_store
+from pipeline.transferability import EvidenceStats
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,19 @@ class ExtractResult:
     device: str
     precision: str
     fingerprint: str
+    label: str  # the extract.backbones entry
+    backbone: str  # its network
+    image_size: int
+    size_reason: str  # why this size, in words (pipeline.backbones.input_size)
+    feature_dim: int
+    logme: float  # transferability of the train split's features to its labels (pipeline.transferability)
 
     def metrics(self) -> dict:
         return {
+            "backbone": self.backbone,
+            "image_size": self.image_size,
+            "feature_dim": self.feature_dim,
+            "logme": round(self.logme, 6),
             "images": self.images,
             "computed": self.computed,
             "reused": self.reused,
@@ -63,20 +74,26 @@ class ExtractResult:
         }
 
 
-def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, params: ExtractParams) -> ExtractResult:
-    """Embed every usable manifest row, computing only what the embedding cache lacks."""
+def extract(
+    manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, params: ExtractParams, label: str | None = None
+) -> ExtractResult:
+    """Embed every usable manifest row with the backbone `label` of params.backbones (None: the first), computing
+    only what the embedding cache lacks; then score the train split's transferability (LogME)."""
     start = time.perf_counter()
     manifest = read_manifest(manifest_path)
     rows = manifest.ok_rows()
-    backbone = build_backbone(params.backbone, params.weights_path, params.allow_download)
+    label = label or next(iter(params.backbones))
+    entry = params.backbone(label)
+    backbone = build_backbone(entry.backbone, entry.weights_path, params.allow_download)
     # channels_last on CPU too: the store's bytes were fixed with it, and the fingerprint does not record it.
     runtime = Runtime.resolve(params.device, params.precision, option="extract.device", channels_last=True)
-    preprocessing = backbone.preprocessing.with_image_size(params.image_size)
+    size, size_reason = input_size(entry.image_size, backbone.preprocessing.crop, manifest.median_short_side())
+    preprocessing = backbone.preprocessing.with_image_size(size)
     decoder = resolve_decoder(params.decode, runtime.device, preprocessing)
     fp = fingerprint(backbone, preprocessing, runtime.precision, params.jpeg_draft, decoder)
     log.info(
-        "extract: %s at %d px on %s (%s), JPEGs decoded by %s, fingerprint %s",
-        *(backbone.name, preprocessing.crop, runtime.device, runtime.precision, decoder, fp),
+        "extract@%s: %s at %d px (%s) on %s (%s), JPEGs decoded by %s, fingerprint %s",
+        *(label, backbone.name, size, size_reason, runtime.device, runtime.precision, decoder, fp),
     )
 
     with EmbeddingCache(cache_dir, fp, backbone.feature_dim) as cache:
@@ -87,9 +104,10 @@ def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, pa
         compute_seconds = write_start - compute_start
         cache.compact()
         attrs = {
+            "label": label,
             "backbone": backbone.name,
             "weights_id": backbone.weights_id,
-            "weights_file": params.weights,
+            "weights_file": entry.weights,
             "preprocessing": preprocessing.to_json(),
             "image_size": preprocessing.crop,
             "feature_dim": backbone.feature_dim,
@@ -101,6 +119,7 @@ def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, pa
         }
         extraction_seconds = assemble_store(out, manifest, cache, attrs)
         write_seconds = time.perf_counter() - write_start
+        logme = transferability(manifest, cache)
     return ExtractResult(
         store=Path(out),
         images=len(rows),
@@ -114,7 +133,26 @@ def extract(manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, pa
         device=str(runtime.device),
         precision=runtime.precision,
         fingerprint=fp,
+        label=label,
+        backbone=backbone.name,
+        image_size=size,
+        size_reason=size_reason,
+        feature_dim=backbone.feature_dim,
+        logme=logme,
     )
+
+
+def transferability(manifest: Manifest, cache: EmbeddingCache, rows_per_chunk: int = 4096) -> float:
+    """LogME of the train split's embeddings against their labels, read from the cache a chunk at a time (memory:
+    the feature dimension squared, whatever the number of images)."""
+    classes = manifest.classes
+    train = [r for r in manifest.ok_rows() if r.split == "train"]
+    stats = EvidenceStats(len(classes))
+    for i in range(0, len(train), rows_per_chunk):
+        chunk = train[i : i + rows_per_chunk]
+        labels = np.array([classes.index(r.class_name) for r in chunk], dtype=np.int64)
+        stats.add(cache.read([r.sha256 for r in chunk]), labels)
+    return stats.logme()
 
 
 def assemble_store(out: Path, manifest: Manifest, cache: EmbeddingCache, attrs: dict) -> float:

@@ -9,7 +9,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
 from pipeline import backbones, dataset, finetuned, images, runtime
-from pipeline.backbones import PIXELS_VERSION, Backbone, Preprocessing, build_backbone
+from pipeline.backbones import PIXELS_VERSION, Backbone, Preprocessing, build_backbone, input_size
 from pipeline.config import FinetuneParams
 from pipeline.dataset import Manifest, ManifestRow, manifest_sha256, read_manifest
 from pipeline.errors import PipelineError
@@ -135,7 +135,7 @@ def check_warm_start(
     if head.manifest_sha256 != manifest:
         raise FinetuneError(
             f"the logreg head was trained on the split of manifest {str(head.manifest_sha256)[:16]}, fine-tuning "
-            f"reads manifest {manifest[:16]} (prepare ran again since): rerun the head stage on a store extracted from it"
+            f"reads manifest {manifest[:16]} (prepare ran again since): rerun the head stage"
         )
     seen = head.store_attrs
     if _as_path(seen.get("weights_file")) != _as_path(weights):  # `./w.safetensors` is `w.safetensors`
@@ -170,7 +170,7 @@ def initial_layer(
     if params.init_head == "logreg":
         if head is None:
             raise FinetuneError("finetune.init_head is logreg but no trained logreg head was given")
-        crop = backbone.preprocessing.with_image_size(params.image_size).crop
+        crop = with_input_size(params, backbone, manifest).image_size
         check_warm_start(head, manifest.classes, manifest_sha256(manifest), backbone.name, crop, weights)
         init_from_head(layer, head)
     return {name: tensor.detach().clone() for name, tensor in layer.state_dict().items()}
@@ -304,6 +304,7 @@ def finetune(
     start = time.perf_counter()
     data = read_splits(manifest_path)
     backbone = build_backbone(backbone_name, weights)
+    params = with_input_size(params, backbone, data.manifest)
     if initial is None:
         initial = initial_layer(backbone, data.manifest, params)  # init_head: logreg needs the head: refused here
     training = build_training(backbone, data, params, initial)
@@ -330,6 +331,15 @@ def finetune(
     save_finetuned(model, out_dir, saved_config(backbone, training, data.classes, result))
     log.info("finetune: done in %.1fs", time.perf_counter() - start)
     return result
+
+
+def with_input_size(params: FinetuneParams, backbone: Backbone, manifest: Manifest) -> FinetuneParams:
+    """`params` with image_size in pixels: auto and null resolved on these images as extract resolves them
+    (pipeline.backbones.input_size), so fine-tuning sees the inputs the frozen features came from."""
+    size, why = input_size(params.image_size, backbone.preprocessing.crop, manifest.median_short_side())
+    if size != params.image_size:
+        log.info("finetune: %s at %d px (%s)", backbone.name, size, why)
+    return replace(params, image_size=size)
 
 
 def read_splits(manifest_path: Path) -> Splits:

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.backbones import build_backbone
 from pipeline.config import FinetuneParams
 from pipeline.dataset import Manifest, read_manifest, write_manifest
 from pipeline.evaluate_finetune import evaluate_finetuned
-from pipeline.finetune import finetune
+from pipeline.finetune import finetune, with_input_size
 
 
 def subsample_manifest(manifest: Manifest, per_class: int, seed: int) -> Manifest:
@@ -41,7 +42,8 @@ def finetune_curve(
     The new layer starts from random weights here: the trained logistic head saw every training image.
     """
     manifest = read_manifest(manifest_path)
-    tuned = replace(params, init_head="random")
+    # The size is fixed on the whole data set: a subset's images could resolve image_size auto differently.
+    tuned = with_input_size(replace(params, init_head="random"), build_backbone(backbone, weights), manifest)
     points = []
     for size in sizes:
         subset = work / f"manifest-{size}.csv"

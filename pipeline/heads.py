@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
@@ -20,7 +20,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from pipeline.errors import PipelineError
 from pipeline.estimators import CosineCentroids, CosineNeighbors, LbfgsLinearSVC, TemperatureScaled
-from pipeline.store import HEAD_FIX, FeatureStore, StoreError, load_arrays, save_arrays
+from pipeline.store import HEAD_FIX, FeatureStore, StoreError, load_arrays, read_attrs, save_arrays
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,13 @@ class TrainedHead:
     # features, not how they were split; a head of another split may have trained on the store's test rows.
     manifest_sha256: str | None = None
     selection: str = "the val split"  # the held-out rows that scored the grid, in words (pipeline.selection)
+    backbone: str = ""  # the label of the extract.backbones entry whose store it was trained on
+
+    @property
+    def model_name(self) -> str:
+        """The model's name wherever models are compared: <backbone label>-<head name> (the head@ stage's
+        suffix), or the head's name for a store written without a label."""
+        return f"{self.backbone}-{self.name}" if self.backbone else self.name
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """Probabilities for every class of the store, columns in class-index order."""
@@ -116,6 +123,36 @@ class TrainedHead:
         trained), nor k-NN's stored rows: its training only keeps the embeddings, so it has 0."""
         clf = self.model.named_steps["clf"]
         return int(sum(np.size(attrgetter(name)(clf)) for name in HEADS[self.kind].trainable))
+
+
+@dataclass(frozen=True)
+class HeadFile:
+    """Where one (backbone, head) pair of params.yaml lives: its head file and the store it was trained on."""
+
+    backbone: str  # the label under extract.backbones
+    name: str  # the head's key under heads
+    path: Path  # <heads dir>/<backbone>/<name>.h5
+    store: Path  # <features dir>/<backbone>.h5
+
+    @property
+    def model_name(self) -> str:
+        return f"{self.backbone}-{self.name}"
+
+    def load(self) -> TrainedHead:
+        """The head, refused unless it was trained on this store (checked on its attributes: no features read)."""
+        head = load_head(self.path)
+        check_trained_on(head, read_attrs(self.store), self.path, self.store)
+        return head
+
+
+def head_files(features_dir: Path, heads_dir: Path, backbones: Iterable[str], names: Iterable[str]) -> list[HeadFile]:
+    """Every (backbone, head) pair, backbone by backbone, in params.yaml's order (dvc.yaml's layout)."""
+    names = list(names)
+    return [
+        HeadFile(label, name, Path(heads_dir) / label / f"{name}.h5", Path(features_dir) / f"{label}.h5")
+        for label in backbones
+        for name in names
+    ]
 
 
 def grid_rank(record: dict) -> tuple[float, float]:
@@ -172,6 +209,7 @@ def save_head(head: TrainedHead, path: Path) -> None:
             "store": head.store_attrs,
             "manifest_sha256": head.manifest_sha256,
             "selection": head.selection,
+            "backbone": head.backbone,
         },
     )
 
@@ -202,6 +240,7 @@ def load_head(path: Path, store: FeatureStore | None = None) -> TrainedHead:
         store_attrs=attrs.get("store", {}),
         manifest_sha256=attrs["manifest_sha256"],
         selection=attrs.get("selection", "the val split"),
+        backbone=attrs.get("backbone", ""),
     )
     if store is not None:
         check_trained_on(head, store.attrs, path, "the feature store")

@@ -19,10 +19,10 @@ from pipeline.backbones import backbone_of_store
 from pipeline.config import EvaluateParams
 from pipeline.errors import PipelineError
 from pipeline.finetuned import load_finetuned
-from pipeline.heads import TrainedHead, chosen_head, held_out, load_head
+from pipeline.heads import HeadFile, TrainedHead, chosen_head, held_out, load_head
 from pipeline.metrics import read_predictions, rescored
-from pipeline.stats import Comparison, compare
-from pipeline.store import FeatureStore
+from pipeline.stats import Comparison, compare, rank_correlation
+from pipeline.store import FeatureStore, read_store
 
 
 @dataclass(frozen=True)
@@ -124,10 +124,10 @@ def head_rows(
     x_train, y_train = store.subset("train")
     rows = []
     for head in heads:
-        m = metrics[head.name]
+        m = metrics[head.model_name]
         rows.append(
             ModelRow(
-                name=head.name,
+                name=head.model_name,
                 strategy="feature_extraction",
                 layers_trained=f"new {head.kind} head only (backbone frozen)",
                 params_updated=head.trainable_params,
@@ -148,14 +148,19 @@ def _short(selection: str) -> str:
     return selection.split(" cross-validation")[0] + " CV" if "cross-validation" in selection else "val"
 
 
-def finetune_row(model_dir: Path, metrics: dict, store_attrs: dict, shared_ms: float) -> ModelRow:
-    """The fine-tuned network's row. Built on the store's backbone at the store's image size, its inference is
-    that same shared forward pass plus its new output layer; otherwise its whole network is timed."""
+def finetune_row(model_dir: Path, metrics: dict, timings: dict[str, tuple[dict, float]]) -> ModelRow:
+    """The fine-tuned network's row. Built on a store's backbone at that store's image size (`timings`: each
+    store's attributes and its backbone's forward milliseconds by label), its inference is that same shared
+    forward pass plus its new output layer; otherwise its whole network is timed."""
     model, config, preprocessing = load_finetuned(model_dir)
     training = config["training"]
-    same = config["backbone"] == store_attrs.get("backbone") and preprocessing.crop == store_attrs.get("image_size")
+    same = [
+        ms
+        for attrs, ms in timings.values()
+        if config["backbone"] == attrs.get("backbone") and preprocessing.crop == attrs.get("image_size")
+    ]
     if same:
-        inference = shared_ms + forward_ms_per_image(model.head, torch.randn(32, model.head.in_features))
+        inference = same[0] + forward_ms_per_image(model.head, torch.randn(32, model.head.in_features))
     else:
         inference = forward_ms_per_image(model, torch.randn(32, 3, preprocessing.crop, preprocessing.crop))
     return ModelRow(
@@ -226,14 +231,14 @@ def recommend(head: ModelRow, tuned: ModelRow | None, comparison: Comparison | N
 def choice_of_head(heads: list[TrainedHead], chosen: TrainedHead, rows: list[ModelRow]) -> str:
     """How the head compared with fine-tuning was chosen, and what the test split would have said."""
     text = (
-        f"**Head.** {chosen.name}, chosen among {len(heads)} heads by its held-out accuracy "
+        f"**Head.** {chosen.model_name}, chosen among {len(heads)} heads by its held-out accuracy "
         f"({held_out(chosen)['val_accuracy']:.4f}) on {chosen.selection}. Ties go to the first in params.yaml."
     )
     best_on_test = max((r for r in rows if r.strategy == "feature_extraction"), key=lambda r: r.accuracy)
-    if best_on_test.name != chosen.name:
+    if best_on_test.name != chosen.model_name:
         text += (
             f" {best_on_test.name} scores higher on test ({best_on_test.accuracy:.4f} against "
-            f"{next(r for r in rows if r.name == chosen.name).accuracy:.4f}), but the test split only scores: a "
+            f"{next(r for r in rows if r.name == chosen.model_name).accuracy:.4f}), but the test split only scores: a "
             "head chosen on it would report an optimistic accuracy."
         )
     return text
@@ -244,19 +249,22 @@ def render(
     intro: list[str],
     curve: list[dict],
     curve_head: str,
-    extract_seconds: float,
+    backbones: list[str],
     tuned_curve: list[dict] | None = None,
     sections: list[str] | None = None,
 ) -> str:
-    """The report's markdown; `sections` (lines) come after the per-model pictures."""
+    """The report's markdown; `backbones`: its Backbones section, after the models' table; `sections` (lines) come
+    after the per-model pictures."""
     lines = ["# Feature extraction or fine-tuning?", "", *intro, "", *_table(rows)]
     lines += [
         "",
-        f"Training seconds of a head are the one-off extraction of the features ({extract_seconds:.1f} s, which "
-        "every head shares) plus its own fit, in brackets. Inference is the backbone's forward pass, measured "
+        "Training seconds of a head are the one-off extraction of its backbone's features (shared by every head on "
+        "them: see Backbones) plus its own fit, in brackets. Inference is the backbone's forward pass, measured "
         "once for every model built on it (median of 5 batches of 32 on this machine), plus each model's own "
         "output layer. Intervals: Wilson's for accuracy, a bootstrap over test images for macro-F1. The "
         "fine-tuned model's train accuracy is the one seen during its best epoch.",
+        "",
+        *backbones,
         "",
         f"## Learning curve ({curve_head} on frozen features)",
         "",
@@ -369,55 +377,131 @@ class Report:
     rows: list[ModelRow]
     recommendation: str
     chosen: str  # the head compared with fine-tuning (pipeline.heads.chosen_head)
+    classes: list[str]
 
 
 def build_report(
-    store: FeatureStore,
-    head_paths: list[Path],
+    files: list[HeadFile],
     answers: Answers,
     finetuned: Path | None,
-    extract_seconds: float,
+    extraction: dict[str, dict],
     curves: tuple[list[dict], list[dict]],
     audit: dict | None = None,
     scoring: EvaluateParams | None = None,
 ) -> Report:
-    """Markdown, its rows and its advice. `answers`: each model's test answers, without the test images left out
-    (their scores are then computed again, with `scoring`'s bins and bootstrap). `curves`: the learning curve
-    of the chosen head (the `learning_curve` stage) and fine-tuning's on subsets (the `finetune_curve` stage;
-    empty when not asked for). `audit`: the audit stage's counts, when it ran."""
+    """Markdown, its rows and its advice. `files`: every (backbone, head) pair; `extraction`: each backbone's
+    extract metrics by label (cost, feature size, LogME). `answers`: each model's test answers, without the test
+    images left out (their scores are then computed again, with `scoring`'s bins and bootstrap). `curves`: the
+    learning curve of the chosen head (the `learning_curve` stage) and fine-tuning's on subsets (the
+    `finetune_curve` stage; empty when not asked for). `audit`: the audit stage's counts, when it ran."""
+    heads, rows, timings, classes = feature_extraction_rows(files, answers, extraction, scoring)
     curve, tuned_curve = curves
-    heads = [load_head(p, store) for p in head_paths]
-    metrics = _read_metrics(answers.metrics_dir, [h.name for h in heads])
-    if answers.excluded:
-        scoring = scoring or EvaluateParams()
-        metrics = {name: rescored(m, answers.of(name), store.classes, scoring) for name, m in metrics.items()}
     if not curve:
         raise PipelineError(
             "the learning curve has no point: every training subset was too small for the chosen head "
             "(see learning_curve.sizes)"
         )
-    rows, shared_ms = head_rows(store, heads, metrics, extract_seconds)
     chosen = chosen_head(heads)
     tuned, comparison = None, None
-    if finetuned is not None and "finetune" in metrics:
-        tuned = finetune_row(finetuned, metrics["finetune"], store.attrs, shared_ms)
+    if finetuned is not None and (answers.metrics_dir / "finetune" / "metrics.json").is_file():
+        tuned_metrics = _read_metrics(answers.metrics_dir, ["finetune"])["finetune"]
+        if answers.excluded:
+            tuned_metrics = rescored(tuned_metrics, answers.of("finetune"), classes, scoring or EvaluateParams())
+        tuned = finetune_row(finetuned, tuned_metrics, timings)
         rows.append(tuned)
-        comparison = paired(answers, "finetune", chosen.name)
-    head_row = next(r for r in rows if r.name == chosen.name)
+        comparison = paired(answers, "finetune", chosen.model_name)
+    head_row = next(r for r in rows if r.name == chosen.model_name)
     advice = recommend(head_row, tuned, comparison)
     intro = [f"**Recommendation.** {advice}", "", choice_of_head(heads, chosen, rows), *_left_out(answers)]
-    per_class = per_class_accuracy(answers, [r.name for r in sorted(rows, key=lambda r: -r.accuracy)], store.classes)
+    per_class = per_class_accuracy(answers, [r.name for r in sorted(rows, key=lambda r: -r.accuracy)], classes)
     sections = per_class + (audit_section(audit) if audit else [])
-    markdown = render(rows, intro, curve, curve[0]["model"], extract_seconds, tuned_curve, sections)
-    return Report(markdown, rows, advice, chosen.name)
+    ranking = backbone_section(extraction, heads, rows)
+    markdown = render(rows, intro, curve, curve[0]["model"], ranking, tuned_curve, sections)
+    return Report(markdown, rows, advice, chosen.model_name, classes)
 
 
-def _read_metrics(metrics_dir: Path, heads: list[str]) -> dict[str, dict]:
-    """Every model's metrics.json under `metrics_dir`, once each head has one and all have their intervals."""
-    metrics = {p.parent.name: json.loads(p.read_text()) for p in sorted(Path(metrics_dir).glob("*/metrics.json"))}
-    missing = [name for name in heads if name not in metrics]
+def feature_extraction_rows(
+    files: list[HeadFile], answers: Answers, extraction: dict[str, dict], scoring: EvaluateParams | None
+) -> tuple[list[TrainedHead], list[ModelRow], dict[str, tuple[dict, float]], list[str]]:
+    """Every head with its row, backbone by backbone (one store in memory at a time); each backbone's store
+    attributes and forward milliseconds by label; the class names."""
+    heads, rows, timings, classes = [], [], {}, []
+    for label in dict.fromkeys(f.backbone for f in files):
+        mine = [f for f in files if f.backbone == label]
+        store = read_store(mine[0].store)
+        trained = [load_head(f.path, store) for f in mine]
+        classes, metrics = store.classes, _read_metrics(answers.metrics_dir, [h.model_name for h in trained])
+        if answers.excluded:
+            for h in trained:
+                name = h.model_name
+                metrics[name] = rescored(metrics[name], answers.of(name), classes, scoring or EvaluateParams())
+        new_rows, shared_ms = head_rows(store, trained, metrics, extraction_seconds(extraction, label))
+        heads, rows, timings[label] = heads + trained, rows + new_rows, (store.attrs, shared_ms)
+    return heads, rows, timings, classes
+
+
+def extraction_seconds(extraction: dict[str, dict], label: str) -> float:
+    """The cost of computing every embedding of the backbone's store, even those a rerun took from the cache."""
+    seconds = extraction.get(label, {}).get("extraction_seconds")
+    if seconds is None:
+        raise PipelineError(
+            f"metrics/extract/{label}.json has no extraction cost: the embedding cache holds embeddings from a "
+            "version that did not record it; delete .cache/embeddings and run `dvc repro` again"
+        )
+    return float(seconds)
+
+
+def backbone_section(extraction: dict[str, dict], heads: list[TrainedHead], rows: list[ModelRow]) -> list[str]:
+    """Markdown: each backbone's cost, feature size and LogME beside its best head, and the two rankings."""
+    test = {r.name: r.accuracy for r in rows}
+    best = {}
+    for head in heads:
+        if head.backbone not in best or held_out(head)["val_accuracy"] > held_out(best[head.backbone])["val_accuracy"]:
+            best[head.backbone] = head
+    labels = list(best)
+    lines = [
+        "## Backbones",
+        "",
+        "| backbone | network | input px | features | extraction s | LogME | best head | its held-out accuracy "
+        "| its test accuracy |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label in sorted(labels, key=lambda b: -extraction[b]["logme"]):
+        e, h = extraction[label], best[label]
+        lines.append(
+            f"| {label} | {e['backbone']} | {e['image_size']} | {e['feature_dim']:,} | "
+            f"{extraction_seconds(extraction, label):.1f} | {e['logme']:.4f} | {h.name} | "
+            f"{held_out(h)['val_accuracy']:.4f} | {test[h.model_name]:.4f} |"
+        )
+    logme = {b: float(extraction[b]["logme"]) for b in labels}
+    return [*lines, "", ranking_words(logme, {b: held_out(best[b])["val_accuracy"] for b in labels}), ""]
+
+
+def ranking_words(logme: dict[str, float], accuracy: dict[str, float]) -> str:
+    """The backbones (by label) ranked by LogME (computed before any head is trained) and by the best head's
+    held-out accuracy, and how well the two rankings agree."""
+    labels = list(logme)
+    by_score = ", ".join(sorted(labels, key=lambda b: -logme[b]))
+    by_accuracy = ", ".join(sorted(labels, key=lambda b: -accuracy[b]))
+    text = (
+        "LogME (You et al., ICML 2021) is the log evidence of a Bayesian linear model of the labels on the train "
+        "split's features, per image: larger is better, and it needs no training. "
+        f"Ranked by LogME: {by_score}. Ranked by the best head's held-out accuracy: {by_accuracy}."
+    )
+    if len(labels) < 2:
+        return text + " One backbone: add entries under extract.backbones in params.yaml to compare backbones."
+    rho = rank_correlation([logme[b] for b in labels], [accuracy[b] for b in labels])
+    agreement = "undefined (tied scores)" if np.isnan(rho) else f"{rho:+.2f}"
+    return text + f" Spearman rank correlation of the two over {len(labels)} backbones: {agreement}."
+
+
+def _read_metrics(metrics_dir: Path, models: list[str]) -> dict[str, dict]:
+    """The metrics.json of each of `models` under `metrics_dir`, once each has one and all have their intervals."""
+    paths = {name: Path(metrics_dir) / name / "metrics.json" for name in models}
+    missing = [name for name, path in paths.items() if not path.is_file()]
     if missing:
-        raise PipelineError(f"no metrics for {', '.join(missing)} in {metrics_dir}; run evaluate first")
+        raise PipelineError(f"no metrics for {', '.join(missing)} in {metrics_dir}; run `dvc repro` first")
+    metrics = {name: json.loads(path.read_text()) for name, path in paths.items()}
     older = [name for name, m in metrics.items() if not set(m) >= INTERVAL_KEYS]
     if older:
         raise PipelineError(
@@ -469,10 +553,11 @@ def summary(report: Report, where: Path) -> str:
     lines = [f"Feature extraction or fine-tuning? Full report: {where}", ""]
     lines += textwrap.wrap(report.recommendation, width=100)
     lines.append("")
+    width = max(len(r.name) for r in report.rows)
     for r in sorted(report.rows, key=lambda r: -r.accuracy):
         s, note = r.scores, " (the chosen head)" if r.name == report.chosen else ""
         lines.append(
-            f"  {r.name:<12} test accuracy {r.accuracy:.4f} (95% interval {s['accuracy_ci95_low']:.4f}-"
+            f"  {r.name:<{width}} test accuracy {r.accuracy:.4f} (95% interval {s['accuracy_ci95_low']:.4f}-"
             f"{s['accuracy_ci95_high']:.4f}), {r.train_seconds:.0f} s to train{note}"
         )
     return "\n".join(lines) + "\n"

@@ -102,6 +102,7 @@ def train_head(store: FeatureStore, name: str, params: HeadParams) -> TrainedHea
         store_attrs={key: store.attrs.get(key) for key in STORE_ATTRS},
         manifest_sha256=store.attrs.get("manifest_sha256"),
         selection=how,
+        backbone=store.attrs.get("label", ""),
     )
 
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import binomtest, norm
+from scipy.stats import binomtest, norm, rankdata
 
 
 def _check_confidence(confidence: float) -> None:
@@ -176,3 +176,12 @@ def compare(correct_a: np.ndarray, correct_b: np.ndarray, *, alpha: float = 0.05
         verdict = "a" if difference > 0 else "b"
     interval = paired_difference_interval(test, len(a), confidence=1.0 - alpha)
     return Comparison(float(a.mean()), float(b.mean()), difference, interval, test, verdict)
+
+
+def rank_correlation(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation of two paired lists: Pearson's correlation of their ranks, tied values
+    sharing their average rank; nan when either list has a single distinct value (no order to compare)."""
+    ranks_a, ranks_b = rankdata(a), rankdata(b)
+    if np.ptp(ranks_a) == 0 or np.ptp(ranks_b) == 0:
+        return float("nan")
+    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])

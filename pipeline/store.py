@@ -251,7 +251,7 @@ def _encode_attrs(f: h5py.File, attrs: dict) -> None:
 def _decode_attrs(raw: h5py.AttributeManager) -> dict:
     out = {}
     for key, value in raw.items():
-        if isinstance(value, str) and (value[:1] in "[{" or value == "null"):
+        if isinstance(value, str) and value and (value[0] in "[{" or value == "null"):
             value = json.loads(value)
         elif isinstance(value, np.generic):
             value = value.item()

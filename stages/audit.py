@@ -1,6 +1,7 @@
 """DVC stage `audit`: is my data clean? Near-copies across splits, likely label errors, and the test images the
 chosen head and the fine-tuned network get wrong: CSVs and picture grids in reports/audit/, counts in
-metrics/audit.json. Reads the cached embeddings and the models' answers; decodes images only for thumbnails."""
+metrics/audit.json. Reads the cached embeddings of the chosen head's backbone and the models' answers; decodes
+images only for thumbnails."""
 
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import click
 from pipeline.audit import cross_split_duplicates, label_issues, misclassified, write_audit
 from pipeline.config import load_params
 from pipeline.errors import user_errors
-from pipeline.heads import chosen_head, load_head
+from pipeline.heads import chosen_head, head_files
 from pipeline.io import write_json
 from pipeline.metrics import read_predictions
 from pipeline.store import read_store
@@ -18,8 +19,8 @@ PathArg = click.Path(path_type=Path)
 
 
 @click.command()
-@click.option("--features", type=PathArg, required=True)
-@click.option("--heads", type=PathArg, required=True, help="Folder of trained heads (<name>.h5).")
+@click.option("--features", type=PathArg, required=True, help="Folder of feature stores (<backbone>.h5).")
+@click.option("--heads", type=PathArg, required=True, help="Folder of trained heads (<backbone>/<head>.h5).")
 @click.option("--metrics", type=PathArg, required=True, help="Folder of each model's test answers.")
 @click.option("--data", type=PathArg, required=True, help="ImageFolder root the store's paths are relative to.")
 @click.option("--out", type=PathArg, required=True, help="Folder for the CSVs and picture grids.")
@@ -28,10 +29,13 @@ PathArg = click.Path(path_type=Path)
 @user_errors
 def main(features, heads, metrics, data, out, summary, params) -> None:
     p = load_params(params)
-    store = read_store(features)
+    files = head_files(features, heads, p.extract.backbones, p.heads)
+    trained = [f.load() for f in files]
+    chosen = chosen_head(trained)
+    store = read_store(files[trained.index(chosen)].store)  # the embeddings of the chosen head's backbone
     pairs = cross_split_duplicates(store, p.audit.duplicate_threshold)
     issues = label_issues(store, p.audit.folds, p.audit.seed)
-    models = [chosen_head([load_head(heads / f"{name}.h5", store) for name in p.heads]).name, "finetune"]
+    models = [chosen.model_name, "finetune"]
     wrong = {m: misclassified(read_predictions(metrics / m / "predictions.csv")) for m in models}
     counts = write_audit(out, data, (pairs, issues, wrong), p.audit.top)
     write_json(summary, {"duplicate_threshold": p.audit.duplicate_threshold, **counts})

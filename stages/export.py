@@ -7,14 +7,15 @@ import click
 from pipeline.config import load_params
 from pipeline.errors import user_errors
 from pipeline.export import Inputs, chosen_models, export_models
+from pipeline.heads import head_files
 from pipeline.io import write_json
 
 PathArg = click.Path(path_type=Path)
 
 
 @click.command()
-@click.option("--features", type=PathArg, required=True, help="The store the heads were trained on.")
-@click.option("--heads", type=PathArg, required=True, help="Folder of trained heads (<name>.h5).")
+@click.option("--features", type=PathArg, required=True, help="Folder of feature stores (<backbone>.h5).")
+@click.option("--heads", type=PathArg, required=True, help="Folder of trained heads (<backbone>/<head>.h5).")
 @click.option("--finetuned", type=PathArg, required=True, help="The fine-tuned model folder.")
 @click.option("--metrics", type=PathArg, required=True, help="Folder of test metrics (<model>/metrics.json).")
 @click.option("--manifest", type=PathArg, required=True)
@@ -25,9 +26,10 @@ PathArg = click.Path(path_type=Path)
 @user_errors
 def main(features, heads, finetuned, metrics, manifest, data, out, parity, params) -> None:
     p = load_params(params)
-    settings, head_names = p.export, list(p.heads)
-    names = chosen_models(settings.models, head_names, heads)  # a refused or unknown model stops before any work
-    inputs = Inputs(features, heads, finetuned, metrics, manifest, data)
+    settings = p.export
+    files = {f.model_name: f for f in head_files(features, heads, p.extract.backbones, p.heads)}
+    names = chosen_models(settings.models, files)  # a refused or unknown model stops before any work
+    inputs = Inputs(files, finetuned, metrics, manifest, data)
     results = export_models(names, inputs, out, settings)
     write_json(parity, results)
     summary = ", ".join(

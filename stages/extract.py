@@ -1,4 +1,5 @@
-"""DVC stage `extract`: frozen backbone over the manifest's usable images -> HDF5 feature store."""
+"""DVC stage `extract@<label>`: one backbone of extract.backbones, frozen, over the manifest's usable images -> its
+HDF5 feature store, and its extraction cost, feature size and transferability score (LogME) as metrics."""
 
 from pathlib import Path
 
@@ -13,6 +14,7 @@ PathArg = click.Path(path_type=Path)
 
 
 @click.command()
+@click.option("--backbone", "label", required=True, help="The entry's label under extract.backbones.")
 @click.option("--data", type=PathArg, required=True, help="ImageFolder root the manifest's paths are relative to.")
 @click.option("--manifest", type=PathArg, required=True)
 @click.option("--out", type=PathArg, required=True, help="Feature store to write (HDF5).")
@@ -20,12 +22,13 @@ PathArg = click.Path(path_type=Path)
 @click.option("--metrics", type=PathArg, required=True)
 @click.option("--params", type=PathArg, default=Path("params.yaml"), show_default=True)
 @user_errors
-def main(data: Path, manifest: Path, out: Path, cache_dir: Path, metrics: Path, params: Path) -> None:
-    result = extract(manifest, data, out, cache_dir, load_params(params).extract)
+def main(label: str, data: Path, manifest: Path, out: Path, cache_dir: Path, metrics: Path, params: Path) -> None:
+    result = extract(manifest, data, out, cache_dir, load_params(params).extract, label)
     write_json(metrics, result.metrics())
     click.echo(
-        f"extract: {result.images} images ({result.computed} computed, {result.reused} reused) on "
-        f"{result.device} ({result.precision}) in {result.seconds:.1f}s -> {out}"
+        f"extract@{label}: {result.backbone} at {result.image_size} px ({result.size_reason}); {result.images} "
+        f"images ({result.computed} computed, {result.reused} reused) on {result.device} ({result.precision}) in "
+        f"{result.seconds:.1f}s; {result.feature_dim} features, LogME {result.logme:.4f} -> {out}"
     )
 
 

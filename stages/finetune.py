@@ -25,9 +25,16 @@ EPOCH_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
 @user_errors
 def main(data: Path, manifest: Path, init: Path, out: Path, checkpoints: Path, live: Path, params: Path) -> None:
     p = load_params(params)
-    weights = p.extract.weights_path  # the same network the frozen features came from
+    entry = p.finetune_backbone  # the network, weights and size the frozen features came from
     result = finetune(
-        manifest, data, p.extract.backbone, p.finetune, out, checkpoints, initial=load_file(init), weights=weights
+        manifest,
+        data,
+        entry.backbone,
+        p.finetune,
+        out,
+        checkpoints,
+        initial=load_file(init),
+        weights=entry.weights_path,
     )
     log_epochs(live, result.history, EPOCH_KEYS, result.best_epoch)
     resumed = f", resumed at epoch {result.resumed_from_epoch + 1}" if result.resumed_from_epoch else ""

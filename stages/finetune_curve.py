@@ -22,7 +22,8 @@ PathArg = click.Path(path_type=Path)
 def main(data: Path, manifest: Path, work: Path, out: Path, params: Path) -> None:
     p = load_params(params)
     sizes = p.finetune_curve.sizes
-    points = finetune_curve(manifest, data, p.extract.backbone, p.finetune, sizes, work, weights=p.extract.weights_path)
+    entry = p.finetune_backbone
+    points = finetune_curve(manifest, data, entry.backbone, p.finetune, sizes, work, weights=entry.weights_path)
     write_json(out, points)
     click.echo(f"finetune_curve: {len(points)} fine-tuning runs ({sizes or 'finetune_curve.sizes is empty'}) -> {out}")
 

@@ -8,7 +8,7 @@ import click
 from pipeline.config import load_params
 from pipeline.curves import learning_curve
 from pipeline.errors import user_errors
-from pipeline.heads import chosen_head, held_out, load_head
+from pipeline.heads import chosen_head, head_files, held_out
 from pipeline.io import write_json
 from pipeline.store import read_store
 
@@ -16,20 +16,22 @@ PathArg = click.Path(path_type=Path)
 
 
 @click.command()
-@click.option("--features", type=PathArg, required=True)
-@click.option("--heads", type=PathArg, required=True, help="Folder of trained heads (<name>.h5).")
+@click.option("--features", type=PathArg, required=True, help="Folder of feature stores (<backbone>.h5).")
+@click.option("--heads", type=PathArg, required=True, help="Folder of trained heads (<backbone>/<head>.h5).")
 @click.option("--out", type=PathArg, required=True, help="The curve (DVC plot data, JSON).")
 @click.option("--params", type=PathArg, default=Path("params.yaml"), show_default=True)
 @user_errors
 def main(features: Path, heads: Path, out: Path, params: Path) -> None:
     p = load_params(params)
-    store = read_store(features)
-    best = chosen_head([load_head(heads / f"{name}.h5", store) for name in p.heads])
+    files = head_files(features, heads, p.extract.backbones, p.heads)
+    trained = [f.load() for f in files]
+    best = chosen_head(trained)
+    store = read_store(files[trained.index(best)].store)
     points = learning_curve(store, best, p.learning_curve.sizes, p.learning_curve.seeds)
     write_json(out, points)
     score = held_out(best)["val_accuracy"]
     click.echo(
-        f"learning_curve: {best.name} (held-out accuracy {score:.4f} on {best.selection}) at {len(points)} sizes "
+        f"learning_curve: {best.model_name} (held-out accuracy {score:.4f} on {best.selection}) at {len(points)} sizes "
         f"-> {out}"
     )
 

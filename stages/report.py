@@ -7,19 +7,19 @@ import click
 
 from pipeline.config import load_params
 from pipeline.errors import PipelineError, user_errors
+from pipeline.heads import head_files
 from pipeline.io import write_text
 from pipeline.report import Answers, build_report, read_copies_in_test, summary, write_figures
-from pipeline.store import read_store
 
 PathArg = click.Path(path_type=Path)
 
 
 @click.command()
-@click.option("--features", type=PathArg, required=True)
-@click.option("--heads", type=PathArg, required=True, help="Folder of trained heads (<name>.h5).")
+@click.option("--features", type=PathArg, required=True, help="Folder of feature stores (<backbone>.h5).")
+@click.option("--heads", type=PathArg, required=True, help="Folder of trained heads (<backbone>/<head>.h5).")
 @click.option("--metrics", type=PathArg, required=True, help="Folder of test metrics (<model>/metrics.json).")
 @click.option("--finetuned", type=PathArg, help="Fine-tuned model folder, if the pipeline has one.")
-@click.option("--extract-metrics", type=PathArg, required=True)
+@click.option("--extract-metrics", type=PathArg, required=True, help="Folder of extract metrics (<backbone>.json).")
 @click.option("--curve", type=PathArg, required=True, help="The learning_curve stage's output.")
 @click.option("--finetune-curve", type=PathArg, required=True, help="The finetune_curve stage's output.")
 @click.option("--audit", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="metrics/audit.json.")
@@ -29,25 +29,24 @@ PathArg = click.Path(path_type=Path)
 @user_errors
 def main(features, heads, metrics, finetuned, extract_metrics, curve, finetune_curve, audit, test_copies, out, params):
     p = load_params(params)
-    # The cost of computing every embedding of the store, even those a rerun took from the cache.
-    extract_seconds = json.loads(extract_metrics.read_text()).get("extraction_seconds")
-    if extract_seconds is None:
-        raise PipelineError(
-            f"{extract_metrics} has no extraction cost: the embedding cache holds embeddings from a version that "
-            "did not record it; delete .cache/embeddings and run `dvc repro` again"
-        )
-    points, tuned = json.loads(curve.read_text()), json.loads(finetune_curve.read_text())
-    head_paths = [heads / f"{name}.h5" for name in p.heads]
-    store = read_store(features)
-    counts = json.loads(audit.read_text()) if audit else None
+    extraction = {label: read_json(extract_metrics / f"{label}.json") for label in p.extract.backbones}
+    points, tuned = read_json(curve), read_json(finetune_curve)
+    files = head_files(features, heads, p.extract.backbones, p.heads)
+    counts = read_json(audit) if audit else None
     leave_out = p.audit.drop_cross_split_duplicates and test_copies is not None
     answers = Answers(metrics, read_copies_in_test(test_copies) if leave_out else frozenset())
-    report = build_report(store, head_paths, answers, finetuned, extract_seconds, (points, tuned), counts, p.evaluate)
+    report = build_report(files, answers, finetuned, extraction, (points, tuned), counts, p.evaluate)
     curve_head = points[0]["model"]  # the learning_curve stage's choice, by the same rule as report.chosen
-    write_figures(report.rows, answers, store.classes, (points, curve_head, tuned), out, p.evaluate.ece_bins)
+    write_figures(report.rows, answers, report.classes, (points, curve_head, tuned), out, p.evaluate.ece_bins)
     write_text(out / "strategy.md", report.markdown)
     write_text(out / "summary.txt", summary(report, out / "strategy.md"))
     click.echo(f"report: {len(report.rows)} models, learning curve of {curve_head} -> {out / 'strategy.md'}")
+
+
+def read_json(path: Path) -> dict | list:
+    if not path.is_file():
+        raise PipelineError(f"{path} not found; run `dvc repro` to write it")
+    return json.loads(path.read_text())
 
 
 if __name__ == "__main__":

@@ -28,9 +28,10 @@ PathArg = click.Path(path_type=Path)
 @user_errors
 def main(manifest: Path, head: Path, out: Path, params: Path) -> None:
     p = load_params(params)
-    backbone = build_backbone(p.extract.backbone, p.extract.weights_path, p.extract.allow_download)
+    entry = p.finetune_backbone
+    backbone = build_backbone(entry.backbone, entry.weights_path, p.extract.allow_download)
     warm = load_head(head) if p.finetune.init_head == "logreg" else None
-    layer = initial_layer(backbone, read_manifest(manifest), p.finetune, warm, p.extract.weights)
+    layer = initial_layer(backbone, read_manifest(manifest), p.finetune, warm, entry.weights)
     with atomic_path(out) as tmp:
         save_file(layer, tmp)
     start = f"the logistic head {head}" if warm else f"random weights (seed {p.finetune.seed})"

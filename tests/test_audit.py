@@ -244,26 +244,34 @@ def test_the_audit_stage_writes_its_csvs_pictures_and_counts_and_the_report_show
     for path in paths:
         (tmp_path / "raw" / path).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (12, 12), (int(rng.integers(255)), 90, 30)).save(tmp_path / "raw" / path)
-    attrs = {"classes": ["ant", "bee"], "fingerprint": "f", "backbone": "test_resnet", "image_size": 32}
-    store = tmp_path / "features.h5"
+    attrs = {
+        "classes": ["ant", "bee"],
+        "fingerprint": "f",
+        "backbone": "test_resnet",
+        "image_size": 32,
+        "label": "tiny",
+    }
+    store = tmp_path / "features" / "tiny.h5"
     write_store(store, labels=labels, split=split, paths=paths,
                         sha256=[f"{i:064x}" for i in range(60)], feature_chunks=iter([features]), feature_dim=16,
                         attrs=attrs)  # fmt: skip
     params = tmp_path / "params.yaml"
-    params.write_text("heads:\n  logreg:\n    kind: logreg\n    grid:\n      C: [1.0]\naudit:\n  top: 4\n")
-    save_head(train_head(read_store(store), "logreg", HeadParams(grid={"C": [1.0]})), tmp_path / "heads" / "logreg.h5")
+    backbones = "extract:\n  backbones:\n    tiny: {}\n"
+    params.write_text(f"{backbones}heads:\n  logreg:\n    kind: logreg\n    grid:\n      C: [1.0]\naudit:\n  top: 4\n")
+    head = train_head(read_store(store), "logreg", HeadParams(grid={"C": [1.0]}))
+    save_head(head, tmp_path / "heads" / "tiny" / "logreg.h5")
     test_paths = [p for p, s in zip(paths, split, strict=True) if s == 2]
-    for model, wrong in (("logreg", {test_paths[0]}), ("finetune", set())):
+    for model, wrong in (("tiny-logreg", {test_paths[0]}), ("finetune", set())):
         rows = [(p, p[:3], ("bee" if p[:3] == "ant" else "ant") if p in wrong else p[:3], "0.8") for p in test_paths]
         write_csv(tmp_path / "metrics" / model / "predictions.csv", PREDICTIONS_HEADER, rows)
     out, summary = tmp_path / "reports" / "audit", tmp_path / "audit.json"
-    args = ["--features", str(store), "--heads", str(tmp_path / "heads"), "--metrics", str(tmp_path / "metrics")]
+    args = ["--features", str(store.parent), "--heads", str(tmp_path / "heads"), "--metrics", str(tmp_path / "metrics")]
     args += ["--data", str(tmp_path / "raw"), "--out", str(out), "--summary", str(summary), "--params", str(params)]
     result = CliRunner().invoke(audit_stage, args)
     assert result.exit_code == 0, result.output
     counts = json.loads(summary.read_text())
     assert counts["duplicate_threshold"] == 0.80 and counts["cross_split_pairs"] >= 1
-    assert (counts["misclassified_logreg"], counts["misclassified_finetune"]) == (1, 0)
+    assert (counts["misclassified_tiny-logreg"], counts["misclassified_finetune"]) == (1, 0)
     with open(out / "duplicates.csv", newline="") as f:
         first = next(csv.DictReader(f))
     assert (first["path_a"], first["split_a"], first["path_b"], first["split_b"]) == (
@@ -277,9 +285,9 @@ def test_the_audit_stage_writes_its_csvs_pictures_and_counts_and_the_report_show
     assert copies[paths[4]] == f"near-copy (cosine 1.000) of {paths[0]} (train)" and counts["test_copies"] == len(
         copies
     )
-    for picture in ("duplicates", "label_issues", "misclassified_logreg", "misclassified_finetune"):
+    for picture in ("duplicates", "label_issues", "misclassified_tiny-logreg", "misclassified_finetune"):
         with Image.open(out / f"{picture}.png") as image:
             assert image.width > 100
     section = "\n".join(audit_section(counts))
     assert "![near-copies across splits](audit/duplicates.png)" in section
-    assert "- logreg gets 1 test images wrong: `audit/misclassified_logreg.csv`." in section
+    assert "- tiny-logreg gets 1 test images wrong: `audit/misclassified_tiny-logreg.csv`." in section

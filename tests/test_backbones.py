@@ -18,6 +18,7 @@ from pipeline.backbones import (
     build_backbone,
     fingerprint,
     imagenet_categories,
+    input_size,
     load_state_dict,
     ordered_blocks,
 )
@@ -207,3 +208,21 @@ def test_a_bad_weights_file_is_one_line_error_and_runs_no_code(tmp_path, kind, b
         build_backbone(backbone, weights=path)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize(
+    ("setting", "own", "median_side", "size", "words"),
+    [
+        ("auto", 224, 375.0, 224, "the size the weights were trained at"),  # photos: the weights' own size
+        ("auto", 224, 33.0, 224, "the size the weights were trained at"),  # just above tiny
+        ("auto", 224, 8.0, 128, "the images are tiny (median shorter side 8 px <= 32)"),  # the bundled digits
+        ("auto", 224, 32.0, 128, "so 128 px rather than the weights' 224"),  # CIFAR-sized
+        ("auto", 96, 8.0, 96, "the size the weights were trained at"),  # never above the weights' own size
+        ("auto", 224, 0.0, 224, "the size the weights were trained at"),  # a manifest without sizes
+        (None, 224, 8.0, 224, "image_size null"),
+        (300, 224, 8.0, 300, "image_size in params.yaml"),
+    ],
+)
+def test_input_size_follows_the_setting_and_says_why(setting, own, median_side, size, words):
+    chosen, why = input_size(setting, own, median_side)
+    assert chosen == size and words in why

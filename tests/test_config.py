@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, HeadParams, Params, load_params, resolve, usable_cores
+from pipeline.config import BackboneParams, ConfigError, HeadParams, Params, load_params, resolve, usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,9 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_repository_params_load():
     params = load_params(REPO / "params.yaml")
-    assert params.extract.backbone == "efficientnet_lite0"
+    assert list(params.extract.backbones) == ["efficientnet_lite0"]
+    assert params.extract.backbone("efficientnet_lite0").backbone == "efficientnet_lite0"
+    assert params.finetune.backbone == "efficientnet_lite0" and params.finetune.image_size == "auto"
     assert "logreg" in params.heads
     assert isinstance(params.heads["logreg"], HeadParams)
 
@@ -67,8 +69,43 @@ def test_wrong_types_are_rejected_by_name(tmp_path, text, message):
 
 
 def test_optional_values_accept_null(tmp_path):
-    params = load_params(write(tmp_path, "extract:\n  image_size: null\n  weights: null\n"))
-    assert params.extract.image_size is None and params.extract.weights is None
+    params = load_params(
+        write(tmp_path, "extract:\n  backbones:\n    b0:\n      image_size: null\n      weights: null\n")
+    )
+    entry = params.extract.backbone("b0")
+    assert entry.image_size is None and entry.weights is None and entry.backbone == "b0"
+    assert params.finetune.backbone == "b0" and params.finetune.image_size is None  # fine-tuning follows the entry
+
+
+def test_several_backbones_each_with_its_own_settings(tmp_path):
+    text = (
+        "extract:\n  backbones:\n    small:\n      backbone: efficientnet_lite0\n      image_size: 128\n"
+        "    resnet50: {}\nfinetune:\n  backbone: small\n"
+    )
+    params = load_params(write(tmp_path, text))
+    assert list(params.extract.backbones) == ["small", "resnet50"]
+    assert params.extract.backbone("resnet50") == BackboneParams(backbone="resnet50", image_size="auto")
+    assert params.finetune_backbone == BackboneParams(backbone="efficientnet_lite0", image_size=128)
+    assert params.finetune.image_size == 128
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "extract:\n  backbone: resnet50\n",
+            r"extract\.backbone has moved: set it per backbone, e\.g\. extract\.backbones",
+        ),
+        ("extract:\n  image_size: 224\n", r"extract\.image_size has moved"),
+        ("extract:\n  backbones: {}\n", r"extract\.backbones is empty"),
+        ("extract:\n  backbones:\n    lite0-224: {}\n", r"extract\.backbones\.lite0-224: a label may use only letters"),
+        ("finetune:\n  backbone: resnet50\n", r"finetune\.backbone: 'resnet50' is not under extract\.backbones"),
+        ("extract:\n  backbones:\n    b:\n      image_size: big\n", r"extract\.backbones\.b\.image_size must be"),
+    ],
+)
+def test_backbone_mistakes_name_the_key_and_the_fix(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_params(write(tmp_path, text))
 
 
 def test_missing_file_and_bad_yaml_are_config_errors(tmp_path):
@@ -84,7 +121,10 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path):
         ("prepare:\n  val_fraction: -0.1\n", r"prepare\.val_fraction must be in \[0, 1\); got -0\.1"),
         ("prepare:\n  val_fraction: 0.5\n  test_fraction: 0.5\n", r"val_fraction \+ prepare\.test_fraction must be"),
         ("extract:\n  batch_size: 0\n", r"extract\.batch_size must be >= 1; got 0"),
-        ("extract:\n  image_size: 100000\n", r"extract\.image_size must be <= 4096; got 100000"),
+        (
+            "extract:\n  backbones:\n    b:\n      image_size: 100000\n",
+            r"extract\.backbones\.b\.image_size must be <= 4096",
+        ),
         ("finetune:\n  image_size: 5000\n", r"finetune\.image_size must be <= 4096; got 5000"),
         ("prepare:\n  on_cross_split_duplicate: drop\n", r"prepare\.on_cross_split_duplicate"),
         ("extract:\n  num_workers: -1\n", r"extract\.num_workers must be >= 0; got -1"),

@@ -32,7 +32,7 @@ from pipeline.export import (
 )
 from pipeline.extract import extract
 from pipeline.finetune import finetune
-from pipeline.heads import chosen_head, load_head, save_head
+from pipeline.heads import HeadFile, chosen_head, head_files, save_head
 from pipeline.onnx_predict import OnnxModelError, OnnxPredictor, crop_uint8, read_metadata
 from pipeline.prediction import list_images
 from pipeline.selection import train_head
@@ -66,19 +66,30 @@ def pipeline_run(tmp_path_factory) -> dict:
     root = work / "raw"
     write_image_folder(root, {"circle": 12, "square": 12, "triangle": 12})
     manifest = prepare_manifest(root, work / "manifest.csv")
-    params = ExtractParams(backbone="test_resnet", image_size=32, num_workers=0, device="cpu")
-    store_path = extract(manifest, root, work / "features.h5", work / "cache", params).store
-    store = read_store(store_path)
-    for name, head in HEADS.items():
-        save_head(train_head(store, name, head), work / "heads" / f"{name}.h5")
-        record = evaluate_head(store_path, work / "heads" / f"{name}.h5").record
-        _write(work / "metrics" / name / "metrics.json", record)
+    params = ExtractParams.of("test_resnet", image_size=32, num_workers=0, device="cpu")
+    store_path = extract(manifest, root, work / "features" / "test_resnet.h5", work / "cache", params).store
+    train_and_score(store_path, HEADS, work)
     tuning = FinetuneParams(epochs=1, init_head="random", augment=False, image_size=32, num_workers=0, device="cpu")
     finetune(manifest, root, "test_resnet", tuning, work / "finetune", work / "ckpt")
     record = evaluate_finetuned(work / "finetune", manifest, root, params=tuning).record
     _write(work / "metrics" / "finetune" / "metrics.json", record)
     test = [root / r.path for r in read_manifest(manifest).ok_rows() if r.split == "test"]
     return {"work": work, "root": root, "manifest": manifest, "store": store_path, "test": test}
+
+
+def train_and_score(store: Path, heads: dict[str, HeadParams], work: Path) -> None:
+    """What the head@<backbone>-<head> stages write, for the store's backbone (its file name is its label)."""
+    label = store.stem
+    for name, params in heads.items():
+        head = work / "heads" / label / f"{name}.h5"
+        save_head(train_head(read_store(store), name, params), head)
+        _write(work / "metrics" / f"{label}-{name}" / "metrics.json", evaluate_head(store, head).record)
+
+
+def files(run: dict, heads: dict[str, HeadParams] = HEADS) -> dict[str, HeadFile]:
+    """Each head of the run by model name, as the export stage finds them."""
+    found = head_files(run["store"].parent, run["work"] / "heads", [run["store"].stem], heads)
+    return {f.model_name: f for f in found}
 
 
 def _write(path: Path, payload: dict) -> None:
@@ -91,9 +102,12 @@ def run_export(run: dict, out: Path, models: list[str], heads: dict[str, HeadPar
     params = out / "params.yaml"
     out.mkdir(parents=True, exist_ok=True)
     heads = {name: {"kind": h.kind, "grid": h.grid} for name, h in heads.items()}
-    params.write_text(yaml.safe_dump({"heads": heads, "export": {"models": models, "batch_size": 4}}))
+    backbones = {"backbones": {run["store"].stem: {}}}
+    params.write_text(
+        yaml.safe_dump({"extract": backbones, "heads": heads, "export": {"models": models, "batch_size": 4}})
+    )
     work = run["work"]
-    args = ["--features", run["store"], "--heads", work / "heads", "--finetuned", work / "finetune"]
+    args = ["--features", run["store"].parent, "--heads", work / "heads", "--finetuned", work / "finetune"]
     args += ["--metrics", work / "metrics", "--manifest", run["manifest"], "--data", run["root"]]
     args += ["--out", out / "export", "--parity", out / "export.json", "--params", params]
     result = CliRunner().invoke(export_stage, [str(a) for a in args])
@@ -105,7 +119,9 @@ def exported(pipeline_run, tmp_path_factory) -> dict:
     """The head chosen on val, logreg (standardised features), centroid (L2-normalised ones) and the fine-tuned
     network, exported by the stage."""
     out = tmp_path_factory.mktemp("exported")
-    code, output = run_export(pipeline_run, out, [CHOSEN_ON_VAL, "logreg", "centroid", "finetune"])
+    code, output = run_export(
+        pipeline_run, out, [CHOSEN_ON_VAL, "test_resnet-logreg", "test_resnet-centroid", "finetune"]
+    )
     assert code == 0, output
     parity = json.loads((out / "export.json").read_text())
     return {**pipeline_run, "out": out / "export", "parity": parity, "chosen": next(iter(parity))}
@@ -113,7 +129,8 @@ def exported(pipeline_run, tmp_path_factory) -> dict:
 
 def test_every_test_image_gets_the_same_class_and_probabilities_within_the_tolerance(exported):
     parity = exported["parity"]
-    assert list(parity) == list(dict.fromkeys([exported["chosen"], "logreg", "centroid", "finetune"]))
+    names = [exported["chosen"], "test_resnet-logreg", "test_resnet-centroid", "finetune"]
+    assert list(parity) == list(dict.fromkeys(names))
     for name, record in parity.items():
         assert record["images"] == len(exported["test"]), name
         assert record["top1_agreement"] == 1.0, name
@@ -154,21 +171,21 @@ def test_linear_heads_as_layers_compute_what_scikit_learn_computes():
 
 
 def test_a_knn_head_is_refused_in_one_line(pipeline_run, tmp_path):
-    heads = pipeline_run["work"] / "heads"
-    with pytest.raises(ExportError, match="export.models: knn is a knn head, which is not exported"):
-        chosen_models(["knn"], list(HEADS), heads)
-    code, output = run_export(pipeline_run, tmp_path, ["knn", "finetune"])
+    with pytest.raises(ExportError, match="export.models: test_resnet-knn is a knn head, which is not exported"):
+        chosen_models(["test_resnet-knn"], files(pipeline_run))
+    code, output = run_export(pipeline_run, tmp_path, ["test_resnet-knn", "finetune"])
     assert code == 1 and "Traceback" not in output and len(output.strip().splitlines()) == 1
     assert "would carry every training embedding" in output and "export a logreg, ridge" in output
     assert not (tmp_path / "export").exists()  # refused before any work
 
 
 def test_model_names_are_checked_and_the_chosen_head_named_once(pipeline_run):
-    heads, names = pipeline_run["work"] / "heads", list(HEADS)
-    chosen = chosen_models([CHOSEN_ON_VAL], names, heads)[0]
-    assert chosen_models([CHOSEN_ON_VAL, chosen, "finetune"], names, heads) == [chosen, "finetune"]
-    with pytest.raises(ExportError, match="unknown model 'logregg'; valid: chosen_on_val, finetune, logreg"):
-        chosen_models(["logregg"], names, heads)
+    heads = files(pipeline_run)
+    chosen = chosen_models([CHOSEN_ON_VAL], heads)[0]
+    assert chosen_models([CHOSEN_ON_VAL, chosen, "finetune"], heads) == [chosen, "finetune"]
+    valid = "valid: chosen_on_val, finetune, test_resnet-logreg"
+    with pytest.raises(ExportError, match=f"unknown model 'logreg'; {valid}"):
+        chosen_models(["logreg"], heads)
     with pytest.raises(ConfigError, match="export.models is empty"):
         parse(ExportParams, {"models": []}, "export")
     with pytest.raises(ConfigError, match="unknown key 'export.model'"):
@@ -179,15 +196,16 @@ def test_model_names_are_checked_and_the_chosen_head_named_once(pipeline_run):
 
 
 def test_chosen_on_val_passes_over_a_knn_head_that_scored_higher(pipeline_run, tmp_path, caplog):
-    heads, store = tmp_path / "heads", read_store(pipeline_run["store"])
+    run, store = {**pipeline_run, "work": tmp_path}, read_store(pipeline_run["store"])
+    heads = files(run)
     for name, params in HEADS.items():
         head = train_head(store, name, params)
         if name == "knn":
             head.val_curve = [{**point, "val_accuracy": 2.0} for point in head.val_curve]  # above any real one
-        save_head(head, heads / f"{name}.h5")
-    linear = chosen_head([load_head(heads / f"{name}.h5") for name in ("logreg", "ridge", "centroid")]).name
-    assert chosen_models([CHOSEN_ON_VAL], list(HEADS), heads) == [linear]
-    assert "knn scored higher on held-out rows but is a knn head, which is not exported" in caplog.text
+        save_head(head, heads[head.model_name].path)
+    linear = chosen_head([heads[f"test_resnet-{name}"].load() for name in ("logreg", "ridge", "centroid")])
+    assert chosen_models([CHOSEN_ON_VAL], heads) == [linear.model_name]
+    assert "test_resnet-knn scored higher on held-out rows but is a knn head, which is not exported" in caplog.text
 
 
 def test_a_model_beyond_the_tolerance_is_not_shipped():
@@ -213,7 +231,7 @@ def test_predict_with_the_onnx_file_answers_as_predict_with_the_head(exported, t
     (folder / "notes.jpg").write_text("not an image")
     (folder / ".DS_Store").write_bytes(b"\0")
     name = exported["chosen"]
-    head = ["--head", exported["work"] / "heads" / f"{name}.h5", "--features", exported["store"], "--device", "cpu"]
+    head = ["--head", files(exported)[name].path, "--features", exported["store"], "--device", "cpu"]
     code, want, want_err = _predict(*head, folder)
     assert code == 0, want_err
     code, got, got_err = _predict("--model", exported["out"] / f"{name}.onnx", folder)
@@ -279,20 +297,17 @@ def test_parity_on_the_hymenoptera_photos_with_the_default_backbone(hymenoptera,
 
     manifest = tmp_path / "manifest.csv"
     write_manifest(build_manifest(hymenoptera, 0.15, 0.15, seed=0), manifest)
-    store = extract(manifest, hymenoptera, tmp_path / "lite0.h5", tmp_path / "cache", ExtractParams(device="cpu")).store
+    features = tmp_path / "features" / "efficientnet_lite0.h5"
+    store = extract(manifest, hymenoptera, features, tmp_path / "cache", ExtractParams(device="cpu")).store
     grids = {"logreg": {"C": [0.01, 0.1, 1.0]}, "ridge": {"alpha": [1.0, 100.0]}, "linear_svm": {"C": [1e-4, 1e-2]}}
     heads = {kind: HeadParams(kind=kind, grid=grids.get(kind, {})) for kind in (*grids, "centroid")}
-    for kind, params in heads.items():
-        save_head(train_head(read_store(store), kind, params), tmp_path / "heads" / f"{kind}.h5")
-        _write(
-            tmp_path / "metrics" / kind / "metrics.json", evaluate_head(store, tmp_path / "heads" / f"{kind}.h5").record
-        )
+    train_and_score(store, heads, tmp_path)
     tuning = FinetuneParams(epochs=1, init_head="random", augment=False, num_workers=0, device="cpu")
     finetune(manifest, hymenoptera, "efficientnet_lite0", tuning, tmp_path / "finetune", tmp_path / "ckpt")
     record = evaluate_finetuned(tmp_path / "finetune", manifest, hymenoptera, params=tuning).record
     _write(tmp_path / "metrics" / "finetune" / "metrics.json", record)
     run = {"work": tmp_path, "root": hymenoptera, "manifest": manifest, "store": store}
-    code, output = run_export(run, tmp_path / "out", [*heads, "finetune"], heads)
+    code, output = run_export(run, tmp_path / "out", [*files(run, heads), "finetune"], heads)
     assert code == 0, output
     parity = json.loads((tmp_path / "out" / "export.json").read_text())
     for name, record in parity.items():

@@ -1,5 +1,6 @@
 """Extraction: correct rows, deterministic bytes, and the embedding cache's promises (resume, increments)."""
 
+import json
 import logging
 import os
 import signal
@@ -19,10 +20,11 @@ from pipeline.config import ExtractParams
 from pipeline.errors import DataError
 from pipeline.extract import extract
 from pipeline.store import EmbeddingCache, read_store
+from pipeline.transferability import logme
 from tests.conftest import REPO, prepare_manifest, write_image_folder
 
 # On the CPU: these tests compare stores byte for byte (tests/conftest.py says why not `device: auto`).
-TINY = ExtractParams(backbone="test_resnet", image_size=32, batch_size=8, num_workers=0, device="cpu")
+TINY = ExtractParams.of("test_resnet", image_size=32, batch_size=8, num_workers=0, device="cpu")
 
 
 def run(root: Path, work: Path, params: ExtractParams = TINY, cache: str = "cache"):
@@ -91,14 +93,15 @@ def test_renaming_and_moving_files_computes_nothing(image_folder, tmp_path):
 
 def test_a_new_fingerprint_gets_its_own_cache(image_folder, tmp_path):
     first = run(image_folder, tmp_path)
-    other = run(image_folder, tmp_path, ExtractParams(**{**TINY.__dict__, "image_size": 48}))
+    larger = ExtractParams.of("test_resnet", image_size=48, batch_size=8, num_workers=0, device="cpu")
+    other = run(image_folder, tmp_path, larger)
     assert other.fingerprint != first.fingerprint and other.computed == 36
 
 
 def _stage(work: Path, root: Path, params_file: Path) -> list[str]:
     return [
         sys.executable, "-m", "stages.extract", "--data", str(root), "--manifest", str(work / "manifest.csv"),
-        "--out", str(work / "features.h5"), "--cache-dir", str(work / "cache"),
+        "--backbone", "test_resnet", "--out", str(work / "features.h5"), "--cache-dir", str(work / "cache"),
         "--metrics", str(work / "extract.json"), "--params", str(params_file),
     ]  # fmt: skip
 
@@ -107,7 +110,7 @@ def _params_file(work: Path, batch_size: int) -> Path:
     """The stage subprocess's params: on the CPU, where a resumed store matches an uninterrupted run's bytes."""
     path = work / "params.yaml"
     path.write_text(
-        f"extract:\n  backbone: test_resnet\n  image_size: 64\n  batch_size: {batch_size}\n"
+        f"extract:\n  backbones:\n    test_resnet:\n      image_size: 64\n  batch_size: {batch_size}\n"
         "  num_workers: 0\n  device: cpu\n"
     )
     return path
@@ -219,3 +222,32 @@ def test_a_damaged_cache_shard_is_set_aside_and_its_rows_recomputed(image_folder
     assert fresh.features.tobytes() == expected.features.tobytes()
     for name in ("labels", "split", "paths", "sha256"):
         assert np.array_equal(getattr(fresh, name), getattr(expected, name)), name
+
+
+@pytest.mark.parametrize(("side", "size", "why"), [(32, 128, "the images are tiny"), (48, 160, "the size the weights")])
+def test_image_size_auto_follows_the_images_and_the_stage_says_so(tmp_path, side, size, why):
+    """test_resnet's weights take 160 px: 32 px images are read at 128, 48 px ones at 160, and the stage's line
+    and metrics say which and why; the store records the size the heads and the predictor will use."""
+    root = tmp_path / "raw"
+    write_image_folder(root, {"a": 6, "b": 6}, size=side)
+    work = tmp_path / "work"
+    work.mkdir()
+    prepare_manifest(root, work / "manifest.csv")
+    params = work / "params.yaml"
+    params.write_text("extract:\n  backbones:\n    test_resnet: {}\n  num_workers: 0\n  device: cpu\n")
+    done = subprocess.run(_stage(work, root, params), cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"extract@test_resnet: test_resnet at {size} px (image_size auto: {why}" in done.stdout
+    metrics = json.loads((work / "extract.json").read_text())
+    assert (metrics["image_size"], metrics["feature_dim"], metrics["backbone"]) == (size, 96, "test_resnet")
+    assert np.isfinite(metrics["logme"])
+    store = read_store(work / "features.h5")
+    assert store.attrs["image_size"] == size and store.attrs["label"] == "test_resnet"
+
+
+def test_the_store_metrics_carry_the_logme_of_its_train_split(image_folder, tmp_path):
+    """The score in the metrics is LogME of the store's own train rows, computed again here from the store."""
+    result = run(image_folder, tmp_path)
+    store = read_store(result.store)
+    x, y = store.subset("train")
+    assert result.metrics()["logme"] == pytest.approx(logme(x, y), abs=1e-6)

@@ -199,7 +199,7 @@ def _setup(work: Path, root: Path) -> None:
         work / "init.safetensors",
     )
     (work / "params.yaml").write_text(
-        "extract:\n  backbone: test_resnet\nfinetune:\n  epochs: 5\n  batch_size: 4\n  init_head: random\n"
+        "extract:\n  backbones:\n    test_resnet: {}\nfinetune:\n  epochs: 5\n  batch_size: 4\n  init_head: random\n"
         "  augment: true\n  image_size: 64\n  num_workers: 0\n  device: cpu\n  early_stopping_patience: 0\n"
     )
 
@@ -275,7 +275,8 @@ def test_checkpoints_are_not_resumed_across_a_change_of_pixels(data, monkeypatch
 
 def _warm_start(tmp_path: Path, manifest: Path, head: Path, init_head: str) -> dict[str, torch.Tensor]:
     params = tmp_path / "params.yaml"
-    params.write_text(f"extract:\n  backbone: test_resnet\n  image_size: 32\nfinetune:\n  init_head: {init_head}\n")
+    backbones = "extract:\n  backbones:\n    test_resnet:\n      image_size: 32\n"
+    params.write_text(f"{backbones}finetune:\n  init_head: {init_head}\n")
     out = tmp_path / f"layer-{head.stem}-{init_head}.safetensors"
     args = ["--manifest", str(manifest), "--head", str(head), "--out", str(out), "--params", str(params)]
     result = CliRunner().invoke(warm_start_stage, args)

@@ -80,9 +80,9 @@ def test_scoring_needs_no_commit_and_fine_tuning_curves_say_to_commit(tmp_path: 
     store = tiny_store(tmp_path / "features.h5")
     params = tmp_path / "params.yaml"
     params.write_text("heads:\n  logreg:\n    kind: logreg\n    grid:\n      C: [1.0]\n")
-    head = ["--name", "logreg", "--features", str(store), "--out", str(tmp_path / "logreg.h5")]
+    head = ["--name", "logreg", "--features", str(store), "--out", str(tmp_path / "logreg.h5"), "--curve", "c.json"]
     done = subprocess.run(
-        [sys.executable, "-m", "stages.head", *head, "--curve", "c.json", "--metrics", "metrics", "--params", str(params)],
+        [sys.executable, "-m", "stages.head", *head, "--metrics", "metrics", "--params", str(params)],
         cwd=project,
         capture_output=True,
         text=True,

@@ -23,7 +23,7 @@ from pipeline.errors import PipelineError
 from pipeline.extract import extract
 from pipeline.finetune import finetune
 from pipeline.finetuned import load_finetuned
-from pipeline.heads import load_head, save_head
+from pipeline.heads import HeadFile, load_head, save_head
 from pipeline.report import Answers, build_report
 from pipeline.selection import train_head
 from pipeline.store import StoreError, load_arrays, read_attrs, read_store, save_arrays
@@ -32,9 +32,9 @@ from stages.warm_start import main as warm_start_stage
 from tests.conftest import prepare_manifest
 
 # On the CPU: stores are compared bit for bit (tests/conftest.py says why not `device: auto`).
-TINY = ExtractParams(backbone="test_resnet", image_size=32, batch_size=8, num_workers=0, device="cpu")
+TINY = ExtractParams.of("test_resnet", image_size=32, batch_size=8, num_workers=0, device="cpu")
 PARAMS_YAML = (
-    "extract:\n  backbone: test_resnet\n  image_size: 32\n  batch_size: 8\n  num_workers: 0\n  device: cpu\n"
+    "extract:\n  backbones:\n    test_resnet:\n      image_size: 32\n  batch_size: 8\n  num_workers: 0\n  device: cpu\n"
     "finetune:\n  init_head: logreg\n"
 )
 
@@ -100,7 +100,7 @@ def test_a_head_is_refused_by_every_reader_once_the_data_was_split_again(run, tm
     assert old[:16] in message and new[:16] in message and "rerun the head stage" in message
 
     with pytest.raises(StoreError, match=rf"manifest {old[:16]}, but the feature store holds manifest {new[:16]}"):
-        build_report(read_store(run.store), [run.head], Answers(tmp_path), None, 1.0, ([], []))
+        build_report([HeadFile("test_resnet", "logreg", run.head, run.store)], Answers(tmp_path), None, {}, ([], []))
 
 
 def test_a_head_saved_before_heads_recorded_their_manifest_is_refused_with_retrain(run):

@@ -107,7 +107,7 @@ def test_device_decoding_is_part_of_the_fingerprint_and_of_the_store(tmp_path):
     manifest = prepare_manifest(root, tmp_path / "manifest.csv")
     stores = {}
     for decode in ("cpu", "device"):
-        params = ExtractParams(backbone="test_resnet", image_size=32, batch_size=4, device="cpu", decode=decode)
+        params = ExtractParams.of("test_resnet", image_size=32, batch_size=4, device="cpu", decode=decode)
         result = extract(manifest, root, tmp_path / f"{decode}.h5", tmp_path / "cache", params)
         assert result.computed == 12  # one cache, two fingerprints: nothing reused across decoders
         stores[decode] = read_store(result.store)

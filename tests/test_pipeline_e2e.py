@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -33,8 +34,8 @@ def project(tmp_path: Path) -> Path:
         shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", repo)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["extract"].update(backbone="test_resnet", image_size=32, num_workers=0, batch_size=16)
-    params["finetune"].update(epochs=1, num_workers=0, batch_size=8)
+    params["extract"].update(backbones={"test_resnet": {"image_size": 32}}, num_workers=0, batch_size=16)
+    params["finetune"].update(backbone="test_resnet", epochs=1, num_workers=0, batch_size=8, init_head="random")
     # A second logistic head that nothing else depends on (the fine-tune stage warm-starts from `logreg`).
     params["heads"]["probe"] = {"kind": "logreg", "grid": {"C": [1.0]}}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -59,7 +60,7 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     assert stages_run(first) == {
         "check_params",
         "prepare",
-        "extract",
+        "extract@test_resnet",
         "warm_start",
         "finetune",
         "evaluate_finetune",
@@ -68,14 +69,14 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
         "audit",
         "report",
         "export",
-        *(f"head@{h}" for h in heads),
+        *(f"head@test_resnet-{h}" for h in heads),
     }
     assert "Recommendation" in (project / "reports" / "strategy.md").read_text()
     audit = json.loads((project / "metrics" / "audit.json").read_text())
     assert audit["cross_split_exact_pairs"] == 0 and "misclassified_finetune" in audit
     assert (project / "reports" / "audit" / "label_issues.png").is_file()
     assert (project / "reports" / "summary.txt").read_text().startswith("Feature extraction or fine-tuning?")
-    for model in ("logreg", "probe", "finetune"):
+    for model in ("test_resnet-logreg", "test_resnet-probe", "finetune"):
         metrics = json.loads((project / "metrics" / "models" / model / "metrics.json").read_text())
         assert metrics["n_test"] == 6 and metrics["model"] == model
         # The confusion plot holds one record per test image, and the accuracy is the share on its diagonal.
@@ -86,7 +87,8 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
         assert metrics["accuracy"] == sum(r["actual"] == r["predicted"] for r in confusion) / 6
     epochs = (project / "metrics" / "finetune" / "plots" / "metrics" / "val_loss.tsv").read_text().splitlines()
     assert epochs[0].split("\t") == ["step", "val_loss"] and len(epochs) == 2  # header and the one epoch
-    assert json.loads((project / "metrics" / "extract.json").read_text())["computed"] == 30
+    extracted = json.loads((project / "metrics" / "extract" / "test_resnet.json").read_text())
+    assert extracted["computed"] == 30 and extracted["image_size"] == 32 and np.isfinite(extracted["logme"])
     # The head chosen on val and the fine-tuned network, each checked on the 6 test images against PyTorch.
     parity = json.loads((project / "metrics" / "export.json").read_text())
     assert "finetune" in parity and len(parity) == 2 and all(p["top1_agreement"] == 1.0 for p in parity.values())
@@ -105,27 +107,27 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     # is chosen may change); nothing upstream.
     assert stages_run(second) == {
         "check_params",
-        "head@probe",
+        "head@test_resnet-probe",
         "learning_curve",
         "audit",
         "report",
         "export",
     }
-    assert "Stage 'extract' didn't change, skipping" in second
+    assert "Stage 'extract@test_resnet' didn't change, skipping" in second
 
     diff = json.loads(dvc(project, "metrics", "diff", "--json"))
-    changed = diff["metrics/models/probe/metrics.json"]
+    changed = diff["metrics/models/test_resnet-probe/metrics.json"]
     assert changed["log_loss"]["old"] != changed["log_loss"]["new"]
     assert changed["hyperparameters.C"] == {"old": 1.0, "new": 1e-6, "diff": 1e-6 - 1.0}
-    assert set(diff) == {"metrics/models/probe/metrics.json"}
+    assert set(diff) == {"metrics/models/test_resnet-probe/metrics.json"}
 
     # Fine-tuning starts from random weights (init_head: random): a new logistic head does not rerun it. The
     # warm_start stage reruns (DVC has no conditional dependency) and writes the same bytes, so DVC stops there.
     params["heads"]["logreg"]["grid"]["C"] = [0.5]
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = stages_run(dvc(project, "repro"))
-    assert {"head@logreg", "warm_start"} <= ran
-    assert not ran & {"finetune", "evaluate_finetune", "finetune_curve", "extract"}
+    assert {"head@test_resnet-logreg", "warm_start"} <= ran
+    assert not ran & {"finetune", "evaluate_finetune", "finetune_curve", "extract@test_resnet"}
 
     # With init_head: logreg the warm start is the logistic head, so a new head does rerun fine-tuning.
     params["finetune"]["init_head"] = "logreg"
@@ -133,7 +135,7 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     assert {"warm_start", "finetune", "evaluate_finetune"} <= stages_run(dvc(project, "repro"))
     params["heads"]["logreg"]["grid"]["C"] = [0.25]
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert {"head@logreg", "warm_start", "finetune"} <= stages_run(dvc(project, "repro"))
+    assert {"head@test_resnet-logreg", "warm_start", "finetune"} <= stages_run(dvc(project, "repro"))
 
     # The learning curve is its own stage: DVC knows what a change to it makes stale, and reruns only that.
     params["learning_curve"]["seeds"] = 2
@@ -145,27 +147,45 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     # How images are decoded is not what they are: extract reruns, reuses every embedding and writes the same
     # bytes, so DVC reruns nothing downstream of the store; only the report, which reads the extraction
     # metrics, and quotes the same extraction cost as before (recorded in the cache, not re-timed).
-    cost = json.loads((project / "metrics" / "extract.json").read_text())["extraction_seconds"]
+    cost = json.loads((project / "metrics" / "extract" / "test_resnet.json").read_text())["extraction_seconds"]
     params["extract"].update(loader="workers", num_workers=1)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = dvc(project, "repro")
-    assert stages_run(third) == {"check_params", "extract", "report"}
-    extraction = json.loads((project / "metrics" / "extract.json").read_text())
+    assert stages_run(third) == {"check_params", "extract@test_resnet", "report"}
+    extraction = json.loads((project / "metrics" / "extract" / "test_resnet.json").read_text())
     assert (extraction["reused"], extraction["extraction_seconds"]) == (30, cost)
+
+    # A second backbone adds its extract stage and its heads; nothing that exists reruns, only what compares every
+    # model or follows the chosen one (learning curve, audit, report, export). Fine-tuning stays on test_resnet.
+    params["extract"]["backbones"]["tiny_effnet"] = {"backbone": "test_efficientnet", "image_size": 32}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = stages_run(dvc(project, "repro"))
+    added = {"extract@tiny_effnet", *(f"head@tiny_effnet-{h}" for h in heads)}
+    assert added <= ran and ran - added <= {"check_params", "learning_curve", "audit", "report", "export"}
+    report = (project / "reports" / "strategy.md").read_text()
+    assert "| tiny_effnet | test_efficientnet | 32 |" in report and "| test_resnet | test_resnet | 32 |" in report
+    assert "Spearman rank correlation of the two over 2 backbones" in report
+    assert "| tiny_effnet-logreg |" in report and "| test_resnet-logreg |" in report
+    shown = dvc(project, "metrics", "show")
+    assert "metrics/extract/tiny_effnet.json" in shown and "logme" in shown
 
 
 def test_a_params_mistake_stops_dvc_repro_in_one_line_before_any_output_is_deleted(project: Path):
     """DVC deletes a stage's outputs just before running it: before, `batch_size: -4` then `dvc repro extract`
     left no feature store, and a head-kind typo deleted the head and its validation curve."""
-    dvc(project, "repro", "head@probe")
+    dvc(project, "repro", "head@test_resnet-probe")
     kept = {
         path: (project / path).read_bytes()
-        for path in ("data/features/test_resnet.h5", "data/heads/probe.h5", "metrics/val_curve/probe.json")
+        for path in (
+            "data/features/test_resnet.h5",
+            "data/heads/test_resnet/probe.h5",
+            "metrics/val_curve/test_resnet-probe.json",
+        )
     }
     good = (project / "params.yaml").read_text()
     for mistake, target, message in (
-        (("extract", "batch_size", -4), "extract", "extract.batch_size must be >= 1; got -4"),
-        (("heads", "probe", {"kind": "logregg"}), "head@probe", "heads.probe.kind: unknown head 'logregg'"),
+        (("extract", "batch_size", -4), "extract@test_resnet", "extract.batch_size must be >= 1; got -4"),
+        (("heads", "probe", {"kind": "logregg"}), "head@test_resnet-probe", "heads.probe.kind: unknown head 'logregg'"),
     ):
         params = yaml.safe_load(good)
         section, key, value = mistake
@@ -184,4 +204,4 @@ def test_a_params_mistake_stops_dvc_repro_in_one_line_before_any_output_is_delet
         for path, data in kept.items():
             assert (project / path).read_bytes() == data, f"{path} changed after {mistake}"
     (project / "params.yaml").write_text(good)
-    assert stages_run(dvc(project, "repro", "head@probe")) <= {"check_params"}
+    assert stages_run(dvc(project, "repro", "head@test_resnet-probe")) <= {"check_params"}

@@ -36,9 +36,7 @@ def _train(root: Path, tmp_path: Path, params: ExtractParams) -> dict:
 
 @pytest.fixture
 def trained(image_folder: Path, tmp_path: Path) -> dict:
-    return _train(
-        image_folder, tmp_path, ExtractParams(backbone="test_resnet", image_size=32, num_workers=0, device="cpu")
-    )
+    return _train(image_folder, tmp_path, ExtractParams.of("test_resnet", image_size=32, num_workers=0, device="cpu"))
 
 
 def _predict(*args: str) -> tuple[int, dict, str]:
@@ -99,7 +97,7 @@ def test_head_predictions_agree_with_evaluate_on_the_test_split(image_folder, tm
     """Extract and predict run on the same device at the store's precision. On the CPU in fp32, predict
     recomputes each stored embedding bit for bit: the same classes and probabilities as evaluate. Under bf16
     (on CUDA `auto` means bf16; on the CPU it checks the same rule here), they agree as `disagreements` says."""
-    params = ExtractParams(backbone="test_resnet", image_size=32, num_workers=0, device=device, precision=precision)
+    params = ExtractParams.of("test_resnet", image_size=32, num_workers=0, device=device, precision=precision)
     trained = _train(image_folder, tmp_path, params)
     predicted = evaluate_head(trained["store"], trained["head"]).predicted
     model = ["--head", str(trained["head"]), "--features", str(trained["store"])]

@@ -20,15 +20,19 @@ from pipeline.errors import PipelineError
 from pipeline.finetune import finetune, freeze
 from pipeline.finetune_curve import finetune_curve
 from pipeline.finetuned import Classifier
+from pipeline.heads import held_out
 from pipeline.io import write_csv
 from pipeline.metrics import PREDICTIONS_HEADER, rescored
 from pipeline.report import (
     Answers,
     ModelRow,
+    backbone_section,
+    extraction_seconds,
     finetune_row,
     head_rows,
     paired,
     per_class_accuracy,
+    ranking_words,
     read_copies_in_test,
     recommend,
 )
@@ -84,7 +88,8 @@ def test_finetune_row_shares_the_backbone_measurement_and_counts_what_torch_says
     )
     finetune(manifest, image_folder, "test_resnet", params, tmp_path / "ft", tmp_path / "ckpt")
     scores = {"accuracy": 0.5, "macro_f1": 0.5, "ece": 0.1}
-    same = finetune_row(tmp_path / "ft", scores, {"backbone": "test_resnet", "image_size": 32}, shared_ms=1000.0)
+    timings = {"tiny": ({"backbone": "test_resnet", "image_size": 32}, 1000.0)}
+    same = finetune_row(tmp_path / "ft", scores, timings)
     backbone = build_backbone("test_resnet")
     model = Classifier(backbone.features, backbone.feature_dim, 3)
     freeze(model, backbone.blocks(), 2)
@@ -93,7 +98,7 @@ def test_finetune_row_shares_the_backbone_measurement_and_counts_what_torch_says
     assert same.layers_trained == "last 2 of 5 blocks + new output layer"
     # The same network as the heads' backbone: its cost is their shared measurement plus the new layer's.
     assert 1000.0 < same.inference_ms < 1000.0 + 5.0
-    other = finetune_row(tmp_path / "ft", scores, {"backbone": "test_resnet", "image_size": 64}, shared_ms=1000.0)
+    other = finetune_row(tmp_path / "ft", scores, {"tiny": ({"backbone": "test_resnet", "image_size": 64}, 1000.0)})
     assert other.inference_ms < 1000.0  # another input size: the whole network timed on its own
 
 
@@ -173,12 +178,16 @@ def test_learning_curve_skips_sizes_too_small_for_knn():
 
 def test_report_refuses_an_unknown_extraction_cost_in_one_line(tmp_path):
     """A cache whose embeddings carry no recorded cost must not be quoted as a few ms of extraction."""
-    metrics = tmp_path / "extract.json"
-    metrics.write_text(json.dumps({"seconds": 0.1, "computed": 0, "reused": 36, "extraction_seconds": None}))
-    args = ["--features", "f.h5", "--heads", "h", "--metrics", "m", "--extract-metrics", str(metrics)]
+    assert extraction_seconds({"b": {"extraction_seconds": 1.5}}, "b") == 1.5
+    with pytest.raises(
+        PipelineError, match=r"metrics/extract/b\.json has no extraction cost: .*delete \.cache/embeddings"
+    ):
+        extraction_seconds({"b": {"seconds": 0.1, "computed": 0, "reused": 36, "extraction_seconds": None}}, "b")
+    metrics = tmp_path / "extract"
+    args = ["--features", "f", "--heads", "h", "--metrics", "m", "--extract-metrics", str(metrics)]
     args += ["--curve", "c.json", "--finetune-curve", "t.json", "--out", str(tmp_path / "out")]
     result = CliRunner().invoke(report_stage, [*args, "--params", str(REPO / "params.yaml")])
-    assert result.exit_code == 1 and "has no extraction cost" in result.output
+    assert result.exit_code == 1 and "extract/efficientnet_lite0.json not found; run `dvc repro`" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
 
 
@@ -221,3 +230,48 @@ def test_leaving_out_the_copies_of_training_images_scores_the_rest_again(tmp_pat
     assert read_copies_in_test(copies) == frozenset({"a.png"})
     with pytest.raises(PipelineError, match="run the audit stage"):
         read_copies_in_test(tmp_path / "missing.csv")
+
+
+def test_backbones_are_ranked_by_logme_and_by_their_best_head_with_the_rank_correlation():
+    logme = {"lite0": 0.9, "resnet": 0.7, "random": -0.2}
+    words = ranking_words(logme, {"lite0": 0.95, "resnet": 0.96, "random": 0.55})
+    assert "Ranked by LogME: lite0, resnet, random." in words
+    assert "Ranked by the best head's held-out accuracy: resnet, lite0, random." in words
+    assert "Spearman rank correlation of the two over 3 backbones: +0.50." in words  # d^2 = 1 + 1: 1 - 12/24
+    assert "One backbone" in ranking_words({"lite0": 0.9}, {"lite0": 0.95})
+
+
+def test_the_backbones_section_shows_each_backbones_cost_size_score_and_best_head():
+    heads = {}
+    for label, dim in (("small", 6), ("wide", 12)):
+        store = blobs(dim=dim)
+        store.attrs["label"] = label
+        for c in (0.01, 1.0):
+            head = train_head(store, f"logreg_{c}", HeadParams(grid={"C": [c]}))
+            heads[head.model_name] = head
+    extraction = {
+        "small": {
+            "backbone": "test_resnet",
+            "image_size": 32,
+            "feature_dim": 6,
+            "extraction_seconds": 1.25,
+            "logme": 0.2,
+        },
+        "wide": {
+            "backbone": "test_resnet",
+            "image_size": 64,
+            "feature_dim": 12,
+            "extraction_seconds": 3.5,
+            "logme": 0.4,
+        },
+    }
+    rows = [_row(name, "feature_extraction", np.ones(10, dtype=bool), 1.0) for name in heads]
+    lines = backbone_section(extraction, list(heads.values()), rows)
+    table = [line for line in lines if line.startswith("| small") or line.startswith("| wide")]
+    assert [line.split(" | ")[0] for line in table] == ["| wide", "| small"]  # the higher LogME first
+    for line, label in zip(table, ("wide", "small"), strict=True):
+        best = max((h for h in heads.values() if h.backbone == label), key=lambda h: held_out(h)["val_accuracy"])
+        e = extraction[label]
+        assert f"| {e['image_size']} | {e['feature_dim']} | {e['extraction_seconds']:.1f} | {e['logme']:.4f} |" in line
+        assert f"| {best.name} | {held_out(best)['val_accuracy']:.4f} | 1.0000 |" in line
+    assert any("over 2 backbones: -1.00" in line or "over 2 backbones: +1.00" in line for line in lines)

@@ -18,6 +18,7 @@ from pipeline.stats import (
     macro_f1,
     mcnemar_exact,
     paired_difference_interval,
+    rank_correlation,
     wilson_interval,
 )
 
@@ -193,3 +194,13 @@ def test_paired_inputs_are_checked():
         mcnemar_exact(np.array([0, 1, 2]), np.array([0, 1, 1]))
     with pytest.raises(ValueError, match="empty"):
         mcnemar_exact(np.array([], dtype=bool), np.array([], dtype=bool))
+
+
+def test_rank_correlation_is_spearmans_with_average_ranks_for_ties():
+    assert rank_correlation([0.1, 0.5, 0.9], [10, 20, 30]) == pytest.approx(1.0)
+    assert rank_correlation([0.1, 0.5, 0.9], [30, 20, 10]) == pytest.approx(-1.0)
+    # 1 - 6 * sum(d^2) / (n (n^2 - 1)) without ties: ranks (1, 2, 3, 4) against (2, 1, 4, 3): d^2 = 4, rho = 0.6.
+    assert rank_correlation([1, 2, 3, 4], [2, 1, 4, 3]) == pytest.approx(0.6)
+    # Ties share their mean rank: ranks (1.5, 1.5, 3) against (1, 2, 3): Pearson of the ranks is sqrt(3) / 2.
+    assert rank_correlation([5, 5, 9], [1, 2, 3]) == pytest.approx(math.sqrt(3) / 2)
+    assert math.isnan(rank_correlation([1, 1, 1], [1, 2, 3]))  # no order to compare
