@@ -91,7 +91,7 @@ def extract(
     preprocessing = backbone.preprocessing.with_image_size(size)
     decoder = resolve_decoder(params.decode, runtime.device, preprocessing)
     fp = fingerprint(backbone, preprocessing, runtime.precision, params.jpeg_draft, decoder)
-    log.info(
+    log.debug(
         "extract@%s: %s at %d px (%s) on %s (%s), JPEGs decoded by %s, fingerprint %s",
         *(label, backbone.name, size, size_reason, runtime.device, runtime.precision, decoder, fp),
     )

@@ -40,7 +40,7 @@ def main(name: str, features: Path, out: Path, curve: Path, metrics: Path, param
     save_head(head, out)
     write_json(curve, head.val_curve)
     click.echo(
-        f"head@{name}: {head.kind} with {head.hyperparameters}, chosen on {head.selection}, "
+        f"head@{head.model_name}: {head.kind} with {head.hyperparameters}, chosen on {head.selection}, "
         f"in {head.fit_seconds:.1f}s -> {out}"
     )
     # Scored as saved: the file the report, the audit and export read is the one these metrics describe.
@@ -48,7 +48,7 @@ def main(name: str, features: Path, out: Path, curve: Path, metrics: Path, param
     write_model_metrics(metrics, scored)
     record = scored.record
     click.echo(
-        f"head@{name}: test accuracy {record['accuracy']:.4f}, macro-F1 {record['macro_f1']:.4f} "
+        f"head@{head.model_name}: test accuracy {record['accuracy']:.4f}, macro-F1 {record['macro_f1']:.4f} "
         f"on {record['n_test']} images -> {metrics / 'metrics.json'}"
     )
 
