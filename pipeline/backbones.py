@@ -186,7 +186,10 @@ def build_backbone(name: str, weights: Path | None = None, allow_download: bool 
 # weights-only unpickler (UnpicklingError, also for a pickle that would run code: none runs; EOFError, KeyError,
 # IndexError, UnicodeDecodeError on garbled bytes), and the safetensors header parser.
 WEIGHTS_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, IndexError, ValueError, OSError)
-WEIGHTS_FIX = "set extract.weights to a safetensors file or torch state dict of this architecture"
+WEIGHTS_FIX = (
+    "set the backbone's weights (extract.backbones.<label>.weights) to a safetensors file or torch state dict of "
+    "this architecture"
+)
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -394,7 +397,7 @@ def _timm(arch: str, weights: Path | None, allow_download: bool) -> tuple[nn.Mod
 def _require_download(name: str, url: str, target: Path | None, allow_download: bool) -> None:
     """Fail at once, in one line, when weights are neither cached nor downloadable."""
     where = f" to {target}" if target else ""
-    fix = f"download {url} on a machine with network{where}, or set extract.weights to a local file"
+    fix = f"download {url} on a machine with network{where}, or set extract.backbones.<label>.weights to a local file"
     if not allow_download:
         raise BackboneError(f"weights for {name} are not cached and downloads are off: {fix}")
     host = urlparse(url).hostname or ""

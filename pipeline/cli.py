@@ -75,7 +75,7 @@ def inspect(features: Path) -> None:
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--head", type=click.Path(path_type=Path, dir_okay=False), help="A trained head (data/heads/<name>.h5).")
+@click.option("--head", type=click.Path(path_type=Path, dir_okay=False), help="A trained head (.h5).")
 @click.option("--features", type=click.Path(path_type=Path, dir_okay=False), help="The store the head was trained on.")
 @click.option("--finetuned", type=click.Path(path_type=Path, file_okay=False), help="A fine-tuned model directory.")
 @click.option(

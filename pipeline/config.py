@@ -141,7 +141,9 @@ class HeadParams:
 
 @dataclass(frozen=True)
 class FinetuneParams:
-    # The label of the extract.backbones entry to fine-tune (its network, weights and image size); None: the first.
+    # The label of the extract.backbones entry to fine-tune (its network, weights and image size). dvc.yaml's
+    # warm_start and finetune stages name it, so params.yaml must set it (stages/check_params.py says so); None,
+    # for code that builds Params itself: the first entry.
     backbone: str | None = None
     # Trailing backbone blocks to train (`transfer backbones` shows the count), or "all"; 0 = new layer only.
     unfreeze: int | Literal["all"] = 2
@@ -223,6 +225,9 @@ class AuditParams:
     # of the report's scores, so that it scores a clean test split; the data root and the manifest stay as
     # they are, and metrics/models/ keeps the scores on the whole split.
     drop_cross_split_duplicates: bool = False
+    # The label of the extract.backbones entry whose embeddings are searched for copies and label errors (the
+    # threshold belongs to one backbone's cosine space); None: the first entry.
+    backbone: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.duplicate_threshold <= 1.0:
@@ -264,16 +269,22 @@ class Params:
             raise ConfigError(
                 "heads.logreg: keep a head named logreg of kind logreg; fine-tuning's warm_start stage depends on it"
             )
-        if self.finetune.backbone is not None and self.finetune.backbone not in self.extract.backbones:
-            raise ConfigError(
-                f"finetune.backbone: '{self.finetune.backbone}' is not under extract.backbones "
-                f"({', '.join(self.extract.backbones)}); name one of them"
-            )
+        for key, label in (("finetune.backbone", self.finetune.backbone), ("audit.backbone", self.audit.backbone)):
+            if label is not None and label not in self.extract.backbones:
+                raise ConfigError(
+                    f"{key}: '{label}' is not under extract.backbones ({', '.join(self.extract.backbones)}); "
+                    "name one of them"
+                )
 
     @property
     def finetune_backbone(self) -> BackboneParams:
-        """The extract.backbones entry fine-tuning starts from (`load_params` has filled finetune.backbone in)."""
+        """The extract.backbones entry fine-tuning starts from (finetune.backbone, or the first)."""
         return self.extract.backbone(self.finetune.backbone or next(iter(self.extract.backbones)))
+
+    @property
+    def audit_backbone(self) -> str:
+        """The label of the store the audit searches (audit.backbone, or the first of extract.backbones)."""
+        return self.audit.backbone or next(iter(self.extract.backbones))
 
 
 def _at_most(section: str, params: object, **maximum: int) -> None:
@@ -305,11 +316,8 @@ def load_params(path: Path) -> Params:
 def resolve(params: Params) -> Params:
     """Fill in the values that default to another section's, once, so no caller derives them again."""
     finetune, prepare = params.finetune, params.prepare
-    if finetune.backbone is None:
-        finetune = dataclasses.replace(finetune, backbone=next(iter(params.extract.backbones)))
     if finetune.image_size is None:
-        entry = params.extract.backbones[finetune.backbone]
-        finetune = dataclasses.replace(finetune, image_size=entry.image_size)
+        finetune = dataclasses.replace(finetune, image_size=params.finetune_backbone.image_size)
     if prepare.num_workers is None:
         prepare = dataclasses.replace(prepare, num_workers=usable_cores())
     return dataclasses.replace(params, finetune=finetune, prepare=prepare)

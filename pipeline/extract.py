@@ -74,6 +74,50 @@ class ExtractResult:
         }
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What computes a store's embeddings: one extract.backbones entry on this machine, at its input size."""
+
+    label: str
+    weights_file: str | None
+    backbone: Backbone
+    runtime: Runtime
+    preprocessing: Preprocessing
+    size_reason: str  # why this input size, in words (pipeline.backbones.input_size)
+    decoder: str
+    fingerprint: str
+
+    @classmethod
+    def resolve(cls, params: ExtractParams, label: str, manifest: Manifest) -> Setup:
+        entry = params.backbone(label)
+        backbone = build_backbone(entry.backbone, entry.weights_path, params.allow_download)
+        # channels_last on CPU too: the store's bytes were fixed with it, and the fingerprint does not record it.
+        runtime = Runtime.resolve(params.device, params.precision, option="extract.device", channels_last=True)
+        size, why = input_size(entry.image_size, backbone.preprocessing.crop, manifest.median_short_side())
+        preprocessing = backbone.preprocessing.with_image_size(size)
+        decoder = resolve_decoder(params.decode, runtime.device, preprocessing)
+        fp = fingerprint(backbone, preprocessing, runtime.precision, params.jpeg_draft, decoder)
+        log.debug("extract@%s: %s at %d px (%s), %s, fingerprint %s", label, backbone.name, size, why, decoder, fp)
+        return cls(label, entry.weights, backbone, runtime, preprocessing, why, decoder, fp)
+
+    def store_attrs(self, jpeg_draft: bool) -> dict:
+        """The store's attributes: what computed its features (the manifest's are added when it is written)."""
+        return {
+            "label": self.label,
+            "backbone": self.backbone.name,
+            "weights_id": self.backbone.weights_id,
+            "weights_file": self.weights_file,
+            "preprocessing": self.preprocessing.to_json(),
+            "image_size": self.preprocessing.crop,
+            "feature_dim": self.backbone.feature_dim,
+            "fingerprint": self.fingerprint,
+            "precision": self.runtime.precision,
+            "jpeg_draft": jpeg_draft,
+            "decoder": self.decoder,
+            "versions": library_versions(),
+        }
+
+
 def extract(
     manifest_path: Path, data_root: Path, out: Path, cache_dir: Path, params: ExtractParams, label: str | None = None
 ) -> ExtractResult:
@@ -82,42 +126,15 @@ def extract(
     start = time.perf_counter()
     manifest = read_manifest(manifest_path)
     rows = manifest.ok_rows()
-    label = label or next(iter(params.backbones))
-    entry = params.backbone(label)
-    backbone = build_backbone(entry.backbone, entry.weights_path, params.allow_download)
-    # channels_last on CPU too: the store's bytes were fixed with it, and the fingerprint does not record it.
-    runtime = Runtime.resolve(params.device, params.precision, option="extract.device", channels_last=True)
-    size, size_reason = input_size(entry.image_size, backbone.preprocessing.crop, manifest.median_short_side())
-    preprocessing = backbone.preprocessing.with_image_size(size)
-    decoder = resolve_decoder(params.decode, runtime.device, preprocessing)
-    fp = fingerprint(backbone, preprocessing, runtime.precision, params.jpeg_draft, decoder)
-    log.debug(
-        "extract@%s: %s at %d px (%s) on %s (%s), JPEGs decoded by %s, fingerprint %s",
-        *(label, backbone.name, size, size_reason, runtime.device, runtime.precision, decoder, fp),
-    )
-
-    with EmbeddingCache(cache_dir, fp, backbone.feature_dim) as cache:
+    setup = Setup.resolve(params, label or next(iter(params.backbones)), manifest)
+    backbone, runtime = setup.backbone, setup.runtime
+    with EmbeddingCache(cache_dir, setup.fingerprint, backbone.feature_dim) as cache:
         missing = _first_occurrences([r for r in rows if r.sha256 not in cache])
         compute_start = time.perf_counter()
-        embed_rows(backbone, preprocessing, missing, data_root, cache, params, runtime, decoder)
+        embed_rows(backbone, setup.preprocessing, missing, data_root, cache, params, runtime, setup.decoder)
         write_start = time.perf_counter()
-        compute_seconds = write_start - compute_start
         cache.compact()
-        attrs = {
-            "label": label,
-            "backbone": backbone.name,
-            "weights_id": backbone.weights_id,
-            "weights_file": entry.weights,
-            "preprocessing": preprocessing.to_json(),
-            "image_size": preprocessing.crop,
-            "feature_dim": backbone.feature_dim,
-            "fingerprint": fp,
-            "precision": runtime.precision,
-            "jpeg_draft": params.jpeg_draft,
-            "decoder": decoder,
-            "versions": library_versions(),
-        }
-        extraction_seconds = assemble_store(out, manifest, cache, attrs)
+        extraction_seconds = assemble_store(out, manifest, cache, setup.store_attrs(params.jpeg_draft))
         write_seconds = time.perf_counter() - write_start
         logme = transferability(manifest, cache)
     return ExtractResult(
@@ -127,16 +144,16 @@ def extract(
         reused=len(rows) - len(missing),
         quarantined=len(manifest.quarantined()),
         seconds=time.perf_counter() - start,
-        compute_seconds=compute_seconds,
+        compute_seconds=write_start - compute_start,
         write_seconds=write_seconds,
         extraction_seconds=extraction_seconds,
         device=str(runtime.device),
         precision=runtime.precision,
-        fingerprint=fp,
-        label=label,
+        fingerprint=setup.fingerprint,
+        label=setup.label,
         backbone=backbone.name,
-        image_size=size,
-        size_reason=size_reason,
+        image_size=setup.preprocessing.crop,
+        size_reason=setup.size_reason,
         feature_dim=backbone.feature_dim,
         logme=logme,
     )

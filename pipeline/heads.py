@@ -142,7 +142,16 @@ class HeadFile:
         """The head, refused unless it was trained on this store (checked on its attributes: no features read)."""
         head = load_head(self.path)
         check_trained_on(head, read_attrs(self.store), self.path, self.store)
+        if head.model_name != self.model_name:  # a store written before stores carried their label
+            raise StoreError(f"{self.path} is named {head.model_name!r}, not {self.model_name!r}; {HEAD_FIX}")
         return head
+
+
+def chosen_file(files: list[HeadFile]) -> tuple[HeadFile, TrainedHead]:
+    """The chosen head (`chosen_head`) among every (backbone, head) pair, with its file and store."""
+    trained = [f.load() for f in files]
+    best = chosen_head(trained)
+    return files[trained.index(best)], best
 
 
 def head_files(features_dir: Path, heads_dir: Path, backbones: Iterable[str], names: Iterable[str]) -> list[HeadFile]:
@@ -173,7 +182,7 @@ def chosen_head(heads: list[TrainedHead]) -> TrainedHead:
     """
     methods = {h.selection for h in heads}
     if len(methods) > 1:
-        described = "; ".join(f"{h.name}: {h.selection}" for h in heads)
+        described = "; ".join(f"{h.model_name}: {h.selection}" for h in heads)
         raise HeadError(
             f"the heads were scored on different held-out rows ({described}), so their scores do not compare; give "
             "every head the same selection, cv_folds and seed under heads: in params.yaml"

@@ -122,6 +122,16 @@ def write_json(path: Path, payload: object, indent: int = 2) -> None:
     write_text(path, json.dumps(payload, indent=indent) + "\n")
 
 
+def read_json(path: Path) -> object:
+    """A JSON file another stage wrote; missing or unreadable, a one-line error that says to rerun the pipeline."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise PipelineError(f"{path} not found; run `dvc repro` to write it") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PipelineError(f"{path} is not valid JSON ({err}); run `dvc repro` to write it again") from err
+
+
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
     """Write a CSV file (UTF-8, a header line, then `rows`) atomically."""
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:

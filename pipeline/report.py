@@ -445,7 +445,7 @@ def extraction_seconds(extraction: dict[str, dict], label: str) -> float:
     seconds = extraction.get(label, {}).get("extraction_seconds")
     if seconds is None:
         raise PipelineError(
-            f"metrics/extract/{label}.json has no extraction cost: the embedding cache holds embeddings from a "
+            f"the extract metrics of {label} have no extraction cost: the embedding cache holds embeddings from a "
             "version that did not record it; delete .cache/embeddings and run `dvc repro` again"
         )
     return float(seconds)
@@ -492,7 +492,8 @@ def ranking_words(logme: dict[str, float], accuracy: dict[str, float]) -> str:
         return text + " One backbone: add entries under extract.backbones in params.yaml to compare backbones."
     rho = rank_correlation([logme[b] for b in labels], [accuracy[b] for b in labels])
     agreement = "undefined (tied scores)" if np.isnan(rho) else f"{rho:+.2f}"
-    return text + f" Spearman rank correlation of the two over {len(labels)} backbones: {agreement}."
+    caveat = " (with two backbones it can only be +1 or -1)" if len(labels) == 2 else ""
+    return text + f" Spearman rank correlation of the two over {len(labels)} backbones: {agreement}{caveat}."
 
 
 def _read_metrics(metrics_dir: Path, models: list[str]) -> dict[str, dict]:

@@ -1,7 +1,7 @@
 """DVC stage `audit`: is my data clean? Near-copies across splits, likely label errors, and the test images the
 chosen head and the fine-tuned network get wrong: CSVs and picture grids in reports/audit/, counts in
-metrics/audit.json. Reads the cached embeddings of the chosen head's backbone and the models' answers; decodes
-images only for thumbnails."""
+metrics/audit.json. Reads the cached embeddings of audit.backbone (the first backbone unless set) and the
+models' answers; decodes images only for thumbnails."""
 
 from pathlib import Path
 
@@ -10,7 +10,7 @@ import click
 from pipeline.audit import cross_split_duplicates, label_issues, misclassified, write_audit
 from pipeline.config import load_params
 from pipeline.errors import user_errors
-from pipeline.heads import chosen_head, head_files
+from pipeline.heads import chosen_file, head_files
 from pipeline.io import write_json
 from pipeline.metrics import read_predictions
 from pipeline.store import read_store
@@ -29,10 +29,8 @@ PathArg = click.Path(path_type=Path)
 @user_errors
 def main(features, heads, metrics, data, out, summary, params) -> None:
     p = load_params(params)
-    files = head_files(features, heads, p.extract.backbones, p.heads)
-    trained = [f.load() for f in files]
-    chosen = chosen_head(trained)
-    store = read_store(files[trained.index(chosen)].store)  # the embeddings of the chosen head's backbone
+    _, chosen = chosen_file(head_files(features, heads, p.extract.backbones, p.heads))
+    store = read_store(features / f"{p.audit_backbone}.h5")  # one backbone's cosine space: audit.backbone
     pairs = cross_split_duplicates(store, p.audit.duplicate_threshold)
     issues = label_issues(store, p.audit.folds, p.audit.seed)
     models = [chosen.model_name, "finetune"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import load_params
+from pipeline.config import ConfigError, load_params
 from pipeline.errors import user_errors
 from pipeline.io import write_text
 from pipeline.selection import check_head_params
@@ -25,6 +25,12 @@ PathArg = click.Path(path_type=Path)
 @user_errors
 def main(out: Path, params: Path) -> None:
     checked = load_params(params)
+    if checked.finetune.backbone is None:
+        labels = ", ".join(checked.extract.backbones)
+        raise ConfigError(
+            f"finetune.backbone: name the extract.backbones entry to fine-tune (one of {labels}); dvc.yaml's "
+            "warm_start and finetune stages read it"
+        )
     for name, head in checked.heads.items():
         check_head_params(name, head)
     write_text(out, "params.yaml passed stages/check_params.py\n")

@@ -1,4 +1,5 @@
-"""DVC stage `head@<name>`: train one head on the cached features, then score it on the test split.
+"""DVC stage `head@<backbone>-<name>`: train one head on a backbone's cached features, then score it on the test
+split.
 
 One stage, not two: starting Python and scikit-learn is most of what a head costs (benchmarks/head_stages.py).
 """

@@ -8,7 +8,7 @@ import click
 from pipeline.config import load_params
 from pipeline.curves import learning_curve
 from pipeline.errors import user_errors
-from pipeline.heads import chosen_head, head_files, held_out
+from pipeline.heads import chosen_file, head_files, held_out
 from pipeline.io import write_json
 from pipeline.store import read_store
 
@@ -23,10 +23,8 @@ PathArg = click.Path(path_type=Path)
 @user_errors
 def main(features: Path, heads: Path, out: Path, params: Path) -> None:
     p = load_params(params)
-    files = head_files(features, heads, p.extract.backbones, p.heads)
-    trained = [f.load() for f in files]
-    best = chosen_head(trained)
-    store = read_store(files[trained.index(best)].store)
+    chosen, best = chosen_file(head_files(features, heads, p.extract.backbones, p.heads))
+    store = read_store(chosen.store)
     points = learning_curve(store, best, p.learning_curve.sizes, p.learning_curve.seeds)
     write_json(out, points)
     score = held_out(best)["val_accuracy"]

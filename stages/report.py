@@ -1,14 +1,13 @@
 """DVC stage `report`: reports/strategy.md and its figures, from every model's metrics and the learning curves."""
 
-import json
 from pathlib import Path
 
 import click
 
 from pipeline.config import load_params
-from pipeline.errors import PipelineError, user_errors
+from pipeline.errors import user_errors
 from pipeline.heads import head_files
-from pipeline.io import write_text
+from pipeline.io import read_json, write_text
 from pipeline.report import Answers, build_report, read_copies_in_test, summary, write_figures
 
 PathArg = click.Path(path_type=Path)
@@ -41,12 +40,6 @@ def main(features, heads, metrics, finetuned, extract_metrics, curve, finetune_c
     write_text(out / "strategy.md", report.markdown)
     write_text(out / "summary.txt", summary(report, out / "strategy.md"))
     click.echo(f"report: {len(report.rows)} models, learning curve of {curve_head} -> {out / 'strategy.md'}")
-
-
-def read_json(path: Path) -> dict | list:
-    if not path.is_file():
-        raise PipelineError(f"{path} not found; run `dvc repro` to write it")
-    return json.loads(path.read_text())
 
 
 if __name__ == "__main__":

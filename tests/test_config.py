@@ -3,8 +3,10 @@
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from pipeline.config import BackboneParams, ConfigError, HeadParams, Params, load_params, resolve, usable_cores
+from stages.check_params import main as check_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +76,7 @@ def test_optional_values_accept_null(tmp_path):
     )
     entry = params.extract.backbone("b0")
     assert entry.image_size is None and entry.weights is None and entry.backbone == "b0"
-    assert params.finetune.backbone == "b0" and params.finetune.image_size is None  # fine-tuning follows the entry
+    assert params.finetune_backbone.backbone == "b0" and params.finetune.image_size is None  # follows the entry
 
 
 def test_several_backbones_each_with_its_own_settings(tmp_path):
@@ -100,6 +102,7 @@ def test_several_backbones_each_with_its_own_settings(tmp_path):
         ("extract:\n  backbones: {}\n", r"extract\.backbones is empty"),
         ("extract:\n  backbones:\n    lite0-224: {}\n", r"extract\.backbones\.lite0-224: a label may use only letters"),
         ("finetune:\n  backbone: resnet50\n", r"finetune\.backbone: 'resnet50' is not under extract\.backbones"),
+        ("audit:\n  backbone: resnet50\n", r"audit\.backbone: 'resnet50' is not under extract\.backbones"),
         ("extract:\n  backbones:\n    b:\n      image_size: big\n", r"extract\.backbones\.b\.image_size must be"),
     ],
 )
@@ -151,3 +154,12 @@ def test_prepare_processes_default_to_the_usable_cores(tmp_path):
 def test_the_logistic_head_the_warm_start_depends_on_is_required(tmp_path, heads):
     with pytest.raises(ConfigError, match="heads.logreg: keep a head named logreg of kind logreg"):
         load_params(write(tmp_path, heads))
+
+
+def test_check_params_asks_for_the_backbone_to_fine_tune_which_dvc_yaml_names(tmp_path):
+    params = write(tmp_path, "extract:\n  backbones:\n    b0: {}\n")
+    result = CliRunner().invoke(check_params, ["--out", str(tmp_path / "ok.txt"), "--params", str(params)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "finetune.backbone: name the extract.backbones entry to fine-tune (one of b0)" in result.output
+    params.write_text("extract:\n  backbones:\n    b0: {}\nfinetune:\n  backbone: b0\n")
+    assert CliRunner().invoke(check_params, ["--out", str(tmp_path / "ok.txt"), "--params", str(params)]).exit_code == 0

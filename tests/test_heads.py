@@ -18,9 +18,18 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, normalize
 
 from pipeline.config import HeadParams
-from pipeline.heads import HEADS, HeadError, chosen_head, load_head, save_head
+from pipeline.heads import HEADS, HeadError, chosen_file, chosen_head, head_files, load_head, save_head
 from pipeline.selection import selection_method, train_head
-from pipeline.store import SPLIT_CODES, FeatureStore, StoreError, load_arrays, save_arrays, sealed_h5
+from pipeline.store import (
+    SPLIT_CODES,
+    FeatureStore,
+    StoreError,
+    load_arrays,
+    read_store,
+    save_arrays,
+    sealed_h5,
+    write_store,
+)
 from tests.conftest import make_store
 
 DIM = 6
@@ -521,3 +530,23 @@ def test_the_chosen_head_is_the_best_held_out_and_ties_go_to_params_order(traine
     ridge.selection = "the val split (90 images)"
     with pytest.raises(HeadError, match=r"scored on different held-out rows \(logreg: .*; ridge: the val split"):
         chosen_head([logreg, knn, ridge])
+
+
+def test_head_files_name_each_model_by_backbone_and_head_and_refuse_an_unlabelled_store(tmp_path):
+    """Every reader finds a (backbone, head) pair as the head@<b>-<head> stage wrote it; a store of a version that
+    did not label its backbone gives a head named otherwise, which is refused in one line."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 20)
+    features, split = rng.normal(size=(40, 4)) + labels[:, None], np.tile([0, 0, 0, 1, 2], 8)
+    for label, attrs in (("lite", {"label": "lite"}), ("old", {})):
+        store_path = tmp_path / "features" / f"{label}.h5"
+        write_store(store_path, labels=labels, split=split, paths=[f"{i}.png" for i in range(40)],
+                    sha256=["0" * 64] * 40, feature_chunks=iter([features.astype(np.float32)]), feature_dim=4,
+                    attrs={"classes": ["a", "b"], "fingerprint": label, **attrs})  # fmt: skip
+        head = train_head(read_store(store_path), "logreg", HeadParams(grid={"C": [1.0]}))
+        save_head(head, tmp_path / "heads" / label / "logreg.h5")
+    files = head_files(tmp_path / "features", tmp_path / "heads", ["lite", "old"], ["logreg"])
+    assert [f.model_name for f in files] == ["lite-logreg", "old-logreg"]
+    assert files[0].load().model_name == "lite-logreg" and chosen_file(files[:1])[0] == files[0]
+    with pytest.raises(StoreError, match=r"logreg\.h5 is named 'logreg', not 'old-logreg'; rerun the head stage"):
+        files[1].load()

@@ -180,7 +180,7 @@ def test_report_refuses_an_unknown_extraction_cost_in_one_line(tmp_path):
     """A cache whose embeddings carry no recorded cost must not be quoted as a few ms of extraction."""
     assert extraction_seconds({"b": {"extraction_seconds": 1.5}}, "b") == 1.5
     with pytest.raises(
-        PipelineError, match=r"metrics/extract/b\.json has no extraction cost: .*delete \.cache/embeddings"
+        PipelineError, match=r"the extract metrics of b have no extraction cost: .*delete \.cache/embeddings"
     ):
         extraction_seconds({"b": {"seconds": 0.1, "computed": 0, "reused": 36, "extraction_seconds": None}}, "b")
     metrics = tmp_path / "extract"
