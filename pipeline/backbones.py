@@ -43,6 +43,12 @@ TINY_IMAGE_SIDE = 32
 SMALL_INPUT_SIZE = 128
 
 
+def tiny_images(median_side: float) -> bool:
+    """Images too small to be photos (icons, digits, 32 px thumbnails): whose median shorter side is at most
+    TINY_IMAGE_SIDE px (0: a manifest without sizes, taken as photos)."""
+    return 0 < median_side <= TINY_IMAGE_SIDE
+
+
 def input_size(setting: int | str | None, own: int, median_side: float) -> tuple[int, str]:
     """The square input size for `setting` (an extract.backbones entry's image_size) and why, in words: pixels as
     given; None: the weights' own size `own`; auto: `own`, or SMALL_INPUT_SIZE for tiny images."""
@@ -50,7 +56,7 @@ def input_size(setting: int | str | None, own: int, median_side: float) -> tuple
         return setting, "image_size in params.yaml"
     if setting is None:
         return own, "image_size null: the size the weights were trained at"
-    if 0 < median_side <= TINY_IMAGE_SIDE and own > SMALL_INPUT_SIZE:
+    if tiny_images(median_side) and own > SMALL_INPUT_SIZE:
         why = f"image_size auto: the images are tiny (median shorter side {median_side:g} px <= {TINY_IMAGE_SIDE})"
         return SMALL_INPUT_SIZE, f"{why}, so {SMALL_INPUT_SIZE} px rather than the weights' {own}"
     return own, f"image_size auto: the size the weights were trained at (median shorter side {median_side:g} px)"

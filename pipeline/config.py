@@ -154,7 +154,9 @@ class FinetuneParams:
     layer_decay: float = 1.0  # ... times layer_decay ** (blocks between them and the output)
     weight_decay: float = 0.0001
     warmup_epochs: int = 1  # linear warm-up, then cosine decay to zero
-    augment: bool = True  # random resized crop + horizontal flip; off = extraction's preprocessing
+    # Random resized crop + horizontal flip; off = extraction's preprocessing; auto: on for photos, off for tiny
+    # images (digits, icons: a flip or a crop changes what they show; pipeline.backbones.tiny_images).
+    augment: bool | Literal["auto"] = "auto"
     batchnorm: Literal["frozen", "train"] = "frozen"  # frozen: BatchNorm of frozen blocks stays in eval mode
     init_head: Literal["logreg", "random"] = "logreg"  # logreg: start from the trained logistic head
     early_stopping_patience: int = 3  # epochs without a lower val loss before stopping; 0 = never stop

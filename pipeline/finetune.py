@@ -19,7 +19,7 @@ from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
 from pipeline import backbones, dataset, finetuned, images, runtime
-from pipeline.backbones import PIXELS_VERSION, Backbone, Preprocessing, build_backbone, input_size
+from pipeline.backbones import PIXELS_VERSION, Backbone, Preprocessing, build_backbone, input_size, tiny_images
 from pipeline.config import FinetuneParams
 from pipeline.dataset import Manifest, ManifestRow, manifest_sha256, read_manifest
 from pipeline.errors import PipelineError
@@ -334,12 +334,15 @@ def finetune(
 
 
 def with_input_size(params: FinetuneParams, backbone: Backbone, manifest: Manifest) -> FinetuneParams:
-    """`params` with image_size in pixels: auto and null resolved on these images as extract resolves them
-    (pipeline.backbones.input_size), so fine-tuning sees the inputs the frozen features came from."""
-    size, why = input_size(params.image_size, backbone.preprocessing.crop, manifest.median_short_side())
-    if size != params.image_size:
-        log.info("finetune: %s at %d px (%s)", backbone.name, size, why)
-    return replace(params, image_size=size)
+    """`params` with image_size in pixels and augment true or false: auto and null resolved on these images as
+    extract resolves them (pipeline.backbones.input_size), so fine-tuning sees the inputs the frozen features
+    came from; augment auto is off for tiny images (pipeline.backbones.tiny_images)."""
+    median_side = manifest.median_short_side()
+    size, why = input_size(params.image_size, backbone.preprocessing.crop, median_side)
+    augment = not tiny_images(median_side) if params.augment == "auto" else params.augment
+    if (size, augment) != (params.image_size, params.augment):
+        log.info("finetune: %s at %d px (%s), augmentation %s", backbone.name, size, why, "on" if augment else "off")
+    return replace(params, image_size=size, augment=augment)
 
 
 def read_splits(manifest_path: Path) -> Splits:

@@ -15,7 +15,7 @@ from torch import nn
 
 from pipeline.backbones import build_backbone, ordered_blocks
 from pipeline.config import FinetuneParams, HeadParams
-from pipeline.dataset import manifest_sha256, read_manifest
+from pipeline.dataset import Manifest, ManifestRow, manifest_sha256, read_manifest
 from pipeline.finetune import (
     TRAINING_CODE,
     FinetuneError,
@@ -28,6 +28,7 @@ from pipeline.finetune import (
     read_checkpoint,
     run_key,
     warmup_cosine,
+    with_input_size,
 )
 from pipeline.finetuned import Classifier
 from pipeline.heads import save_head
@@ -353,3 +354,22 @@ def test_warm_start_is_refused_for_a_head_trained_on_another_split():
     check_warm_start(head, ["a", "b"], "1" * 64, "efficientnet_lite0", 224, None)
     with pytest.raises(FinetuneError, match=r"manifest 1111111111111111.*manifest 2222222222222222.*rerun"):
         check_warm_start(head, ["a", "b"], "2" * 64, "efficientnet_lite0", 224, None)
+
+
+@pytest.mark.parametrize(
+    ("side", "setting", "size", "augment"),
+    [
+        (8, ("auto", "auto"), 128, False),  # the bundled digits: 128 px, no flips or crops
+        (375, ("auto", "auto"), 160, True),  # photos: the weights' size (test_resnet: 160), augmented
+        (8, (64, True), 64, True),  # explicit settings are kept
+        (375, (None, False), 160, False),
+    ],
+)
+def test_fine_tuning_resolves_size_and_augmentation_on_the_images_as_extract_does(side, setting, size, augment):
+    rows = [ManifestRow(f"{i}.png", "a", "train", f"{i:064x}", "ok", width=side + i % 3, height=side) for i in range(9)]
+    manifest = Manifest(rows, "flat", [])
+    image_size, augmentation = setting
+    params = with_input_size(
+        FinetuneParams(image_size=image_size, augment=augmentation), build_backbone("test_resnet"), manifest
+    )
+    assert (params.image_size, params.augment) == (size, augment)
