@@ -121,7 +121,7 @@ def model_record(
 PREDICTIONS_HEADER = ("path", "actual", "predicted", "confidence")
 
 
-def write_model_metrics(folder: Path, scored: Scored) -> None:
+def write_model_metrics(folder: Path, scored: Scored) -> str:
     """One model's test metrics, confusion matrix and answers, as files DVC and the report read.
 
     `folder`/metrics.json holds the record: its numbers, which `dvc metrics diff` compares, and the model's
@@ -130,12 +130,18 @@ def write_model_metrics(folder: Path, scored: Scored) -> None:
     JSON, in DVCLive's layout: a DVCLive session would cost a scoring stage half a second to start (it opens
     the DVC repository and reads git) for two files (issue 18). `folder`/predictions.csv holds each test
     image's answer: the report compares two models image by image and draws the reliability diagram from it.
+    Returns what the stage says of it, in one line.
     """
     write_json(folder / "metrics.json", scored.record, indent=4)
     confusion = [{"actual": a, "predicted": p} for a, p in zip(scored.actual, scored.predicted, strict=True)]
     write_json(folder / "plots" / "sklearn" / "confusion.json", confusion, indent=4)
     rows = zip(scored.paths, scored.actual, scored.predicted, scored.confidence, strict=True)
     write_csv(folder / "predictions.csv", PREDICTIONS_HEADER, [(p, a, q, f"{c:.6f}") for p, a, q, c in rows])
+    r = scored.record
+    return (
+        f"test accuracy {r['accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f} on {r['n_test']} images -> "
+        f"{folder / 'metrics.json'}"
+    )
 
 
 def rescored(record: dict, answers: list[dict], classes: list[str], params: EvaluateParams) -> dict:

@@ -24,12 +24,7 @@ PathArg = click.Path(path_type=Path)
 def main(finetuned: Path, manifest: Path, data: Path, out: Path, params: Path) -> None:
     p = load_params(params)
     scored = evaluate_finetuned(finetuned, manifest, data, params=p.finetune, scoring=p.evaluate)
-    write_model_metrics(out, scored)
-    scores = scored.record
-    click.echo(
-        f"evaluate_finetune: test accuracy {scores['accuracy']:.4f}, macro-F1 {scores['macro_f1']:.4f} "
-        f"on {scores['n_test']} images -> {out / 'metrics.json'}"
-    )
+    click.echo(f"evaluate_finetune: {write_model_metrics(out, scored)}")
 
 
 if __name__ == "__main__":

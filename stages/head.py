@@ -46,12 +46,7 @@ def main(name: str, features: Path, out: Path, curve: Path, metrics: Path, param
     )
     # Scored as saved: the file the report, the audit and export read is the one these metrics describe.
     scored = score_head(store, features, load_head(out, store), config.evaluate)
-    write_model_metrics(metrics, scored)
-    record = scored.record
-    click.echo(
-        f"head@{head.model_name}: test accuracy {record['accuracy']:.4f}, macro-F1 {record['macro_f1']:.4f} "
-        f"on {record['n_test']} images -> {metrics / 'metrics.json'}"
-    )
+    click.echo(f"head@{head.model_name}: {write_model_metrics(metrics, scored)}")
 
 
 if __name__ == "__main__":
