@@ -62,7 +62,8 @@ def inspect(features: Path) -> None:
         labels = f["labels"][:]
     classes = attrs["classes"]
     click.echo(f"{features}: {shape[0]} images x {shape[1]} features (float32)")
-    for key in ("backbone", "weights_id", "fingerprint", "image_size", "precision", "preprocessing", "created"):
+    shown = ("label", "backbone", "weights_id", "fingerprint", "image_size", "precision", "preprocessing", "created")
+    for key in shown:
         click.echo(f"  {key}: {attrs.get(key)}")
     click.echo(f"  manifest_sha256: {attrs.get('manifest_sha256')}")
     click.echo(f"  versions: {attrs.get('versions')}")
