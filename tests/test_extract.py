@@ -13,9 +13,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.backbones import build_backbone, fingerprint
+from pipeline.cli import main as transfer
 from pipeline.config import ExtractParams
 from pipeline.errors import DataError
 from pipeline.extract import extract
@@ -251,3 +253,12 @@ def test_the_store_metrics_carry_the_logme_of_its_train_split(image_folder, tmp_
     store = read_store(result.store)
     x, y = store.subset("train")
     assert result.metrics()["logme"] == pytest.approx(logme(x, y), abs=1e-6)
+
+
+def test_transfer_inspect_names_the_stores_label_backbone_and_size(image_folder, tmp_path):
+    result = run(image_folder, tmp_path)
+    shown = CliRunner().invoke(transfer, ["inspect", str(result.store)])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert lines[0] == f"{result.store}: 36 images x 96 features (float32)"
+    assert lines[1:3] == ["  label: test_resnet", "  backbone: test_resnet"] and "  image_size: 32" in lines
