@@ -21,7 +21,7 @@ from pipeline.dataset import ManifestRow, manifest_sha256, read_manifest
 from pipeline.errors import PipelineError
 from pipeline.estimators import CosineCentroids, TemperatureScaled
 from pipeline.finetuned import load_finetuned
-from pipeline.heads import HeadFile, TrainedHead, chosen_head, load_head
+from pipeline.heads import HeadFile, TrainedHead, chosen_head, load_head, load_heads
 from pipeline.io import atomic_folder
 from pipeline.onnx_predict import INPUT, OUTPUT, OnnxPredictor
 from pipeline.predict import Predictor, finetuned_predictor, head_predictor
@@ -262,7 +262,7 @@ def _check_head(name: str, heads: dict[str, HeadFile]) -> None:
 def chosen_on_val(heads: dict[str, HeadFile]) -> str:
     """The chosen head among those export writes (pipeline.heads.chosen_head's rule, k-NN left out): a
     pipeline whose best head on held-out rows is k-NN still exports its best linear one, and says so."""
-    trained = [f.load() for f in heads.values()]
+    trained = load_heads(list(heads.values()))
     linear = [h for h in trained if h.kind in LINEAR_HEADS]
     if not linear:
         raise ExportError(

@@ -6,6 +6,7 @@ import logging
 import math
 import platform
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -134,9 +135,10 @@ def extract(
         embed_rows(backbone, setup.preprocessing, missing, data_root, cache, params, runtime, setup.decoder)
         write_start = time.perf_counter()
         cache.compact()
-        extraction_seconds = assemble_store(out, manifest, cache, setup.store_attrs(params.jpeg_draft))
+        evidence = EvidenceStats(len(manifest.classes))  # LogME of the train split, from the rows as they are written
+        extraction_seconds = assemble_store(out, manifest, cache, setup.store_attrs(params.jpeg_draft), evidence)
         write_seconds = time.perf_counter() - write_start
-        logme = transferability(manifest, cache)
+        logme = evidence.logme()
     return ExtractResult(
         store=Path(out),
         images=len(rows),
@@ -159,33 +161,34 @@ def extract(
     )
 
 
-def transferability(manifest: Manifest, cache: EmbeddingCache, rows_per_chunk: int = 4096) -> float:
-    """LogME of the train split's embeddings against their labels, read from the cache a chunk at a time (memory:
-    the feature dimension squared, whatever the number of images)."""
-    classes = manifest.classes
-    train = [r for r in manifest.ok_rows() if r.split == "train"]
-    stats = EvidenceStats(len(classes))
-    for i in range(0, len(train), rows_per_chunk):
-        chunk = train[i : i + rows_per_chunk]
-        labels = np.array([classes.index(r.class_name) for r in chunk], dtype=np.int64)
-        stats.add(cache.read([r.sha256 for r in chunk]), labels)
-    return stats.logme()
-
-
-def assemble_store(out: Path, manifest: Manifest, cache: EmbeddingCache, attrs: dict) -> float:
+def assemble_store(
+    out: Path, manifest: Manifest, cache: EmbeddingCache, attrs: dict, evidence: EvidenceStats | None = None
+) -> float:
     """Write the store from the cache (row i = usable manifest row i) and return what computing its embeddings
-    took, in this run or the earlier ones whose embeddings the cache kept."""
+    took, in this run or the earlier ones whose embeddings the cache kept. `evidence`, when given, accumulates
+    the train rows as they pass (LogME's statistics: one read of the cache serves both)."""
     rows, classes = manifest.ok_rows(), manifest.classes
     hashes = [r.sha256 for r in rows]
     unique = list(dict.fromkeys(hashes))  # identical files share one embedding, counted once
     extraction_seconds, created = cache.seconds(unique), cache.computed_at(unique)
+    labels = np.array([classes.index(r.class_name) for r in rows], dtype=np.int64)
+    split = np.array([SPLIT_CODES[r.split] for r in rows], dtype=np.uint8)
+
+    def chunks(size: int = 1024) -> Iterator[np.ndarray]:
+        for i in range(0, len(hashes), size):
+            block = cache.read(hashes[i : i + size])
+            if evidence is not None:
+                train = split[i : i + size] == SPLIT_CODES["train"]
+                evidence.add(block[train], labels[i : i + size][train])
+            yield block
+
     write_store(
         out,
-        labels=np.array([classes.index(r.class_name) for r in rows], dtype=np.int64),
-        split=np.array([SPLIT_CODES[r.split] for r in rows], dtype=np.uint8),
+        labels=labels,
+        split=split,
         paths=[r.path for r in rows],
         sha256=hashes,
-        feature_chunks=(cache.read(hashes[i : i + 1024]) for i in range(0, len(hashes), 1024)),
+        feature_chunks=chunks(),
         feature_dim=cache.feature_dim,
         attrs={
             **attrs,

@@ -138,18 +138,25 @@ class HeadFile:
     def model_name(self) -> str:
         return f"{self.backbone}-{self.name}"
 
-    def load(self) -> TrainedHead:
-        """The head, refused unless it was trained on this store (checked on its attributes: no features read)."""
+    def load(self, store_attrs: dict | None = None) -> TrainedHead:
+        """The head, refused unless it was trained on this store (checked on its attributes, `store_attrs` when the
+        caller has read them: no features read)."""
         head = load_head(self.path)
-        check_trained_on(head, read_attrs(self.store), self.path, self.store)
+        check_trained_on(head, store_attrs or read_attrs(self.store), self.path, self.store)
         if head.model_name != self.model_name:  # a store written before stores carried their label
             raise StoreError(f"{self.path} is named {head.model_name!r}, not {self.model_name!r}; {HEAD_FIX}")
         return head
 
 
+def load_heads(files: list[HeadFile]) -> list[TrainedHead]:
+    """Each file's head (`HeadFile.load`), each store's attributes read, and its seal checked, once."""
+    attrs = {store: read_attrs(store) for store in dict.fromkeys(f.store for f in files)}
+    return [f.load(attrs[f.store]) for f in files]
+
+
 def chosen_file(files: list[HeadFile]) -> tuple[HeadFile, TrainedHead]:
     """The chosen head (`chosen_head`) among every (backbone, head) pair, with its file and store."""
-    trained = [f.load() for f in files]
+    trained = load_heads(files)
     best = chosen_head(trained)
     return files[trained.index(best)], best
 
