@@ -71,6 +71,25 @@ class BackboneParams:
 
 
 @dataclass(frozen=True)
+class RayParams:
+    """extract.ray: how the Ray engine spreads the work (pipeline.engines.ray_data)."""
+
+    actors: int = 1  # embedding actors, each holding the frozen backbone (one per GPU on a GPU cluster)
+    batch_size: int = 64  # images per forward pass in an actor
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float | Literal["auto"] = "auto"  # auto: 1 when the cluster has GPUs, else 0 (CPU actors)
+    decode_batch: int = 16  # images a CPU decode task reads, checks and decodes at a time
+
+    def __post_init__(self) -> None:
+        _at_least("extract.ray", self, actors=1, batch_size=1, decode_batch=1)
+        if self.cpus_per_actor < 0 or (self.gpus_per_actor != "auto" and self.gpus_per_actor < 0):
+            raise ConfigError(
+                f"extract.ray: cpus_per_actor and gpus_per_actor must be >= 0; got {self.cpus_per_actor} and "
+                f"{self.gpus_per_actor}"
+            )
+
+
+@dataclass(frozen=True)
 class ExtractParams:
     # One extract stage, feature store and set of heads per entry, by label (extract@<label>,
     # data/features/<label>.h5, head@<label>-<head>): adding an entry adds stages and reruns nothing else.
@@ -91,6 +110,10 @@ class ExtractParams:
     decode: Literal["auto", "cpu", "device"] = "auto"
     # Decode large JPEGs at a reduced scale (never below the resize target) before resizing.
     jpeg_draft: bool = True
+    # Where the embeddings are computed: local (this process and its loader) or ray (Ray Data on the cluster that
+    # RAY_ADDRESS names, else a local one; `pip install 'transfer-pipeline[ray]'`). Same cache, same store.
+    engine: Literal["local", "ray"] = "local"
+    ray: RayParams = field(default_factory=RayParams)
 
     def __post_init__(self) -> None:
         _at_least("extract", self, batch_size=1, num_workers=0)
@@ -140,6 +163,19 @@ class HeadParams:
 
 
 @dataclass(frozen=True)
+class TorchrunParams:
+    """finetune.torchrun: the processes of a DistributedDataParallel run (torch.distributed.run's own flags)."""
+
+    nproc_per_node: int = 2  # processes on this machine: one per GPU, or CPU ranks (gloo)
+    nnodes: int = 1  # machines; the others join with the command the README gives
+    rdzv_endpoint: str = "localhost:29400"  # host:port on the first machine, which every machine can reach
+    rdzv_id: str = "transfer-finetune"  # one name per run, the same on every machine
+
+    def __post_init__(self) -> None:
+        _at_least("finetune.torchrun", self, nproc_per_node=1, nnodes=1)
+
+
+@dataclass(frozen=True)
 class FinetuneParams:
     # The label of the extract.backbones entry to fine-tune (its network, weights and image size). dvc.yaml's
     # warm_start and finetune stages name it, so params.yaml must set it (stages/check_params.py says so); None,
@@ -166,6 +202,10 @@ class FinetuneParams:
     num_workers: int = 2
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    # local: one process; torchrun: DistributedDataParallel over finetune.torchrun's processes (batch_size stays
+    # the global batch, split evenly between them). Also entered when the stage itself runs under torchrun.
+    engine: Literal["local", "torchrun"] = "local"
+    torchrun: TorchrunParams = field(default_factory=TorchrunParams)
 
     def __post_init__(self) -> None:
         if self.unfreeze != "all" and self.unfreeze < 0:
