@@ -3,6 +3,7 @@ loader alone (no forward pass) against Pillow's ceiling with as many processes.
 
     python benchmarks/extract_throughput.py [--data ../shared/datasets/hymenoptera | --photos N]
         [--loader auto|workers|inline] [--decode auto|cpu|device] [--batch-size B] [--num-workers W]
+        [--engine local|ray [--actors A] [--cpus-per-actor C]]
 
 End to end = the extract library call on a fresh embedding cache: read, hash, decode, preprocess,
 forward, cache flush and store write (model loading, once per call, is printed apart). Pure forward =
@@ -15,12 +16,18 @@ a process pool that only reads, decodes with Pillow and resizes/crops the same f
 as many processes as the loader decodes in (`--num-workers` for the workers loader, one thread per torch
 thread inline).
 
+`--engine ray` compares the engines instead: whole extract calls on a fresh cache, local and Ray alternating
+(ABBA), each on every image and on one batch of them. Ray's start-up (starting or joining the cluster, once per
+process) is printed apart; the one-batch calls give each engine's fixed cost per run (for Ray: scheduling, starting
+the actors, which import torch and load the backbone), and (N - B) / (t_N - t_B) the rate once running.
+
 A small shared machine's speed drifts by tens of percent within seconds, so the two are measured in short
 alternating slices (a few batches each, in ABBA order so a steady drift cancels) and the totals compared.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 import tempfile
@@ -33,7 +40,7 @@ import torch
 from photos import make_photos
 
 from pipeline.backbones import Preprocessing, build_backbone
-from pipeline.config import BackboneParams, ExtractParams, usable_cores
+from pipeline.config import BackboneParams, ExtractParams, RayParams, usable_cores
 from pipeline.dataset import Manifest, ManifestRow, build_manifest, write_manifest
 from pipeline.extract import extract
 from pipeline.images import decode_rgb, read_bytes
@@ -180,6 +187,31 @@ def decode_only(rows: list[ManifestRow], data: Path, params: ExtractParams, runt
     )
 
 
+def compare_engines(rows: list[ManifestRow], full: Manifest, data: Path, params: ExtractParams, repeats: int) -> None:
+    """Print each engine's end-to-end img/s on every row, its fixed cost per run, and its rate once running."""
+    from pipeline.engines import ray_data
+
+    start = time.perf_counter()
+    ray_data.connect()
+    print(f"Ray start-up (ray.init: start or join the cluster) {time.perf_counter() - start:.1f} s, not counted below")
+    print(f"{len(rows)} images, {only(params).backbone}, batch {params.batch_size}, {params.ray}")
+    one_batch = rows[: params.batch_size]
+    seconds: dict[tuple[str, int], list[float]] = {}
+    for k in range(repeats):
+        for engine in ("local", "ray") if k % 2 == 0 else ("ray", "local"):
+            engine_params = dataclasses.replace(params, engine=engine)
+            for part in (rows, one_batch):
+                busy, _ = end_to_end_seconds(Manifest(part, full.layout, []), data, engine_params)
+                seconds.setdefault((engine, len(part)), []).append(busy)
+    n, b = len(rows), len(one_batch)
+    for engine in ("local", "ray"):
+        t_n, t_b = statistics.median(seconds[engine, n]), statistics.median(seconds[engine, b])
+        print(
+            f"{engine}: end-to-end {n / t_n:.1f} img/s ({n} images in {t_n:.1f} s, median of {repeats}); fixed cost "
+            f"per run {t_b:.1f} s ({b} images); once running {(n - b) / (t_n - t_b):.1f} img/s"
+        )
+
+
 @click.command()
 @click.option("--data", type=click.Path(path_type=Path, exists=True), default=DEFAULT_DATA, show_default=True)
 @click.option("--photos", type=int, default=None, help="Run on N unique photo-like JPEGs made from --data.")
@@ -196,7 +228,10 @@ def decode_only(rows: list[ManifestRow], data: Path, params: ExtractParams, runt
 @click.option("--slice-batches", type=int, default=3, show_default=True, help="Batches per alternating slice.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Passes over the dataset.")
 @click.option("--decode-repeats", type=int, default=2, show_default=True, help="Passes of the decode-only check.")
-def main(data, photos, photos_dir, slice_batches, repeats, decode_repeats, **options) -> None:
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--actors", type=int, default=1, show_default=True, help="Ray actors (--engine ray).")
+@click.option("--cpus-per-actor", type=float, default=1.0, show_default=True, help="CPUs each Ray actor takes.")
+def main(data, photos, photos_dir, slice_batches, repeats, decode_repeats, engine, actors, cpus_per_actor, **options):
     if photos:
         folder = photos_dir or Path(tempfile.gettempdir()) / f"transfer-pipeline-photos-{photos}"
         data = make_photos(photos, folder, data)
@@ -206,6 +241,10 @@ def main(data, photos, photos_dir, slice_batches, repeats, decode_repeats, **opt
     seen: set[str] = set()  # one row per content hash: each slice's images are all computed
     rows = [r for r in full.ok_rows() if not (r.sha256 in seen or seen.add(r.sha256))]
     random.Random(0).shuffle(rows)  # every slice mixes classes and image sizes
+    if engine == "ray":
+        ray = RayParams(actors=actors, cpus_per_actor=cpus_per_actor)
+        compare_engines(rows, full, data, dataclasses.replace(params, ray=ray), repeats)
+        return
     throughput(rows, full, data, params, slice_batches, repeats)
     runtime = Runtime.resolve(params.device, params.precision, option="--device")
     decode_only(rows, data, params, runtime, decode_repeats)

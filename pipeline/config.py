@@ -74,14 +74,14 @@ class BackboneParams:
 class RayParams:
     """extract.ray: how the Ray engine spreads the work (pipeline.engines.ray_data)."""
 
+    # Each actor's forward pass takes extract.batch_size images, the batches the local engine would form.
     actors: int = 1  # embedding actors, each holding the frozen backbone (one per GPU on a GPU cluster)
-    batch_size: int = 64  # images per forward pass in an actor
     cpus_per_actor: float = 1.0
     gpus_per_actor: float | Literal["auto"] = "auto"  # auto: 1 when the cluster has GPUs, else 0 (CPU actors)
     decode_batch: int = 16  # images a CPU decode task reads, checks and decodes at a time
 
     def __post_init__(self) -> None:
-        _at_least("extract.ray", self, actors=1, batch_size=1, decode_batch=1)
+        _at_least("extract.ray", self, actors=1, decode_batch=1)
         if self.cpus_per_actor < 0 or (self.gpus_per_actor != "auto" and self.gpus_per_actor < 0):
             raise ConfigError(
                 f"extract.ray: cpus_per_actor and gpus_per_actor must be >= 0; got {self.cpus_per_actor} and "

@@ -7,7 +7,6 @@ import math
 import platform
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,13 +17,10 @@ import sklearn
 import timm
 import torch
 import torchvision
-from tqdm import tqdm
 
-from pipeline.backbones import Backbone, Preprocessing, build_backbone, fingerprint, input_size
 from pipeline.config import ExtractParams
 from pipeline.dataset import Manifest, ManifestRow, manifest_sha256, read_manifest
-from pipeline.jpeg import JpegDecoder, resolve_decoder
-from pipeline.runtime import Images, Runtime, forward_batches, image_batches
+from pipeline.engines import Setup, embed_rows
 from pipeline.store import SPLIT_CODES, EmbeddingCache, write_store
 from pipeline.transferability import EvidenceStats
 
@@ -75,48 +71,23 @@ class ExtractResult:
         }
 
 
-@dataclass(frozen=True)
-class Setup:
-    """What computes a store's embeddings: one extract.backbones entry on this machine, at its input size."""
-
-    label: str
-    weights_file: str | None
-    backbone: Backbone
-    runtime: Runtime
-    preprocessing: Preprocessing
-    size_reason: str  # why this input size, in words (pipeline.backbones.input_size)
-    decoder: str
-    fingerprint: str
-
-    @classmethod
-    def resolve(cls, params: ExtractParams, label: str, manifest: Manifest) -> Setup:
-        entry = params.backbone(label)
-        backbone = build_backbone(entry.backbone, entry.weights_path, params.allow_download)
-        # channels_last on CPU too: the store's bytes were fixed with it, and the fingerprint does not record it.
-        runtime = Runtime.resolve(params.device, params.precision, option="extract.device", channels_last=True)
-        size, why = input_size(entry.image_size, backbone.preprocessing.crop, manifest.median_short_side())
-        preprocessing = backbone.preprocessing.with_image_size(size)
-        decoder = resolve_decoder(params.decode, runtime.device, preprocessing)
-        fp = fingerprint(backbone, preprocessing, runtime.precision, params.jpeg_draft, decoder)
-        log.debug("extract@%s: %s at %d px (%s), %s, fingerprint %s", label, backbone.name, size, why, decoder, fp)
-        return cls(label, entry.weights, backbone, runtime, preprocessing, why, decoder, fp)
-
-    def store_attrs(self, jpeg_draft: bool) -> dict:
-        """The store's attributes: what computed its features (the manifest's are added when it is written)."""
-        return {
-            "label": self.label,
-            "backbone": self.backbone.name,
-            "weights_id": self.backbone.weights_id,
-            "weights_file": self.weights_file,
-            "preprocessing": self.preprocessing.to_json(),
-            "image_size": self.preprocessing.crop,
-            "feature_dim": self.backbone.feature_dim,
-            "fingerprint": self.fingerprint,
-            "precision": self.runtime.precision,
-            "jpeg_draft": jpeg_draft,
-            "decoder": self.decoder,
-            "versions": library_versions(),
-        }
+def store_attrs(setup: Setup, jpeg_draft: bool) -> dict:
+    """The store's attributes: what computed its features (the manifest's are added when it is written). Not the
+    engine: `local` and `ray` write the same store."""
+    return {
+        "label": setup.label,
+        "backbone": setup.backbone.name,
+        "weights_id": setup.backbone.weights_id,
+        "weights_file": setup.weights_file,
+        "preprocessing": setup.preprocessing.to_json(),
+        "image_size": setup.preprocessing.crop,
+        "feature_dim": setup.backbone.feature_dim,
+        "fingerprint": setup.fingerprint,
+        "precision": setup.runtime.precision,
+        "jpeg_draft": jpeg_draft,
+        "decoder": setup.decoder,
+        "versions": library_versions(),
+    }
 
 
 def extract(
@@ -132,11 +103,11 @@ def extract(
     with EmbeddingCache(cache_dir, setup.fingerprint, backbone.feature_dim) as cache:
         missing = _first_occurrences([r for r in rows if r.sha256 not in cache])
         compute_start = time.perf_counter()
-        embed_rows(backbone, setup.preprocessing, missing, data_root, cache, params, runtime, setup.decoder)
+        embed_rows(setup, missing, data_root, cache, params)
         write_start = time.perf_counter()
         cache.compact()
         evidence = EvidenceStats(len(manifest.classes))  # LogME of the train split, from the rows as they are written
-        extraction_seconds = assemble_store(out, manifest, cache, setup.store_attrs(params.jpeg_draft), evidence)
+        extraction_seconds = assemble_store(out, manifest, cache, store_attrs(setup, params.jpeg_draft), evidence)
         write_seconds = time.perf_counter() - write_start
         logme = evidence.logme()
     return ExtractResult(
@@ -200,60 +171,6 @@ def assemble_store(
         },
     )
     return extraction_seconds
-
-
-def embed_rows(
-    backbone: Backbone,
-    preprocessing: Preprocessing,
-    rows: list[ManifestRow],
-    data_root: Path,
-    cache: EmbeddingCache,
-    params: ExtractParams,
-    runtime: Runtime,
-    decoder: str = "pillow",
-) -> None:
-    """Forward `rows` through the frozen backbone, flushing each batch to the cache as it completes.
-
-    The flush (the copy to the host, which waits for the forward pass, and the cache write) runs in a thread,
-    one batch behind, so the main thread is already decoding and launching the next batch meanwhile.
-    """
-    if not rows:
-        return
-    draft = preprocessing.resize if params.jpeg_draft else None
-    jpeg = None if decoder == "pillow" else JpegDecoder.on(runtime.device, preprocessing)
-    dataset = Images.of_rows(data_root, rows, preprocessing.to_uint8, draft, jpeg=jpeg)
-    batches = image_batches(dataset, params.batch_size, params.num_workers, runtime.device, params.loader)
-    model = runtime.place(backbone.features)
-    with tqdm(total=len(rows), desc="extract", unit="img") as bar, ThreadPoolExecutor(1, "flush") as flusher:
-        clock = _BatchClock()
-        pending = None
-        for batch, embeddings in forward_batches(model, batches, runtime, preprocessing.normalize):
-            hashes = [rows[i].sha256 for i in batch.index.tolist()]
-            if pending is not None:
-                pending.result()  # at most one batch in flight; its error surfaces here
-            pending = flusher.submit(_flush, cache, hashes, embeddings, clock, bar)
-        if pending is not None:
-            pending.result()
-
-
-class _BatchClock:
-    """Each batch's cost: wall time since the previous batch was flushed (decoding or waiting for it, the
-    forward pass, the previous flush; the first batch also starts the loader and warms the model)."""
-
-    def __init__(self) -> None:
-        self.last = time.perf_counter()
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        seconds, self.last = now - self.last, now
-        return seconds
-
-
-@torch.inference_mode()
-def _flush(cache: EmbeddingCache, hashes: list[str], embeddings: torch.Tensor, clock: _BatchClock, bar) -> None:
-    features = embeddings.float().cpu().numpy()
-    cache.add(hashes, features, seconds=clock.lap())
-    bar.update(len(hashes))
 
 
 def _iso(unix_time: float) -> str:

@@ -1,0 +1,194 @@
+"""The Ray engine: extraction on Ray Data, the batch-inference pattern of Ray's own examples.
+
+The rows the embedding cache lacks stream from this process (the driver) through CPU tasks that read, check and
+decode `extract.ray.decode_batch` images at a time, into a pool of actors that each hold the frozen backbone (GPU
+actors on a cluster with GPUs) and embed `extract.batch_size` images a pass; the driver lands each embedded batch
+in the embedding cache as it arrives. Ray does the scheduling and the retries: a decode task whose worker dies runs
+again (Ray retries a task three times), an actor that dies is
+restarted and its batch rerun (Ray Data restarts a pool's actors without limit).
+
+Same store as `local`: the cache is keyed by content hash and the store is assembled from it alike. Order is
+preserved, so each actor pass embeds the rows a local forward pass would (rows [k*B, (k+1)*B) of the missing
+ones): CPU kernels round differently for another batch composition or thread count, and with the same batches
+and as many torch threads per actor as the local process uses, the features are the same bytes.
+
+Every machine of the cluster needs this package's dependencies and the images at the path the driver sees; the
+package itself travels with the job (Ray's `py_modules`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import pipeline
+from pipeline.backbones import Preprocessing, build_backbone
+from pipeline.config import ExtractParams, RayParams
+from pipeline.dataset import ManifestRow
+from pipeline.engines.local import BatchClock
+from pipeline.errors import DataError, PipelineError
+from pipeline.jpeg import JpegDecoder
+from pipeline.runtime import Batch, Images, Runtime, forward_batches, stack
+from pipeline.store import EmbeddingCache
+
+if TYPE_CHECKING:
+    from pipeline.engines import Setup
+
+RAY_MISSING = (
+    "extract.engine is ray but Ray Data is not installed: pip install 'transfer-pipeline[ray]' "
+    "(or set extract.engine: local)"
+)
+
+
+def _ray():
+    """The `ray` module with Ray Data, or a one-line error that says what to install."""
+    try:
+        import ray
+        import ray.data
+    except ImportError as err:
+        raise PipelineError(RAY_MISSING) from err
+    return ray
+
+
+def connect():
+    """Join the cluster that RAY_ADDRESS names, or start a local one on this machine's cores, once per process."""
+    ray = _ray()
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        try:
+            # This package travels with the job, so the workers run the driver's code whatever is installed there.
+            ray.init(
+                runtime_env={"py_modules": [str(Path(pipeline.__file__).parent)]},
+                **({} if address else {"include_dashboard": False}),
+            )
+        except ConnectionError as err:
+            raise PipelineError(
+                f"extract.engine is ray but no Ray cluster answers at RAY_ADDRESS={address}: {err}"
+            ) from err
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # the local engine's batches, and the cache filled in order
+    context.enable_progress_bars = False  # the driver's own bar counts what reaches the cache
+    context.print_on_execution_start = False
+    return ray
+
+
+def gpus_per_actor(settings: RayParams) -> float:
+    """extract.ray.gpus_per_actor, with auto resolved on the cluster: one GPU an actor when it has any."""
+    if settings.gpus_per_actor != "auto":
+        return float(settings.gpus_per_actor)
+    return 1.0 if connect().cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def actor_device(settings: RayParams) -> torch.device:
+    """Where the actors run the backbone: what the fingerprint's precision depends on."""
+    return torch.device("cuda" if gpus_per_actor(settings) > 0 else "cpu")
+
+
+def embed_rows(
+    setup: Setup, rows: list[ManifestRow], data_root: Path, cache: EmbeddingCache, params: ExtractParams
+) -> None:
+    """Embed `rows` on the cluster, each batch flushed to `cache` as the driver receives it."""
+    ray = connect()
+    blocks = math.ceil(len(rows) / params.ray.decode_batch)
+    items = [{"path": r.path, "sha256": r.sha256} for r in rows]
+    weights = str(Path(setup.weights_file).resolve()) if setup.weights_file else None
+    draft = setup.preprocessing.resize if params.jpeg_draft else None
+    dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        decode,
+        fn_kwargs={
+            "root": str(Path(data_root).resolve()),
+            "preprocessing": setup.preprocessing,
+            "draft": draft,
+            "decoder": setup.decoder,
+        },
+        batch_size=params.ray.decode_batch,
+        num_cpus=1,
+        # No limit on the tasks a worker runs (Ray's default), named so that decoding stays in tasks of its own:
+        # Ray Data fuses a task operator into the actors' when their remote arguments match, and the actors would
+        # then decode on their own CPUs alone.
+        max_calls=0,
+    )
+    embedded = dataset.map_batches(
+        Embedder,
+        fn_constructor_kwargs={
+            "network": setup.backbone.name,
+            "weights": weights,
+            "allow_download": params.allow_download,
+            "preprocessing": setup.preprocessing,
+            "device": setup.runtime.device.type,
+            "precision": setup.runtime.precision,
+        },
+        batch_size=params.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=params.ray.actors),
+        num_cpus=params.ray.cpus_per_actor,
+        num_gpus=gpus_per_actor(params.ray),
+        zero_copy_batch=False,
+    )
+    clock = BatchClock()
+    with tqdm(total=len(rows), desc="extract (ray)", unit="img") as bar:
+        for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+            problems = [str(p) for p in batch["problem"] if p]
+            if problems:  # before any of the batch reaches the cache, as the local engine stops
+                raise DataError(problems[0])
+            cache.add([str(h) for h in batch["sha256"]], batch["features"], seconds=clock.lap())
+            bar.update(len(batch["sha256"]))
+
+
+class Source(NamedTuple):
+    """A manifest row, as far as reading its image goes (`pipeline.runtime.ImageSource`)."""
+
+    path: str
+    sha256: str
+
+
+def decode(
+    batch: dict[str, np.ndarray], root: str, preprocessing: Preprocessing, draft: int | None, decoder: str
+) -> dict:
+    """A Ray task: read, check and decode a few rows as the local engine does (JPEGs by torchvision on the CPU when
+    the decoder is not Pillow): uint8 [B, 3, crop, crop]. A file that changed since prepare, or no longer decodes,
+    is a `problem` (the local engine's message), which the driver raises: an error raised here would reach it
+    wrapped in Ray's, its own message lost."""
+    rows = [Source(str(p), str(h)) for p, h in zip(batch["path"], batch["sha256"], strict=True)]
+    jpeg = None if decoder == "pillow" else JpegDecoder.on(torch.device("cpu"), preprocessing)
+    images = Images.of_rows(Path(root), rows, preprocessing.to_uint8, draft, jpeg=jpeg)
+    pixels, problems = [], []
+    for i in range(len(images)):
+        try:
+            pixels.append(images[i].pixels)
+            problems.append("")
+        except DataError as err:
+            pixels.append(torch.zeros(3, preprocessing.crop, preprocessing.crop, dtype=torch.uint8))
+            problems.append(str(err))
+    return {"sha256": batch["sha256"], "pixels": stack(pixels).numpy(), "problem": np.array(problems)}
+
+
+class Embedder:
+    """A Ray actor holding the frozen backbone: a batch of decoded images in, their embeddings out."""
+
+    def __init__(
+        self,
+        network: str,
+        weights: str | None,
+        allow_download: bool,
+        preprocessing: Preprocessing,
+        device: str,
+        precision: str,
+    ):
+        backbone = build_backbone(network, Path(weights) if weights else None, allow_download)
+        # A GPU actor sees only the GPU Ray gave it, as device 0.
+        self.runtime = Runtime(torch.device(device), precision, channels_last=True)
+        self.model = self.runtime.place(backbone.features)
+        self.normalize = preprocessing.normalize
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = torch.from_numpy(batch["pixels"])
+        inputs = Batch(images, torch.arange(len(images)), [])
+        ((_, embeddings),) = forward_batches(self.model, iter([inputs]), self.runtime, self.normalize)
+        return {"sha256": batch["sha256"], "problem": batch["problem"], "features": embeddings.float().cpu().numpy()}

@@ -1,0 +1,196 @@
+"""The Ray engine on a real 2-CPU local Ray cluster: the same store as the local engine, through dead workers and a
+killed driver, and the same one-line errors.
+
+Every run is the extract stage in a subprocess, as DVC runs it, against one cluster started with `ray start` for
+this module (RAY_ADDRESS). The local runs use one torch thread, as each actor does (extract.ray.cpus_per_actor: 1):
+CPU kernels round differently with another thread count (pipeline/engines/ray_data.py), and the point here is
+that the engines compute the same bytes from the same batches.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, prepare_manifest, write_image_folder
+
+RAY = Path(sys.executable).with_name("ray")
+IMAGES = {"a": 80, "b": 80}  # 160 images, 20 forward batches of 8
+EMBEDDER = "MapBatches(Embedder)"  # in the process title of every embedding actor
+# A cluster on this machine for this module alone: no token (Ray's token is per user, and this is not a cluster
+# anyone else reaches).
+TEST_CLUSTER = {"RAY_AUTH_MODE": "disabled"}
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = subprocess.run(
+        [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+         "--include-dashboard=false", "--disable-usage-stats"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **TEST_CLUSTER},
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    yield f"127.0.0.1:{port}"
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120, env={**os.environ, **TEST_CLUSTER})
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ray") / "raw"
+    write_image_folder(root, IMAGES, size=64)
+    return root
+
+
+def _work(parent: Path, name: str, root: Path, engine: str) -> Path:
+    work = parent / name
+    work.mkdir()
+    prepare_manifest(root, work / "manifest.csv")
+    (work / "params.yaml").write_text(
+        "extract:\n  backbones:\n    test_efficientnet: {image_size: 64}\n  device: cpu\n  batch_size: 8\n"
+        f"  engine: {engine}\n  ray:\n    actors: 1\n    cpus_per_actor: 1\n    decode_batch: 4\n"
+    )
+    return work
+
+
+def _stage(work: Path, root: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "stages.extract", "--backbone", "test_efficientnet", "--data", str(root),
+        "--manifest", str(work / "manifest.csv"), "--out", str(work / "features.h5"),
+        "--cache-dir", str(work / "cache"), "--metrics", str(work / "metrics.json"),
+        "--params", str(work / "params.yaml"),
+    ]  # fmt: skip
+
+
+def _env(address: str) -> dict[str, str]:
+    return {**os.environ, **TEST_CLUSTER, "RAY_ADDRESS": address, "OMP_NUM_THREADS": "1"}
+
+
+def _run(work: Path, root: Path, address: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_stage(work, root), cwd=REPO, env=_env(address), capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory, images, ray_address) -> Path:
+    work = _work(tmp_path_factory.mktemp("local"), "local", images, "local")
+    done = _run(work, images, ray_address)
+    assert done.returncode == 0, done.stderr
+    return work / "features.h5"
+
+
+def _assert_same_store(a: Path, b: Path) -> None:
+    """Same datasets, byte for byte, and the same attributes but `created` (when the newest embedding was computed)."""
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        assert set(fa) == set(fb)
+        for key in fa:
+            assert np.array_equal(fa[key][()], fb[key][()]), key
+        attrs = {k: str(v) for k, v in fa.attrs.items() if k != "created"}
+        assert attrs == {k: str(v) for k, v in fb.attrs.items() if k != "created"}
+
+
+def _shards(work: Path) -> int:
+    return len(list(work.glob("cache/*/shard-*.h5")))
+
+
+def test_ray_writes_the_store_the_local_engine_writes_and_reruns_compute_nothing(
+    tmp_path, images, ray_address, local_store
+):
+    work = _work(tmp_path, "ray", images, "ray")
+    first = _run(work, images, ray_address)
+    assert first.returncode == 0, first.stderr
+    assert "(160 computed, 0 reused)" in first.stdout
+    _assert_same_store(local_store, work / "features.h5")
+    again = _run(work, images, ray_address)
+    assert again.returncode == 0 and "(0 computed, 160 reused)" in again.stdout
+
+
+def _embedding_actors() -> list[int]:
+    """The process ids of the running embedding actors, by the title Ray gives their processes."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                title = (proc / "cmdline").read_bytes()
+            except OSError:  # gone meanwhile
+                continue
+            if EMBEDDER.encode() in title:
+                pids.append(int(proc.name))
+    return pids
+
+
+def _wait_for(condition, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_an_actor_killed_mid_run_is_restarted_by_ray_and_the_store_is_the_same(
+    tmp_path, images, ray_address, local_store
+):
+    work = _work(tmp_path, "ray", images, "ray")
+    driver = subprocess.Popen(_stage(work, images), cwd=REPO, env=_env(ray_address), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _wait_for(lambda: _shards(work) >= 2)
+    (actor,) = _embedding_actors()
+    os.kill(actor, signal.SIGKILL)
+    flushed = _shards(work)
+    out, err = driver.communicate(timeout=300)
+    assert driver.returncode == 0, err
+    assert flushed < 20, "the run was over before the actor was killed"
+    assert "(160 computed, 0 reused)" in out
+    _assert_same_store(local_store, work / "features.h5")
+
+
+def test_a_killed_driver_reruns_only_what_the_cache_lacks(tmp_path, images, ray_address, local_store):
+    work = _work(tmp_path, "ray", images, "ray")
+    driver = subprocess.Popen(_stage(work, images), cwd=REPO, env=_env(ray_address), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    _wait_for(lambda: _shards(work) >= 2)
+    driver.kill()
+    driver.wait()
+    flushed = _shards(work)
+    assert driver.returncode == -signal.SIGKILL and 2 <= flushed < 20
+    assert not (work / "features.h5").exists()
+    rerun = _run(work, images, ray_address)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"({160 - 8 * flushed} computed, {8 * flushed} reused)" in rerun.stdout
+    _assert_same_store(local_store, work / "features.h5")
+
+
+def test_a_file_changed_since_prepare_fails_with_the_local_engines_line(tmp_path, images, ray_address):
+    root = tmp_path / "raw"
+    write_image_folder(root, {"a": 6, "b": 6}, size=64)
+    victim = sorted(root.glob("b/*"))[1]
+    errors = {}
+    for engine in ("local", "ray"):
+        work = _work(tmp_path, engine, root, engine)
+        victim.write_bytes(victim.read_bytes() + b"edited")
+        failed = _run(work, root, ray_address)
+        errors[engine] = failed.stderr.strip().splitlines()[-1]
+        assert failed.returncode == 1 and "Traceback" not in failed.stderr.split("Error: ")[-1]
+        victim.write_bytes(victim.read_bytes().removesuffix(b"edited"))
+    assert errors["ray"] == errors["local"]
+    assert errors["local"] == f"Error: b/{victim.name} changed since prepare ran; run `dvc repro` again"
+
+
+def test_without_ray_the_engine_is_a_one_line_error(tmp_path, images):
+    work = _work(tmp_path, "noray", images, "ray")
+    # As if Ray were not installed: `import ray` raises ImportError.
+    code = "import sys; sys.modules['ray'] = None; from stages.extract import main; main()"
+    failed = subprocess.run([sys.executable, "-c", code, *_stage(work, images)[3:]], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines() == [
+        "Error: extract.engine is ray but Ray Data is not installed: pip install 'transfer-pipeline[ray]' "
+        "(or set extract.engine: local)"
+    ]
