@@ -19,6 +19,9 @@ import h5py
 import numpy as np
 import pytest
 
+from pipeline.config import ConfigError, ExtractParams, RayParams
+from pipeline.dataset import read_manifest
+from pipeline.engines import Setup
 from tests.conftest import REPO, prepare_manifest, write_image_folder
 
 RAY = Path(sys.executable).with_name("ray")
@@ -194,3 +197,10 @@ def test_without_ray_the_engine_is_a_one_line_error(tmp_path, images):
         "Error: extract.engine is ray but Ray Data is not installed: pip install 'transfer-pipeline[ray]' "
         "(or set extract.engine: local)"
     ]
+
+
+def test_a_device_the_actors_do_not_have_is_a_params_error(tmp_path, images):
+    manifest = read_manifest(prepare_manifest(images, tmp_path / "manifest.csv"))
+    params = ExtractParams.of("test_efficientnet", engine="ray", device="cuda", ray=RayParams(gpus_per_actor=0))
+    with pytest.raises(ConfigError, match="extract.device is cuda but the Ray actors run on cpu"):
+        Setup.resolve(params, "test_efficientnet", manifest)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pipeline.backbones import Backbone, Preprocessing, build_backbone, fingerprint, input_size
-from pipeline.config import ExtractParams
+from pipeline.config import ConfigError, ExtractParams
 from pipeline.dataset import Manifest, ManifestRow
 from pipeline.jpeg import resolve_decoder
 from pipeline.runtime import Runtime, resolve_precision
@@ -48,6 +48,11 @@ class Setup:
             # The actors' device decides the precision, which the fingerprint records: a driver without a GPU may
             # drive GPU actors. Their JPEGs are decoded by CPU tasks.
             device = ray_data.actor_device(params.ray)
+            if params.device not in ("auto", device.type):
+                raise ConfigError(
+                    f"extract.device is {params.device} but the Ray actors run on {device.type} "
+                    f"(extract.ray.gpus_per_actor: {params.ray.gpus_per_actor}); set extract.device: auto"
+                )
             runtime = Runtime(device, resolve_precision(params.precision, device), channels_last=True)
             decode_on = torch.device("cpu")
         else:
