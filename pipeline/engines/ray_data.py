@@ -94,17 +94,27 @@ def embed_rows(
     setup: Setup, rows: list[ManifestRow], data_root: Path, cache: EmbeddingCache, params: ExtractParams
 ) -> None:
     """Embed `rows` on the cluster, each batch flushed to `cache` as the driver receives it."""
+    clock = BatchClock()
+    with tqdm(total=len(rows), desc="extract (ray)", unit="img") as bar:
+        for batch in embeddings(setup, rows, data_root, params).iter_batches(batch_size=None, batch_format="numpy"):
+            problems = [str(p) for p in batch["problem"] if p]
+            if problems:  # before any of the batch reaches the cache, as the local engine stops
+                raise DataError(problems[0])
+            cache.add([str(h) for h in batch["sha256"]], batch["features"], seconds=clock.lap())
+            bar.update(len(batch["sha256"]))
+
+
+def embeddings(setup: Setup, rows: list[ManifestRow], data_root: Path, params: ExtractParams):
+    """The Ray Dataset of `rows`' embeddings, in order: CPU tasks decode, the actor pool embeds."""
     ray = connect()
-    blocks = math.ceil(len(rows) / params.ray.decode_batch)
     items = [{"path": r.path, "sha256": r.sha256} for r in rows]
-    weights = str(Path(setup.weights_file).resolve()) if setup.weights_file else None
-    draft = setup.preprocessing.resize if params.jpeg_draft else None
-    dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+    decoded = ray.data.from_items(items, override_num_blocks=math.ceil(len(rows) / params.ray.decode_batch))
+    decoded = decoded.map_batches(
         decode,
         fn_kwargs={
             "root": str(Path(data_root).resolve()),
             "preprocessing": setup.preprocessing,
-            "draft": draft,
+            "draft": setup.preprocessing.resize if params.jpeg_draft else None,
             "decoder": setup.decoder,
         },
         batch_size=params.ray.decode_batch,
@@ -114,11 +124,11 @@ def embed_rows(
         # then decode on their own CPUs alone.
         max_calls=0,
     )
-    embedded = dataset.map_batches(
+    return decoded.map_batches(
         Embedder,
         fn_constructor_kwargs={
             "network": setup.backbone.name,
-            "weights": weights,
+            "weights": str(Path(setup.weights_file).resolve()) if setup.weights_file else None,
             "allow_download": params.allow_download,
             "preprocessing": setup.preprocessing,
             "device": setup.runtime.device.type,
@@ -130,14 +140,6 @@ def embed_rows(
         num_gpus=gpus_per_actor(params.ray),
         zero_copy_batch=False,
     )
-    clock = BatchClock()
-    with tqdm(total=len(rows), desc="extract (ray)", unit="img") as bar:
-        for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
-            problems = [str(p) for p in batch["problem"] if p]
-            if problems:  # before any of the batch reaches the cache, as the local engine stops
-                raise DataError(problems[0])
-            cache.add([str(h) for h in batch["sha256"]], batch["features"], seconds=clock.lap())
-            bar.update(len(batch["sha256"]))
 
 
 class Source(NamedTuple):
