@@ -18,21 +18,24 @@ from torch import nn
 from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
-from pipeline import backbones, dataset, finetuned, images, runtime
+from pipeline import backbones, dataset, distributed, finetuned, images, runtime
 from pipeline.backbones import PIXELS_VERSION, Backbone, Preprocessing, build_backbone, input_size, tiny_images
 from pipeline.config import FinetuneParams
 from pipeline.dataset import Manifest, ManifestRow, manifest_sha256, read_manifest
+from pipeline.distributed import SINGLE, Ranks, rank_batch_size
 from pipeline.errors import PipelineError
 from pipeline.finetuned import Classifier, save_finetuned
 from pipeline.heads import TrainedHead
 from pipeline.io import atomic_path
-from pipeline.runtime import Images, Runtime, image_batches, predict_proba, shuffled_batches
+from pipeline.runtime import EpochShard, Images, Runtime, image_batches, predict_proba, sharded_batches
 
 log = logging.getLogger(__name__)
 
 # The code a fine-tuning run's weights depend on (what dvc.yaml lists for the stage): a change to any of it must
 # not resume a checkpoint written by the old code.
 TRAINING_CODE = (Path(__file__), *(Path(m.__file__) for m in (backbones, dataset, finetuned, images, runtime)))
+# What several ranks run besides (their sums and broadcasts); one process runs none of it.
+DISTRIBUTED_CODE = (Path(distributed.__file__),)
 
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -201,6 +204,8 @@ class FinetuneResult:
     train_seconds: float
     device: str
     precision: str
+    processes: int = 1  # torchrun's ranks (world size); 1 without torchrun
+    writes: bool = True  # this rank writes the outputs (one rank of several does)
 
     def summary(self) -> dict:
         """What evaluate and the report need to know about the training run."""
@@ -214,6 +219,7 @@ class FinetuneResult:
             "train_accuracy": self.history[self.best_epoch - 1]["train_accuracy"] if self.history else None,
             "device": self.device,
             "precision": self.precision,
+            "processes": self.processes,
         }
 
 
@@ -243,6 +249,7 @@ class Training:
     runtime: Runtime
     preprocessing: Preprocessing
     params: FinetuneParams
+    ranks: Ranks = SINGLE
 
 
 @dataclass(frozen=True)
@@ -262,22 +269,33 @@ def code_sha256(files: tuple[Path, ...]) -> str:
     return digest.hexdigest()
 
 
-def run_key(backbone: Backbone, params: FinetuneParams, manifest: Manifest, initial_layer: nn.Linear) -> str:
+# How the ranks are started (finetune.engine, finetune.torchrun's nodes and rendezvous) is left out of the run key:
+# the same processes, however launched, compute the same thing. What they compute depends on how many there are:
+# each batch is split between them (BatchNorm statistics per rank under `batchnorm: train`, per-rank augmentation
+# draws, the order of the gradient sums), so the world size is in the key: a checkpoint of 2 ranks is not resumed
+# by 1 or 4. `engine: torchrun` with one process runs no process group: it is the local run, with its key.
+LAUNCH_PARAMS = ("engine", "torchrun")
+
+
+def run_key(
+    backbone: Backbone, params: FinetuneParams, manifest: Manifest, initial_layer: nn.Linear, world: int = 1
+) -> str:
     """What a checkpoint must match to be resumed: data, backbone, params, the new layer's starting weights (the
-    warm start, or the seeded random ones), and the training code and pixels."""
+    warm start, or the seeded random ones), the training code and pixels, and the number of ranks (`world`)."""
     layer = hashlib.sha256()
     for tensor in (initial_layer.weight, initial_layer.bias):
         layer.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     spec = {
         "backbone": backbone.name,
         "weights": backbone.weights_sha256(),
-        "params": asdict(params),
+        "params": {k: v for k, v in asdict(params).items() if k not in LAUNCH_PARAMS},
+        "processes": world,
         "manifest": manifest_sha256(manifest),
         "initial_layer": layer.hexdigest(),
         # A change to the training code or to the pixels it is fed must not resume a checkpoint of the old.
         "preprocessing": backbone.preprocessing.to_json(),
         "pixels_version": PIXELS_VERSION,
-        "code": code_sha256(TRAINING_CODE),
+        "code": code_sha256(TRAINING_CODE + (DISTRIBUTED_CODE if world > 1 else ())),
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -292,6 +310,7 @@ def finetune(
     *,
     initial: dict[str, torch.Tensor] | None = None,
     weights: Path | None = None,
+    ranks: Ranks = SINGLE,
 ) -> FinetuneResult:
     """Fine-tune `backbone_name` (with `weights`, extract's, when given) on the manifest's train split,
     early-stopping on val loss. The new layer starts at `initial` (what the warm_start stage wrote with
@@ -300,24 +319,41 @@ def finetune(
     A checkpoint (model, optimizer, scheduler, RNG state, training state) is written after every epoch under
     `checkpoint_dir/<run key>/`; a rerun with the same inputs resumes from it. Every source of randomness is
     derived from (seed, epoch), so a resumed run on CPU ends with the same weights as an uninterrupted one.
+
+    Under torchrun every rank calls this with its `ranks` (pipeline.distributed.ranks_from_env): the ranks train
+    one model with DistributedDataParallel on shares of the same global batches (`params.batch_size` stays the
+    global batch), and one of them (`ranks.writer`) reads and writes the checkpoint and the outputs.
     """
     start = time.perf_counter()
+    rank_batch_size(params.batch_size, ranks.world)  # an uneven split is refused before anything is built
     data = read_splits(manifest_path)
     backbone = build_backbone(backbone_name, weights)
     params = with_input_size(params, backbone, data.manifest)
     if initial is None:
         initial = initial_layer(backbone, data.manifest, params)  # init_head: logreg needs the head: refused here
-    training = build_training(backbone, data, params, initial)
-    checkpoint = Path(checkpoint_dir) / run_key(backbone, params, data.manifest, training.model.head) / "checkpoint.pt"
-    state = resume(checkpoint, training)
-    resumed_from = state.epoch
-    fit(training, data, Path(data_root), state, checkpoint)
-    model = training.model
+    training = build_training(backbone, data, params, initial, ranks)
+    key = run_key(backbone, params, data.manifest, training.model.head, ranks.world)
+    checkpoint = Path(checkpoint_dir) / key / "checkpoint.pt"
+    with distributed.process_group(ranks, training.runtime.device) as training.ranks:
+        state = resume(checkpoint, training)
+        resumed_from = state.epoch
+        fit(training, data, Path(data_root), state, checkpoint)
     if state.best_weights is None:  # every val loss was NaN: nothing to keep
         raise FinetuneError(f"the val loss was not a number in any of {state.epoch} epochs; lower finetune.lr")
-    model.load_state_dict(state.best_weights)
-    result = FinetuneResult(
-        model_path=Path(out_dir) / "model.safetensors",
+    training.model.load_state_dict(state.best_weights)
+    result = training_result(training, state, resumed_from, Path(out_dir) / "model.safetensors")
+    if result.writes:
+        save_finetuned(training.model, out_dir, saved_config(backbone, training, data.classes, result))
+    log.info("finetune: done in %.1fs", time.perf_counter() - start)
+    return result
+
+
+def training_result(training: Training, state: TrainingState, resumed_from: int, model_path: Path) -> FinetuneResult:
+    """What the stage reports and config.json keeps of the run (of several ranks, the device kind: each has its
+    own GPU)."""
+    model, ranks = training.model, training.ranks
+    return FinetuneResult(
+        model_path=model_path,
         epochs_run=state.epoch,
         resumed_from_epoch=resumed_from,
         best_epoch=state.best_epoch,
@@ -325,12 +361,11 @@ def finetune(
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         total_params=sum(p.numel() for p in model.parameters()),
         train_seconds=sum(h["seconds"] for h in state.history),
-        device=str(training.runtime.device),
+        device=str(training.runtime.device) if ranks.world == 1 else training.runtime.device.type,
         precision=training.runtime.precision,
+        processes=ranks.world,
+        writes=ranks.writes,
     )
-    save_finetuned(model, out_dir, saved_config(backbone, training, data.classes, result))
-    log.info("finetune: done in %.1fs", time.perf_counter() - start)
-    return result
 
 
 def with_input_size(params: FinetuneParams, backbone: Backbone, manifest: Manifest) -> FinetuneParams:
@@ -355,8 +390,11 @@ def read_splits(manifest_path: Path) -> Splits:
     return Splits(manifest, classes, rows, labels)
 
 
-def build_training(backbone: Backbone, data: Splits, params: FinetuneParams, initial: dict) -> Training:
-    """The model with its new layer at `initial`, its frozen blocks, the optimizer and the schedule."""
+def build_training(
+    backbone: Backbone, data: Splits, params: FinetuneParams, initial: dict, ranks: Ranks = SINGLE
+) -> Training:
+    """The model with its new layer at `initial`, its frozen blocks, the optimizer and the schedule, on this
+    rank's device."""
     preprocessing = backbone.preprocessing.with_image_size(params.image_size)
     model = Classifier(backbone.features, backbone.feature_dim, len(data.classes))
     try:
@@ -367,19 +405,27 @@ def build_training(backbone: Backbone, data: Splits, params: FinetuneParams, ini
         ) from err
     split = freeze(model, backbone.blocks(), params.unfreeze)
     runtime = Runtime.resolve(params.device, params.precision, option="finetune.device")
+    runtime = replace(runtime, device=distributed.rank_device(runtime.device, ranks))
     runtime.place(model)
     optimizer = torch.optim.AdamW(parameter_groups(model, split, params), weight_decay=params.weight_decay)
-    steps_per_epoch = math.ceil(len(data.rows["train"]) / params.batch_size)
+    steps_per_epoch = math.ceil(len(data.rows["train"]) / params.batch_size)  # each rank's too (see EpochShard)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(params.warmup_epochs * steps_per_epoch, params.epochs * steps_per_epoch)
     )
-    return Training(model, split, optimizer, scheduler, runtime, preprocessing, params)
+    return Training(model, split, optimizer, scheduler, runtime, preprocessing, params, ranks)
 
 
 def resume(checkpoint: Path, training: Training) -> TrainingState:
     """The state saved after the last completed epoch, loaded into the model and optimizer; a fresh one if there
-    is none, or if it is damaged (set aside by `read_checkpoint`): training then starts from scratch."""
-    saved = read_checkpoint(checkpoint) if checkpoint.is_file() else None
+    is none, or if it is damaged (set aside by `checkpoint_payload`): training then starts from scratch.
+
+    Of several ranks, the writer reads the file and sends its bytes to the others: the other machines need no
+    shared disk, and every rank starts from the same state."""
+    ranks = training.ranks
+    payload = checkpoint_payload(checkpoint) if ranks.writes and checkpoint.is_file() else None
+    if ranks.world > 1:
+        payload = distributed.broadcast_bytes(payload, ranks.writer, training.runtime.device)
+    saved = None if payload is None else load_checkpoint(payload)
     if saved is None:
         return TrainingState()
     training.model.load_state_dict(saved["model"])
@@ -387,40 +433,65 @@ def resume(checkpoint: Path, training: Training) -> TrainingState:
     training.scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"])
     state = TrainingState(**{f.name: saved[f.name] for f in fields(TrainingState)})
-    log.info("finetune: resuming from %s at epoch %d", checkpoint, state.epoch + 1)
+    if ranks.writes:
+        log.info("finetune: resuming from %s at epoch %d", checkpoint, state.epoch + 1)
     return state
 
 
 def fit(training: Training, data: Splits, data_root: Path, state: TrainingState, checkpoint: Path) -> None:
-    """Train epoch after epoch until `params.epochs` or early stopping; a checkpoint after each."""
-    params, runtime, p = training.params, training.runtime, training.preprocessing
+    """Train epoch after epoch until `params.epochs` or early stopping; a checkpoint after each.
+
+    Of several ranks, each trains on its `EpochShard` of every global batch (DistributedDataParallel averages the
+    gradients) and scores a strided share of the val rows (rank, rank + ranks, ...: none dropped or repeated) on
+    the bare model, so evaluation runs no collective. The sums are added across ranks: every rank records the
+    same epoch and stops at the same one. The writer saves the checkpoint.
+    """
+    params, runtime, p, ranks = training.params, training.runtime, training.preprocessing, training.ranks
+    per_rank = params.batch_size // ranks.world
     train = Images.of_rows(data_root, data.rows["train"], train_transform(p, params.augment))
-    val = Images.of_rows(data_root, data.rows["val"], p.to_uint8)
+    val = Images.of_rows(data_root, data.rows["val"][ranks.rank :: ranks.world], p.to_uint8)
+    shard = EpochShard(train, num_replicas=ranks.world, rank=ranks.rank, seed=params.seed * 100_003)
+    network = distributed.data_parallel(training.model, ranks, runtime.device)
     for epoch in range(state.epoch, params.epochs):
         if state.stopped_early(params.early_stopping_patience):
             break
         epoch_start = time.perf_counter()
-        torch.manual_seed(params.seed * 100_003 + epoch)  # dropout and friends: a function of the epoch
-        generator = torch.Generator().manual_seed(params.seed * 100_003 + epoch)  # order and augmentation
-        batches = shuffled_batches(train, params.batch_size, params.num_workers, runtime.device, generator)
-        train_loss, train_acc = train_epoch(training, batches, data.labels["train"])
-        val_batches = image_batches(val, params.batch_size, params.num_workers, runtime.device)
-        val_loss, val_acc = evaluate_loss(training, val_batches, data.labels["val"])
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": train_loss,
-            "train_accuracy": train_acc,
-            "val_loss": val_loss,
-            "val_accuracy": val_acc,
-            "lr": training.optimizer.param_groups[0]["lr"],
-            "seconds": time.perf_counter() - epoch_start,
-        }
+        shard.set_epoch(epoch)  # the order: the same permutation of (seed, epoch) on every rank
+        # Dropout and augmentation draw from the epoch and the rank (one process: seed * 100_003 + epoch, as ever).
+        seed = (params.seed * 100_003 + epoch) * ranks.world + ranks.rank
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)  # the workers' seeds, and so their augmentation
+        batches = sharded_batches(train, per_rank, params.num_workers, runtime.device, shard, generator)
+        sums = train_epoch(training, network, batches, data.labels["train"])
+        if ranks.world > 1:
+            distributed.broadcast_buffers(training.model, ranks.writer)  # batchnorm: train moved each rank's own
+        val_batches = image_batches(val, per_rank, params.num_workers, runtime.device)
+        sums += evaluate_sums(training, val_batches, data.labels["val"][ranks.rank :: ranks.world])
+        record = epoch_record(training, epoch, sums, time.perf_counter() - epoch_start)
         end_epoch(training, state, record)
-        save_checkpoint(checkpoint, training, state)
+        if ranks.writes:
+            save_checkpoint(checkpoint, training, state)
         log.info(
-            "epoch %d: train loss %.4f acc %.4f, val loss %.4f acc %.4f; checkpoint saved",
-            *(epoch + 1, train_loss, train_acc, val_loss, val_acc),
+            "epoch %d: train loss %.4f acc %.4f, val loss %.4f acc %.4f%s",
+            *(epoch + 1, *(record[k] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"))),
+            "; checkpoint saved" if ranks.writes else "",
         )
+
+
+def epoch_record(training: Training, epoch: int, sums: tuple, seconds: float) -> dict:
+    """The epoch's means from this rank's sums (train loss, hits, images; val the same), added across the ranks."""
+    if training.ranks.world > 1:
+        sums = distributed.all_reduce_sums(sums, training.runtime.device)
+    loss, hits, seen, val_loss, val_hits, val_seen = sums
+    return {
+        "epoch": epoch + 1,
+        "train_loss": loss / seen,
+        "train_accuracy": hits / seen,
+        "val_loss": val_loss / val_seen,
+        "val_accuracy": val_hits / val_seen,
+        "lr": training.optimizer.param_groups[0]["lr"],
+        "seconds": seconds,
+    }
 
 
 def end_epoch(training: Training, state: TrainingState, record: dict) -> None:
@@ -434,34 +505,62 @@ def end_epoch(training: Training, state: TrainingState, record: dict) -> None:
     state.epoch = record["epoch"]
 
 
-def train_epoch(training: Training, batches, labels: torch.Tensor) -> tuple[float, float]:
-    """One pass over the training batches; mean loss and accuracy."""
-    model, runtime = training.model, training.runtime
+def train_epoch(training: Training, network: nn.Module, batches, labels: torch.Tensor) -> tuple[float, int, int]:
+    """One pass over this rank's training batches through `network` (the model, or DDP around it); the summed
+    loss, the correct predictions and the images seen."""
+    model, runtime, ranks = training.model, training.runtime, training.ranks
     set_train_mode(model, training.split, training.params.batchnorm)
-    loss_fn = nn.CrossEntropyLoss()
+    per_rank = training.params.batch_size // ranks.world
     total_loss, correct, seen = 0.0, 0, 0
-    for batch in tqdm(batches, desc="finetune", unit="batch", leave=False):
+    bar = tqdm(batches, desc="finetune", unit="batch", leave=False, disable=ranks.local_rank != 0)
+    for step, batch in enumerate(bar):
         images = runtime.inputs(batch.images, training.preprocessing.normalize)
         targets = labels[batch.index].to(runtime.device, non_blocking=True)
         with runtime.autocast():
-            logits = model(images)
-            loss = loss_fn(logits.float(), targets)
+            logits = network(images)
+            loss, summed, hits, count = batch_loss(logits, targets, step * per_rank, per_rank, ranks, len(labels))
         training.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         training.optimizer.step()
         training.scheduler.step()
-        total_loss += loss.item() * len(targets)
-        correct += int((logits.argmax(1) == targets).sum())
-        seen += len(targets)
-    return total_loss / seen, correct / seen
+        total_loss += summed
+        correct += hits
+        seen += count
+    return total_loss, correct, seen
 
 
-def evaluate_loss(training: Training, batches, labels: torch.Tensor) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of the model on labelled batches."""
+def batch_loss(
+    logits: torch.Tensor, targets: torch.Tensor, first: int, batch_size: int, ranks: Ranks, n: int
+) -> tuple[torch.Tensor, float, int, int]:
+    """The loss to backpropagate, and the batch's summed loss, correct predictions and images for the metrics
+    (`batch_size`: each rank's full batch; `n`: the images of the epoch).
+
+    One process: the batch mean. Several: DDP averages the ranks' gradients, which is the global batch's mean only
+    if each rank's loss is its summed loss times ranks / (images of the global batch): exact for an uneven last
+    batch too, and for EpochShard's padding (positions past `n`; this batch holds positions `first`, `first` + 1,
+    ... of this rank's share, which are rank + ranks * those of the epoch's permutation): weighted 0 and not
+    counted (the images still pass through the network: under `batchnorm: train` they enter their rank's batch
+    statistics).
+    """
+    if ranks.world == 1:
+        loss = nn.functional.cross_entropy(logits.float(), targets)
+        return loss, loss.item() * len(targets), int((logits.argmax(1) == targets).sum()), len(targets)
+    real = (first + torch.arange(len(targets), device=targets.device)) * ranks.world + ranks.rank < n
+    step_images = min(n - first * ranks.world, batch_size * ranks.world)
+    losses = nn.functional.cross_entropy(logits.float(), targets, reduction="none")[real]
+    summed = losses.sum()
+    hits = int((logits.argmax(1) == targets)[real].sum())
+    return summed * (ranks.world / step_images), summed.item(), hits, int(real.sum())
+
+
+def evaluate_sums(training: Training, batches, labels: torch.Tensor) -> tuple[float, int, int]:
+    """The summed cross-entropy, the correct predictions and the images scored: what ranks add up."""
     proba = predict_proba(training.model, batches, training.runtime, training.preprocessing.normalize)
     targets = labels.numpy()
+    if not len(targets):  # more ranks than val rows
+        return 0.0, 0, 0
     p_true = np.clip(proba[np.arange(len(targets)), targets], 1e-12, 1.0)
-    return float(-np.log(p_true).mean()), float((proba.argmax(1) == targets).mean())
+    return float((-np.log(p_true)).sum()), int((proba.argmax(1) == targets).sum()), len(targets)
 
 
 # A checkpoint file is this header, the sha256 of the rest and a newline, then what torch.save wrote. The digest is
@@ -492,6 +591,18 @@ def save_checkpoint(path: Path, training: Training, state: TrainingState) -> Non
 def read_checkpoint(path: Path) -> dict | None:
     """What `save_checkpoint` saved; None when the file is damaged or truncated (or of another format): it is
     then renamed aside to `<name>.corrupt`, with a warning naming it."""
+    payload = checkpoint_payload(path)
+    return None if payload is None else load_checkpoint(payload)
+
+
+def load_checkpoint(payload: bytes) -> dict:
+    """The dict `save_checkpoint` saved, from the bytes `checkpoint_payload` checked."""
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+
+
+def checkpoint_payload(path: Path) -> bytes | None:
+    """What torch.save wrote, once its sha256 matches; None for a damaged or truncated file (set aside as
+    `<name>.corrupt`, with a warning)."""
     data = memoryview(Path(path).read_bytes())
     end = len(CHECKPOINT_HEADER) + 65
     payload = data[end:]
@@ -504,7 +615,7 @@ def read_checkpoint(path: Path) -> dict | None:
             *(path, aside.name),
         )
         return None
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    return bytes(payload)
 
 
 def saved_config(backbone: Backbone, training: Training, classes: list[str], result: FinetuneResult) -> dict:

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from pipeline.errors import DataError, PipelineError
 from pipeline.images import ImageRejected, confined, decode_rgb, read_bytes
@@ -291,14 +291,49 @@ def _inline_batches(dataset: Images, batch_size: int, num_workers: int, device: 
             yield collate(list(pool.map(dataset.__getitem__, range(start, min(start + batch_size, len(dataset))))))
 
 
-def shuffled_batches(
-    dataset: Images, batch_size: int, num_workers: int, device: torch.device, generator: torch.Generator
+class EpochShard(DistributedSampler):
+    """Rank `rank`'s share (positions rank, rank + ranks, ...) of one permutation of the dataset per epoch, the
+    same permutation on every rank: `set_epoch(e)` draws it from a generator seeded `seed + e`.
+
+    With one rank it is the order DataLoader(shuffle=True) gives with a generator seeded `seed + e`, so one
+    process draws the batches it drew before there were ranks; with R ranks and a per-rank batch of B / R, rank
+    r's k-th batch holds the positions of global batch k that are r modulo R: the ranks together train on the
+    global batches of one process. DistributedSampler's own permutation is another one (see `permutation`); its
+    padding is kept.
+    """
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.permutation()
+        if not order:
+            return iter([])
+        # DistributedSampler's padding: when the dataset does not split evenly, the first positions are repeated
+        # (up to ranks - 1 images an epoch) so every rank takes as many batches; fine-tuning gives them weight 0.
+        order = (order * math.ceil(self.total_size / len(order)))[: self.total_size]
+        return iter(order[self.rank : self.total_size : self.num_replicas])
+
+    def permutation(self) -> list[int]:
+        """The permutation a DataLoader(shuffle=True) with this generator draws: it takes one int64 from the
+        generator (its workers' base seed) before its RandomSampler calls randperm with the same generator.
+        DistributedSampler calls randperm on a fresh generator, which gives another permutation."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        return torch.randperm(len(self.dataset), generator=generator).tolist()
+
+
+def sharded_batches(
+    dataset: Images,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    sampler: EpochShard,
+    generator: torch.Generator,
 ) -> DataLoader:
-    """Training batches in the order `generator` draws (it also seeds the workers, and so the augmentation)."""
+    """Training batches of this rank in `sampler`'s order; `generator` seeds the workers (and so their
+    augmentation)."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=True,
+        sampler=sampler,
         generator=generator,
         num_workers=num_workers,
         collate_fn=collate,

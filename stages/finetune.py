@@ -1,11 +1,17 @@
-"""DVC stage `finetune`: new output layer on the backbone, last blocks unfrozen, trained end to end."""
+"""DVC stage `finetune`: new output layer on the backbone, last blocks unfrozen, trained end to end.
 
+With `finetune.engine: torchrun` it starts itself again as torchrun's ranks (DistributedDataParallel); run under
+a torchrun (by hand: how other machines join), it trains as one of the ranks whatever the engine.
+"""
+
+import logging
 from pathlib import Path
 
 import click
 from safetensors.torch import load_file
 
 from pipeline.config import load_params
+from pipeline.distributed import launch, rank_batch_size, ranks_from_env, under_torchrun
 from pipeline.errors import user_errors
 from pipeline.finetune import finetune
 from pipeline.live import log_epochs
@@ -25,6 +31,15 @@ EPOCH_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
 @user_errors
 def main(data: Path, manifest: Path, init: Path, out: Path, checkpoints: Path, live: Path, params: Path) -> None:
     p = load_params(params)
+    if p.finetune.engine == "torchrun" and not under_torchrun():
+        torchrun = p.finetune.torchrun
+        rank_batch_size(p.finetune.batch_size, torchrun.nproc_per_node * torchrun.nnodes)  # before any rank starts
+        argv = [arg for name, value in click.get_current_context().params.items() for arg in (f"--{name}", value)]
+        launch(torchrun, "stages.finetune", [str(arg) for arg in argv])
+        return
+    ranks = ranks_from_env()
+    if ranks.local_rank:  # one log per machine
+        logging.getLogger().setLevel(logging.WARNING)
     entry = p.finetune_backbone  # the network, weights and size the frozen features came from
     result = finetune(
         manifest,
@@ -35,15 +50,19 @@ def main(data: Path, manifest: Path, init: Path, out: Path, checkpoints: Path, l
         checkpoints,
         initial=load_file(init),
         weights=entry.weights_path,
+        ranks=ranks,
     )
+    if not result.writes:  # another rank writes the outputs
+        return
     log_epochs(live, result.history, EPOCH_KEYS, result.best_epoch)
     resumed = f", resumed at epoch {result.resumed_from_epoch + 1}" if result.resumed_from_epoch else ""
     if result.resumed_from_epoch == result.epochs_run:
         resumed = ", all from a finished checkpoint of the same inputs and code"
+    where = f"{result.processes} x {result.device}" if result.processes > 1 else result.device
     click.echo(
         f"finetune: {result.epochs_run} epochs{resumed} (best {result.best_epoch}, val accuracy "
         f"{result.history[result.best_epoch - 1]['val_accuracy']:.4f}), {result.trainable_params:,} of "
-        f"{result.total_params:,} parameters trained in {result.train_seconds:.1f}s on {result.device} -> {out}"
+        f"{result.total_params:,} parameters trained in {result.train_seconds:.1f}s on {where} -> {out}"
     )
 
 
