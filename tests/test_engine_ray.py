@@ -22,6 +22,7 @@ import pytest
 from pipeline.config import ConfigError, ExtractParams, RayParams
 from pipeline.dataset import read_manifest
 from pipeline.engines import Setup
+from pipeline.engines.ray_data import check_room_to_decode
 from tests.conftest import REPO, prepare_manifest, write_image_folder
 
 RAY = Path(sys.executable).with_name("ray")
@@ -204,3 +205,15 @@ def test_a_device_the_actors_do_not_have_is_a_params_error(tmp_path, images):
     params = ExtractParams.of("test_efficientnet", engine="ray", device="cuda", ray=RayParams(gpus_per_actor=0))
     with pytest.raises(ConfigError, match="extract.device is cuda but the Ray actors run on cpu"):
         Setup.resolve(params, "test_efficientnet", manifest)
+
+
+@pytest.mark.parametrize(
+    ("cpus", "actors", "per_actor", "refused"), [(2, 1, 1, False), (2, 2, 1, True), (8, 3, 2, False), (8, 4, 2, True)]
+)
+def test_actors_must_leave_a_cpu_for_decoding(cpus, actors, per_actor, refused):
+    settings = RayParams(actors=actors, cpus_per_actor=per_actor)
+    if refused:
+        with pytest.raises(ConfigError, match="leaving none for the decode tasks"):
+            check_room_to_decode(cpus, settings)
+    else:
+        check_room_to_decode(cpus, settings)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline.backbones import Preprocessing, build_backbone
-from pipeline.config import ExtractParams, RayParams
+from pipeline.config import ConfigError, ExtractParams, RayParams
 from pipeline.dataset import ManifestRow
 from pipeline.engines.local import BatchClock
 from pipeline.errors import DataError, PipelineError
@@ -90,6 +90,17 @@ def actor_device(settings: RayParams) -> torch.device:
     return torch.device("cuda" if gpus_per_actor(settings) > 0 else "cpu")
 
 
+def check_room_to_decode(cpus: float, settings: RayParams) -> None:
+    """Refuse actors that would take every CPU of the cluster: the decode tasks (one CPU each) would wait for one
+    forever, and the run would hang instead of failing."""
+    taken = settings.actors * settings.cpus_per_actor
+    if cpus - taken < 1:
+        raise ConfigError(
+            f"extract.ray: {settings.actors} actors x {settings.cpus_per_actor:g} CPUs take {taken:g} of the cluster's "
+            f"{cpus:g} CPUs, leaving none for the decode tasks; use fewer actors or cpus_per_actor"
+        )
+
+
 def embed_rows(
     setup: Setup, rows: list[ManifestRow], data_root: Path, cache: EmbeddingCache, params: ExtractParams
 ) -> None:
@@ -107,6 +118,7 @@ def embed_rows(
 def embeddings(setup: Setup, rows: list[ManifestRow], data_root: Path, params: ExtractParams):
     """The Ray Dataset of `rows`' embeddings, in order: CPU tasks decode, the actor pool embeds."""
     ray = connect()
+    check_room_to_decode(ray.cluster_resources().get("CPU", 0.0), params.ray)
     items = [{"path": r.path, "sha256": r.sha256} for r in rows]
     decoded = ray.data.from_items(items, override_num_blocks=math.ceil(len(rows) / params.ray.decode_batch))
     decoded = decoded.map_batches(
