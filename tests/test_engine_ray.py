@@ -26,26 +26,43 @@ from pipeline.engines.ray_data import check_room_to_decode
 from tests.conftest import REPO, prepare_manifest, write_image_folder
 
 RAY = Path(sys.executable).with_name("ray")
-IMAGES = {"a": 80, "b": 80}  # 160 images, 20 forward batches of 8
+IMAGES = {"a": 75, "b": 75}  # 150 images: 18 forward batches of 8 and one of 6, decoded 3 at a time
 EMBEDDER = "MapBatches(Embedder)"  # in the process title of every embedding actor
 # A cluster on this machine for this module alone: no token (Ray's token is per user, and this is not a cluster
 # anyone else reaches).
 TEST_CLUSTER = {"RAY_AUTH_MODE": "disabled"}
 
 
-@pytest.fixture(scope="module")
-def ray_address():
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    started = subprocess.run(
-        [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
-         "--include-dashboard=false", "--disable-usage-stats"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, **TEST_CLUSTER},
-    )  # fmt: skip
-    assert started.returncode == 0, started.stderr
-    yield f"127.0.0.1:{port}"
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120, env={**os.environ, **TEST_CLUSTER})
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_address(tmp_path_factory):
+    """A head node of this module's own, on free ports (none of Ray's fixed defaults, which another cluster on this
+    machine may hold), stopped by ending its `ray start --block`, which stops what it started and nothing else."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("ray-head") / "ray-start.log"
+    ports = {
+        f"--{name}-port": _free_port()
+        for name in ("dashboard-agent-listen", "dashboard-agent-grpc", "metrics-export", "runtime-env-agent")
+    }
+    with log.open("w") as out:
+        head = subprocess.Popen(
+            [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+             "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
+             *(f"{k}={v}" for k, v in ports.items())],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **TEST_CLUSTER}, start_new_session=True,
+        )  # fmt: skip
+    try:
+        _wait_for(lambda: "Ray runtime started" in log.read_text() or head.poll() is not None, seconds=120)
+        assert head.poll() is None, log.read_text()
+        yield f"127.0.0.1:{port}"
+    finally:
+        head.terminate()
+        head.wait(timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +78,7 @@ def _work(parent: Path, name: str, root: Path, engine: str) -> Path:
     prepare_manifest(root, work / "manifest.csv")
     (work / "params.yaml").write_text(
         "extract:\n  backbones:\n    test_efficientnet: {image_size: 64}\n  device: cpu\n  batch_size: 8\n"
-        f"  engine: {engine}\n  ray:\n    actors: 1\n    cpus_per_actor: 1\n    decode_batch: 4\n"
+        f"  engine: {engine}\n  ray:\n    actors: 1\n    cpus_per_actor: 1\n    decode_batch: 3\n"
     )
     return work
 
@@ -111,10 +128,10 @@ def test_ray_writes_the_store_the_local_engine_writes_and_reruns_compute_nothing
     work = _work(tmp_path, "ray", images, "ray")
     first = _run(work, images, ray_address)
     assert first.returncode == 0, first.stderr
-    assert "(160 computed, 0 reused)" in first.stdout
+    assert "(150 computed, 0 reused)" in first.stdout
     _assert_same_store(local_store, work / "features.h5")
     again = _run(work, images, ray_address)
-    assert again.returncode == 0 and "(0 computed, 160 reused)" in again.stdout
+    assert again.returncode == 0 and "(0 computed, 150 reused)" in again.stdout
 
 
 def _embedding_actors() -> list[int]:
@@ -145,13 +162,15 @@ def test_an_actor_killed_mid_run_is_restarted_by_ray_and_the_store_is_the_same(
     driver = subprocess.Popen(_stage(work, images), cwd=REPO, env=_env(ray_address), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)  # fmt: skip
     _wait_for(lambda: _shards(work) >= 2)
-    (actor,) = _embedding_actors()
-    os.kill(actor, signal.SIGKILL)
+    actors = _embedding_actors()  # this run's one actor (and any a finished run left, which nothing uses)
+    assert actors
+    for pid in actors:
+        os.kill(pid, signal.SIGKILL)
     flushed = _shards(work)
     out, err = driver.communicate(timeout=300)
     assert driver.returncode == 0, err
-    assert flushed < 20, "the run was over before the actor was killed"
-    assert "(160 computed, 0 reused)" in out
+    assert flushed < 19, "the run was over before the actor was killed"
+    assert "(150 computed, 0 reused)" in out
     _assert_same_store(local_store, work / "features.h5")
 
 
@@ -163,11 +182,11 @@ def test_a_killed_driver_reruns_only_what_the_cache_lacks(tmp_path, images, ray_
     driver.kill()
     driver.wait()
     flushed = _shards(work)
-    assert driver.returncode == -signal.SIGKILL and 2 <= flushed < 20
+    assert driver.returncode == -signal.SIGKILL and 2 <= flushed < 19
     assert not (work / "features.h5").exists()
     rerun = _run(work, images, ray_address)
     assert rerun.returncode == 0, rerun.stderr
-    assert f"({160 - 8 * flushed} computed, {8 * flushed} reused)" in rerun.stdout
+    assert f"({150 - 8 * flushed} computed, {8 * flushed} reused)" in rerun.stdout
     _assert_same_store(local_store, work / "features.h5")
 
 
@@ -181,7 +200,7 @@ def test_a_file_changed_since_prepare_fails_with_the_local_engines_line(tmp_path
         victim.write_bytes(victim.read_bytes() + b"edited")
         failed = _run(work, root, ray_address)
         errors[engine] = failed.stderr.strip().splitlines()[-1]
-        assert failed.returncode == 1 and "Traceback" not in failed.stderr.split("Error: ")[-1]
+        assert failed.returncode == 1 and "Traceback" not in failed.stderr
         victim.write_bytes(victim.read_bytes().removesuffix(b"edited"))
     assert errors["ray"] == errors["local"]
     assert errors["local"] == f"Error: b/{victim.name} changed since prepare ran; run `dvc repro` again"

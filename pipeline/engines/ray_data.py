@@ -4,13 +4,14 @@ The rows the embedding cache lacks stream from this process (the driver) through
 decode `extract.ray.decode_batch` images at a time, into a pool of actors that each hold the frozen backbone (GPU
 actors on a cluster with GPUs) and embed `extract.batch_size` images a pass; the driver lands each embedded batch
 in the embedding cache as it arrives. Ray does the scheduling and the retries: a decode task whose worker dies runs
-again (Ray retries a task three times), an actor that dies is
-restarted and its batch rerun (Ray Data restarts a pool's actors without limit).
+again, an actor that dies is restarted and its batch rerun (Ray Data retries both without limit).
 
-Same store as `local`: the cache is keyed by content hash and the store is assembled from it alike. Order is
-preserved, so each actor pass embeds the rows a local forward pass would (rows [k*B, (k+1)*B) of the missing
-ones): CPU kernels round differently for another batch composition or thread count, and with the same batches
-and as many torch threads per actor as the local process uses, the features are the same bytes.
+Same store as `local`: the cache is keyed by content hash and the store is assembled from it alike. Each actor
+pass embeds the rows a local forward pass would (rows [k*B, (k+1)*B) of the missing ones, in order): CPU kernels
+round differently for another batch composition or thread count, and with the same batches and as many torch
+threads per actor as the local process uses (Ray gives an actor floor(cpus_per_actor)), the features are the same
+bytes. The decoder is resolved for the CPU tasks: on a GPU cluster `decode: auto` is Pillow (the local engine's
+auto there is nvJPEG), another fingerprint and another store.
 
 Every machine of the cluster needs this package's dependencies and the images at the path the driver sees; the
 package itself travels with the job (Ray's `py_modules`).
@@ -64,6 +65,9 @@ def connect():
         try:
             # This package travels with the job, so the workers run the driver's code whatever is installed there.
             ray.init(
+                # Without RAY_ADDRESS, a Ray instance of this process's own: not a cluster some other `ray start` left
+                # on this machine, which plain ray.init() would join.
+                address=address or "local",
                 runtime_env={"py_modules": [str(Path(pipeline.__file__).parent)]},
                 **({} if address else {"include_dashboard": False}),
             )
@@ -110,7 +114,7 @@ def embed_rows(
         for batch in embeddings(setup, rows, data_root, params).iter_batches(batch_size=None, batch_format="numpy"):
             problems = [str(p) for p in batch["problem"] if p]
             if problems:  # before any of the batch reaches the cache, as the local engine stops
-                raise DataError(problems[0])
+                raise PipelineError(problems[0])
             cache.add([str(h) for h in batch["sha256"]], batch["features"], seconds=clock.lap())
             bar.update(len(batch["sha256"]))
 
@@ -136,6 +140,9 @@ def embeddings(setup: Setup, rows: list[ManifestRow], data_root: Path, params: E
         # then decode on their own CPUs alone.
         max_calls=0,
     )
+    # Blocks of exactly extract.batch_size rows, in order: each actor call embeds the rows a local forward pass
+    # would (rows [k*B, (k+1)*B) of the missing ones; the decode blocks are of another size).
+    decoded = decoded.repartition(target_num_rows_per_block=params.batch_size, strict=True)
     return decoded.map_batches(
         Embedder,
         fn_constructor_kwargs={
@@ -145,6 +152,7 @@ def embeddings(setup: Setup, rows: list[ManifestRow], data_root: Path, params: E
             "preprocessing": setup.preprocessing,
             "device": setup.runtime.device.type,
             "precision": setup.runtime.precision,
+            "weights_sha256": setup.backbone.weights_sha256(),
         },
         batch_size=params.batch_size,
         compute=ray.data.ActorPoolStrategy(size=params.ray.actors),
@@ -183,7 +191,11 @@ def decode(
 
 
 class Embedder:
-    """A Ray actor holding the frozen backbone: a batch of decoded images in, their embeddings out."""
+    """A Ray actor holding the frozen backbone: a batch of decoded images in, their embeddings out.
+
+    A backbone it cannot build (a weights file missing on its machine, a download refused) or whose weights are not
+    the driver's (the fingerprint would lie) is its `problem`, returned with every row for the driver to raise in
+    one line: an error raised here would reach it wrapped in Ray's."""
 
     def __init__(
         self,
@@ -193,8 +205,20 @@ class Embedder:
         preprocessing: Preprocessing,
         device: str,
         precision: str,
+        weights_sha256: str,
     ):
-        backbone = build_backbone(network, Path(weights) if weights else None, allow_download)
+        self.problem = ""
+        try:
+            backbone = build_backbone(network, Path(weights) if weights else None, allow_download)
+        except PipelineError as err:
+            self.problem = f"a Ray actor could not build the backbone: {err}"
+            return
+        if backbone.weights_sha256() != weights_sha256:
+            self.problem = (
+                f"a Ray actor loaded other weights for {network} ({weights or 'the defaults'}) than the driver: "
+                "install the same weights on every machine"
+            )
+            return
         # A GPU actor sees only the GPU Ray gave it, as device 0.
         self.runtime = Runtime(torch.device(device), precision, channels_last=True)
         self.model = self.runtime.place(backbone.features)
@@ -202,7 +226,10 @@ class Embedder:
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["sha256"])
+        if self.problem:
+            return {"sha256": batch["sha256"], "problem": np.full(n, self.problem), "features": np.zeros((n, 1))}
         images = torch.from_numpy(batch["pixels"])
-        inputs = Batch(images, torch.arange(len(images)), [])
+        inputs = Batch(images, torch.arange(n), [])
         ((_, embeddings),) = forward_batches(self.model, iter([inputs]), self.runtime, self.normalize)
         return {"sha256": batch["sha256"], "problem": batch["problem"], "features": embeddings.float().cpu().numpy()}
