@@ -73,7 +73,7 @@ class ExtractResult:
 
 def store_attrs(setup: Setup, jpeg_draft: bool) -> dict:
     """The store's attributes: what computed its features (the manifest's are added when it is written). Not the
-    engine: `local` and `ray` write the same store."""
+    engine: `local` and `ray` write the same store from the same fingerprint (pipeline/engines/ray_data.py)."""
     return {
         "label": setup.label,
         "backbone": setup.backbone.name,
