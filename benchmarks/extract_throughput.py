@@ -195,6 +195,8 @@ def compare_engines(rows: list[ManifestRow], full: Manifest, data: Path, params:
     ray_data.connect()
     print(f"Ray start-up (ray.init: start or join the cluster) {time.perf_counter() - start:.1f} s, not counted below")
     print(f"{len(rows)} images, {only(params).backbone}, batch {params.batch_size}, {params.ray}")
+    if len(rows) <= params.batch_size:
+        raise click.UsageError(f"--engine ray needs more than one batch of images ({len(rows)} <= {params.batch_size})")
     one_batch = rows[: params.batch_size]
     seconds: dict[tuple[str, int], list[float]] = {}
     for k in range(repeats):

@@ -211,6 +211,12 @@ class FinetuneParams:
         if self.unfreeze != "all" and self.unfreeze < 0:
             raise ConfigError(f"finetune.unfreeze must be >= 0 or 'all'; got {self.unfreeze}")
         _at_least("finetune", self, epochs=1, batch_size=1, num_workers=0)
+        processes = self.torchrun.nproc_per_node * self.torchrun.nnodes
+        if self.engine == "torchrun" and self.batch_size % processes:
+            raise ConfigError(
+                f"finetune.batch_size {self.batch_size} does not split evenly between {processes} processes "
+                f"(finetune.torchrun.nproc_per_node x nnodes); use a multiple of {processes}"
+            )
         if isinstance(self.image_size, int):
             _at_least("finetune", self, image_size=1)
             _at_most("finetune", self, image_size=MAX_IMAGE_SIZE)

@@ -92,7 +92,10 @@ def data_parallel(module: torch.nn.Module, ranks: Ranks, device: torch.device) -
     raises no "unused parameters" error."""
     if ranks.world == 1:
         return module
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    # No buffer broadcast every step: the writer's BatchNorm statistics are sent once an epoch, before validation.
+    return DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+    )
 
 
 @contextmanager

@@ -627,6 +627,8 @@ def saved_config(backbone: Backbone, training: Training, classes: list[str], res
         "preprocessing": json.loads(training.preprocessing.to_json()),
         "unfrozen_blocks": len(training.split.trainable),
         "total_blocks": len(training.split.trainable) + len(training.split.frozen),
-        "params": asdict(training.params),
+        "params": {
+            k: v for k, v in asdict(training.params).items() if k not in LAUNCH_PARAMS
+        },  # the run's, not its launch's
         "training": result.summary(),
     }

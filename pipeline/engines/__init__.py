@@ -51,7 +51,8 @@ class Setup:
             if params.device not in ("auto", device.type):
                 raise ConfigError(
                     f"extract.device is {params.device} but the Ray actors run on {device.type} "
-                    f"(extract.ray.gpus_per_actor: {params.ray.gpus_per_actor}); set extract.device: auto"
+                    f"(extract.ray.gpus_per_actor: {params.ray.gpus_per_actor}); set extract.device: auto, or give the "
+                    "actors that device (gpus_per_actor)"
                 )
             runtime = Runtime(device, resolve_precision(params.precision, device), channels_last=True)
             decode_on = torch.device("cpu")
