@@ -42,7 +42,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ray_address(tmp_path_factory):
     """A head node of this module's own, on free ports (none of Ray's fixed defaults, which another cluster on this
-    machine may hold), stopped by ending its `ray start --block`, which stops what it started and nothing else."""
+    machine may hold), stopped by ending its `ray start --block` (and its process group), which stops what it
+    started and nothing else."""
     port = _free_port()
     log = tmp_path_factory.mktemp("ray-head") / "ray-start.log"
     ports = {
@@ -60,9 +61,13 @@ def ray_address(tmp_path_factory):
         _wait_for(lambda: "Ray runtime started" in log.read_text() or head.poll() is not None, seconds=120)
         assert head.poll() is None, log.read_text()
         yield f"127.0.0.1:{port}"
-    finally:
+    finally:  # SIGTERM drains the node for up to 30 s; what it has not stopped after 5 goes with its process group
         head.terminate()
-        head.wait(timeout=120)
+        try:
+            head.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
