@@ -105,7 +105,6 @@ def process_group(ranks: Ranks, device: torch.device) -> Iterator[Ranks]:
     if ranks.world == 1:
         yield ranks
         return
-    die_with_launcher()
     cuda = device.type == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     try:
@@ -160,9 +159,12 @@ def die_with_launcher() -> None:
     """
     if not sys.platform.startswith("linux"):
         return
+    parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         log.warning("finetune: this rank will outlive a killed torchrun (prctl: %s)", os.strerror(ctypes.get_errno()))
+    elif os.getppid() != parent:  # the launcher died before the request was in place: nothing will kill us
+        os._exit(1)
 
 
 def torchrun_args(params: TorchrunParams, module: str, argv: Sequence[str]) -> list[str]:

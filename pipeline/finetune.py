@@ -325,6 +325,8 @@ def finetune(
     global batch), and one of them (`ranks.writer`) reads and writes the checkpoint and the outputs.
     """
     start = time.perf_counter()
+    if ranks.world > 1:
+        distributed.die_with_launcher()  # first: a launcher killed while the model is built takes this rank along
     rank_batch_size(params.batch_size, ranks.world)  # an uneven split is refused before anything is built
     data = read_splits(manifest_path)
     backbone = build_backbone(backbone_name, weights)
