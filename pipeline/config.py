@@ -211,12 +211,8 @@ class FinetuneParams:
         if self.unfreeze != "all" and self.unfreeze < 0:
             raise ConfigError(f"finetune.unfreeze must be >= 0 or 'all'; got {self.unfreeze}")
         _at_least("finetune", self, epochs=1, batch_size=1, num_workers=0)
-        processes = self.torchrun.nproc_per_node * self.torchrun.nnodes
-        if self.engine == "torchrun" and self.batch_size % processes:
-            raise ConfigError(
-                f"finetune.batch_size {self.batch_size} does not split evenly between {processes} processes "
-                f"(finetune.torchrun.nproc_per_node x nnodes); use a multiple of {processes}"
-            )
+        if self.engine == "torchrun":  # a params error, so check_params stops `dvc repro` before outputs go
+            rank_batch_size(self.batch_size, self.torchrun.nproc_per_node * self.torchrun.nnodes)
         if isinstance(self.image_size, int):
             _at_least("finetune", self, image_size=1)
             _at_most("finetune", self, image_size=MAX_IMAGE_SIZE)
@@ -333,6 +329,17 @@ class Params:
     def audit_backbone(self) -> str:
         """The label of the store the audit searches (audit.backbone, or the first of extract.backbones)."""
         return self.audit.backbone or next(iter(self.extract.backbones))
+
+
+def rank_batch_size(batch_size: int, world: int) -> int:
+    """`finetune.batch_size` is the global batch: each of `world` processes takes an equal share of it, so the
+    ranks together take the batches one process takes."""
+    if batch_size % world:
+        raise ConfigError(
+            f"finetune.batch_size {batch_size} does not split evenly between {world} processes "
+            f"(finetune.torchrun.nproc_per_node x nnodes); use a multiple of {world}"
+        )
+    return batch_size // world
 
 
 def _at_most(section: str, params: object, **maximum: int) -> None:

@@ -65,17 +65,6 @@ def ranks_from_env() -> Ranks:
     return Ranks(int(env.get("RANK", "0")), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]))
 
 
-def rank_batch_size(batch_size: int, world: int) -> int:
-    """`finetune.batch_size` is the global batch: each rank takes an equal share of it, so the ranks together
-    take the batches one process takes."""
-    if batch_size % world:
-        raise ConfigError(
-            f"finetune.batch_size {batch_size} does not split evenly between {world} processes "
-            f"(finetune.torchrun.nproc_per_node x nnodes); use a multiple of {world}"
-        )
-    return batch_size // world
-
-
 def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
     """One GPU per rank on CUDA (cuda:LOCAL_RANK, made the current device); the CPU is shared."""
     if ranks.world == 1 or device.type == "cpu":

@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from pipeline import backbones, dataset, distributed, finetuned, images, runtime
 from pipeline.backbones import PIXELS_VERSION, Backbone, Preprocessing, build_backbone, input_size, tiny_images
-from pipeline.config import FinetuneParams
+from pipeline.config import FinetuneParams, rank_batch_size
 from pipeline.dataset import Manifest, ManifestRow, manifest_sha256, read_manifest
-from pipeline.distributed import SINGLE, Ranks, rank_batch_size
+from pipeline.distributed import SINGLE, Ranks
 from pipeline.errors import PipelineError
 from pipeline.finetuned import Classifier, save_finetuned
 from pipeline.heads import TrainedHead
@@ -336,7 +336,8 @@ def finetune(
     training = build_training(backbone, data, params, initial, ranks)
     key = run_key(backbone, params, data.manifest, training.model.head, ranks.world)
     checkpoint = Path(checkpoint_dir) / key / "checkpoint.pt"
-    with distributed.process_group(ranks, training.runtime.device) as training.ranks:
+    with distributed.process_group(ranks, training.runtime.device) as joined:
+        training.ranks = joined  # with its writer elected
         state = resume(checkpoint, training)
         resumed_from = state.epoch
         fit(training, data, Path(data_root), state, checkpoint)

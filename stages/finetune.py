@@ -5,13 +5,14 @@ a torchrun (by hand: how other machines join), it trains as one of the ranks wha
 """
 
 import logging
+import sys
 from pathlib import Path
 
 import click
 from safetensors.torch import load_file
 
 from pipeline.config import load_params
-from pipeline.distributed import launch, rank_batch_size, ranks_from_env, under_torchrun
+from pipeline.distributed import launch, ranks_from_env, under_torchrun
 from pipeline.errors import user_errors
 from pipeline.finetune import finetune
 from pipeline.live import log_epochs
@@ -31,11 +32,8 @@ EPOCH_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
 @user_errors
 def main(data: Path, manifest: Path, init: Path, out: Path, checkpoints: Path, live: Path, params: Path) -> None:
     p = load_params(params)
-    if p.finetune.engine == "torchrun" and not under_torchrun():
-        torchrun = p.finetune.torchrun
-        rank_batch_size(p.finetune.batch_size, torchrun.nproc_per_node * torchrun.nnodes)  # before any rank starts
-        argv = [arg for name, value in click.get_current_context().params.items() for arg in (f"--{name}", value)]
-        launch(torchrun, "stages.finetune", [str(arg) for arg in argv])
+    if p.finetune.engine == "torchrun" and not under_torchrun():  # load_params refused an uneven batch split
+        launch(p.finetune.torchrun, "stages.finetune", sys.argv[1:])
         return
     ranks = ranks_from_env()
     if ranks.local_rank:  # one log per machine

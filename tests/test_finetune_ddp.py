@@ -30,9 +30,9 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from pipeline.backbones import build_backbone
-from pipeline.config import ConfigError, FinetuneParams, TorchrunParams, load_params
+from pipeline.config import ConfigError, FinetuneParams, TorchrunParams, load_params, rank_batch_size
 from pipeline.dataset import read_manifest
-from pipeline.distributed import rank_batch_size, torchrun_args
+from pipeline.distributed import torchrun_args
 from pipeline.finetune import finetune, initial_layer, read_checkpoint, run_key
 from pipeline.runtime import EpochShard
 from tests.conftest import REPO, prepare_manifest, write_image_folder
