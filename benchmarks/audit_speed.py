@@ -18,8 +18,8 @@ import tracemalloc
 import click
 import numpy as np
 
-from pipeline.audit import cross_split_duplicates
-from pipeline.store import FeatureStore
+from pipeline.features.store import FeatureStore
+from pipeline.results.audit import cross_split_duplicates
 
 
 def synthetic_store(rows: int, dim: int, copies: int, seed: int = 0) -> tuple[FeatureStore, set[tuple[str, str]]]:

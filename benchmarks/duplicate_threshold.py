@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-from pipeline.backbones import Backbone, build_backbone
-from pipeline.images import decode_rgb, read_bytes
+from pipeline.data.images import decode_rgb, read_bytes
+from pipeline.features.backbones import Backbone, build_backbone
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
 

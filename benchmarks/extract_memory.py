@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from pipeline.dataset import build_manifest, write_manifest
+from pipeline.data.manifest import build_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -39,13 +39,13 @@ import click
 import torch
 from photos import make_photos
 
-from pipeline.backbones import Preprocessing, build_backbone
-from pipeline.config import BackboneParams, ExtractParams, RayParams, usable_cores
-from pipeline.dataset import Manifest, ManifestRow, build_manifest, write_manifest
-from pipeline.extract import extract
-from pipeline.images import decode_rgb, read_bytes
-from pipeline.jpeg import JpegDecoder, resolve_decoder
-from pipeline.runtime import Images, Runtime, image_batches
+from pipeline.core.config import BackboneParams, ExtractParams, RayParams, usable_cores
+from pipeline.data.decoding import JpegDecoder, resolve_decoder
+from pipeline.data.images import decode_rgb, read_bytes
+from pipeline.data.loading import Images, Runtime, image_batches
+from pipeline.data.manifest import Manifest, ManifestRow, build_manifest, write_manifest
+from pipeline.features.backbones import Preprocessing, build_backbone
+from pipeline.features.extraction import extract
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
 
@@ -189,7 +189,7 @@ def decode_only(rows: list[ManifestRow], data: Path, params: ExtractParams, runt
 
 def compare_engines(rows: list[ManifestRow], full: Manifest, data: Path, params: ExtractParams, repeats: int) -> None:
     """Print each engine's end-to-end img/s on every row, its fixed cost per run, and its rate once running."""
-    from pipeline.engines import ray_data
+    from pipeline.features.engines import ray_data
 
     start = time.perf_counter()
     ray_data.connect()

@@ -26,10 +26,10 @@ from threadpoolctl import threadpool_limits
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere, without installing the package
 
-from pipeline.config import load_params  # noqa: E402
-from pipeline.heads import save_head  # noqa: E402
-from pipeline.selection import train_head  # noqa: E402
-from pipeline.store import SPLIT_CODES, FeatureStore, read_store  # noqa: E402
+from pipeline.core.config import load_params  # noqa: E402
+from pipeline.features.store import SPLIT_CODES, FeatureStore, read_store  # noqa: E402
+from pipeline.heads.selection import train_head  # noqa: E402
+from pipeline.heads.trained import save_head  # noqa: E402
 
 
 def synthetic_store(rows: int, dim: int, n_classes: int, separation: float, seed: int = 0) -> FeatureStore:

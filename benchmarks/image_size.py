@@ -5,7 +5,7 @@
 Without --data, the bundled digits (8x8 PNGs, written to a temporary folder). For each size: the extraction's
 compute seconds on this machine, LogME of the train split, and a logistic head (C grid 0.01..10, chosen as the
 head stage chooses it) with its held-out and test accuracy. This is the measurement behind `image_size: auto`
-(pipeline.backbones.input_size): tiny images at 128 px rather than the weights' own size.
+(pipeline.features.backbones.input_size): tiny images at 128 px rather than the weights' own size.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import ExtractParams, HeadParams, usable_cores
-from pipeline.dataset import build_manifest, write_manifest
-from pipeline.evaluate import score_head
-from pipeline.extract import extract
-from pipeline.heads import held_out
-from pipeline.sample import write_digits
-from pipeline.selection import train_head
-from pipeline.store import read_store
+from pipeline.core.config import ExtractParams, HeadParams, usable_cores
+from pipeline.data.manifest import build_manifest, write_manifest
+from pipeline.data.sample import write_digits
+from pipeline.features.extraction import extract
+from pipeline.features.store import read_store
+from pipeline.heads.selection import train_head
+from pipeline.heads.trained import held_out
+from pipeline.results.scoring import score_head
 
 LOGREG = HeadParams(kind="logreg", grid={"C": [0.01, 0.1, 1.0, 10.0]})
 

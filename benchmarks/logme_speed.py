@@ -1,4 +1,4 @@
-"""Time LogME (pipeline/transferability.py) on synthetic features the size of real stores.
+"""Time LogME (pipeline/features/transferability.py) on synthetic features the size of real stores.
 
     python benchmarks/logme_speed.py [--shape 50000x1280 --shape 10000x2048] [--classes 10] [--chunk 10000]
 
@@ -17,7 +17,7 @@ import time
 import click
 import numpy as np
 
-from pipeline.transferability import EvidenceStats
+from pipeline.features.transferability import EvidenceStats
 
 
 def parse_shape(text: str) -> tuple[int, int]:

@@ -5,7 +5,7 @@
 
 The network is what the export stage writes for a fine-tuned model: uint8 images in, normalisation, the
 backbone's features, an output layer (here the backbone's own ImageNet classifier: real weights, 1000 classes)
-and softmax, exported by pipeline.export.write_onnx and run by pipeline.onnx_predict.OnnxPredictor (what
+and softmax, exported by pipeline.serving.export.write_onnx and run by pipeline.serving.onnx_predict.OnnxPredictor (what
 `transfer predict --model` runs). PyTorch runs the same module under torch.inference_mode in fp32, as
 `transfer predict --finetuned` does on the CPU (NCHW) and as `--head` runs the backbone (channels-last).
 Inputs are ready uint8 tensors (seeded random pixels): decoding and resizing are not timed.
@@ -29,9 +29,9 @@ import onnxruntime
 import torch
 from torch import nn
 
-from pipeline.backbones import DEFAULT_BACKBONE, build_backbone
-from pipeline.export import Deployable, Softmax, write_onnx
-from pipeline.onnx_predict import OnnxPredictor
+from pipeline.features.backbones import DEFAULT_BACKBONE, build_backbone
+from pipeline.serving.export import Deployable, Softmax, write_onnx
+from pipeline.serving.onnx_predict import OnnxPredictor
 
 
 def engines(backbone_name: str, image_size: int | None, folder: Path) -> tuple[dict[str, Callable], int]:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import usable_cores
-from pipeline.dataset import build_manifest
+from pipeline.core.config import usable_cores
+from pipeline.data.manifest import build_manifest
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import PipelineError, user_errors
+from pipeline.core.errors import PipelineError, user_errors
 
 
 @click.group()
@@ -18,7 +18,7 @@ def main() -> None:
 @user_errors
 def backbones() -> None:
     """List the backbones, their feature dimension, and whether their weights are on this machine."""
-    from pipeline.backbones import list_backbones
+    from pipeline.features.backbones import list_backbones
 
     infos = list_backbones()
     width = max(len(i.name) for i in infos)
@@ -38,7 +38,7 @@ def sample() -> None:
 @user_errors
 def sample_digits(directory: Path) -> None:
     """scikit-learn's 1,797 handwritten digits (8x8 PNGs, ten classes) into DIRECTORY."""
-    from pipeline.sample import write_digits
+    from pipeline.data.sample import write_digits
 
     if directory.exists() and any(directory.iterdir()):
         raise PipelineError(f"{directory} exists and is not empty; choose another directory or remove it")
@@ -53,7 +53,7 @@ def inspect(features: Path) -> None:
     """Describe a feature store: shape, backbone, classes, split sizes, provenance."""
     import h5py
 
-    from pipeline.store import SPLIT_CODES, read_attrs
+    from pipeline.features.store import SPLIT_CODES, read_attrs
 
     attrs = read_attrs(features)
     with h5py.File(features, "r") as f:
@@ -103,8 +103,8 @@ def predict(inputs, head, features, finetuned, model, top_k, batch_size, num_wor
 
     Files that cannot be read as images are listed on stderr with their reason; the rest are predicted.
     """
-    from pipeline.io import write_text
-    from pipeline.prediction import list_images
+    from pipeline.core.io import write_text
+    from pipeline.serving.answers import list_images
 
     if bool(head) + bool(finetuned) + bool(model) != 1 or bool(head) != bool(features):
         raise click.UsageError("give either --head with --features, or --finetuned, or --model")
@@ -113,12 +113,12 @@ def predict(inputs, head, features, finetuned, model, top_k, batch_size, num_wor
     paths = list_images(list(inputs))  # a mistyped path fails before any model is loaded
     if model:
         # Imports no torch: a machine that serves exported models needs only onnxruntime, Pillow and numpy.
-        from pipeline.onnx_predict import OnnxPredictor
+        from pipeline.serving.onnx_predict import OnnxPredictor
 
         predictor = OnnxPredictor(model)
         predictions, rejected = predictor.predict(paths, top_k, batch_size)
     else:
-        from pipeline.predict import finetuned_predictor, head_predictor
+        from pipeline.serving.predict import finetuned_predictor, head_predictor
 
         predictor = head_predictor(head, features, device) if head else finetuned_predictor(finetuned, device)
         predictions, rejected = predictor.predict(paths, top_k, batch_size, num_workers)

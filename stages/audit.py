@@ -7,13 +7,13 @@ from pathlib import Path
 
 import click
 
-from pipeline.audit import cross_split_duplicates, label_issues, misclassified, write_audit
-from pipeline.config import load_params
-from pipeline.errors import user_errors
-from pipeline.heads import chosen_file, head_files
-from pipeline.io import write_json
-from pipeline.metrics import read_predictions
-from pipeline.store import read_store
+from pipeline.core.config import load_params
+from pipeline.core.errors import user_errors
+from pipeline.core.io import write_json
+from pipeline.features.store import read_store
+from pipeline.heads.trained import chosen_file, head_files
+from pipeline.results.audit import cross_split_duplicates, label_issues, misclassified, write_audit
+from pipeline.results.metrics import read_predictions
 
 PathArg = click.Path(path_type=Path)
 

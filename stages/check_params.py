@@ -11,10 +11,10 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import ConfigError, load_params
-from pipeline.errors import user_errors
-from pipeline.io import write_text
-from pipeline.selection import check_head_params
+from pipeline.core.config import ConfigError, load_params
+from pipeline.core.errors import user_errors
+from pipeline.core.io import write_text
+from pipeline.heads.selection import check_head_params
 
 PathArg = click.Path(path_type=Path)
 

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import load_params
-from pipeline.errors import user_errors
-from pipeline.evaluate_finetune import evaluate_finetuned
-from pipeline.metrics import write_model_metrics
+from pipeline.core.config import load_params
+from pipeline.core.errors import user_errors
+from pipeline.results.metrics import write_model_metrics
+from pipeline.results.scoring_finetune import evaluate_finetuned
 
 PathArg = click.Path(path_type=Path)
 

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import load_params
-from pipeline.errors import user_errors
-from pipeline.export import Inputs, chosen_models, export_models
-from pipeline.heads import head_files
-from pipeline.io import write_json
+from pipeline.core.config import load_params
+from pipeline.core.errors import user_errors
+from pipeline.core.io import write_json
+from pipeline.heads.trained import head_files
+from pipeline.serving.export import Inputs, chosen_models, export_models
 
 PathArg = click.Path(path_type=Path)
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import load_params
-from pipeline.errors import user_errors
-from pipeline.extract import extract
-from pipeline.io import write_json
+from pipeline.core.config import load_params
+from pipeline.core.errors import user_errors
+from pipeline.core.io import write_json
+from pipeline.features.extraction import extract
 
 PathArg = click.Path(path_type=Path)
 

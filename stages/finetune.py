@@ -11,11 +11,11 @@ from pathlib import Path
 import click
 from safetensors.torch import load_file
 
-from pipeline.config import load_params
-from pipeline.distributed import launch, ranks_from_env, under_torchrun
-from pipeline.errors import user_errors
-from pipeline.finetune import finetune
-from pipeline.live import log_epochs
+from pipeline.core.config import load_params
+from pipeline.core.errors import user_errors
+from pipeline.finetuning.distributed import launch, ranks_from_env, under_torchrun
+from pipeline.finetuning.live import log_epochs
+from pipeline.finetuning.training import finetune
 
 PathArg = click.Path(path_type=Path)
 EPOCH_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import load_params
-from pipeline.errors import user_errors
-from pipeline.finetune_curve import finetune_curve
-from pipeline.io import write_json
+from pipeline.core.config import load_params
+from pipeline.core.errors import user_errors
+from pipeline.core.io import write_json
+from pipeline.finetuning.curve import finetune_curve
 
 PathArg = click.Path(path_type=Path)
 

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import load_params
-from pipeline.errors import user_errors
-from pipeline.evaluate import check_has_test_rows, score_head
-from pipeline.heads import HeadError, load_head, save_head
-from pipeline.io import write_json
-from pipeline.metrics import write_model_metrics
-from pipeline.selection import check_head_params, train_head
-from pipeline.store import read_store
+from pipeline.core.config import load_params
+from pipeline.core.errors import user_errors
+from pipeline.core.io import write_json
+from pipeline.features.store import read_store
+from pipeline.heads.selection import check_head_params, train_head
+from pipeline.heads.trained import HeadError, load_head, save_head
+from pipeline.results.metrics import write_model_metrics
+from pipeline.results.scoring import check_has_test_rows, score_head
 
 PathArg = click.Path(path_type=Path)
 

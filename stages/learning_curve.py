@@ -1,16 +1,16 @@
-"""DVC stage `learning_curve`: test accuracy of the chosen head (pipeline.heads.chosen_head) against training
+"""DVC stage `learning_curve`: test accuracy of the chosen head (pipeline.heads.trained.chosen_head) against training
 images per class."""
 
 from pathlib import Path
 
 import click
 
-from pipeline.config import load_params
-from pipeline.curves import learning_curve
-from pipeline.errors import user_errors
-from pipeline.heads import chosen_file, head_files, held_out
-from pipeline.io import write_json
-from pipeline.store import read_store
+from pipeline.core.config import load_params
+from pipeline.core.errors import user_errors
+from pipeline.core.io import write_json
+from pipeline.features.store import read_store
+from pipeline.heads.curves import learning_curve
+from pipeline.heads.trained import chosen_file, head_files, held_out
 
 PathArg = click.Path(path_type=Path)
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import load_params
-from pipeline.dataset import build_manifest, write_manifest, write_quarantine
-from pipeline.errors import user_errors
-from pipeline.io import write_json
+from pipeline.core.config import load_params
+from pipeline.core.errors import user_errors
+from pipeline.core.io import write_json
+from pipeline.data.manifest import build_manifest, write_manifest, write_quarantine
 
 PathArg = click.Path(path_type=Path)
 

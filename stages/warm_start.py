@@ -9,13 +9,13 @@ from pathlib import Path
 import click
 from safetensors.torch import save_file
 
-from pipeline.backbones import build_backbone
-from pipeline.config import load_params
-from pipeline.dataset import read_manifest
-from pipeline.errors import user_errors
-from pipeline.finetune import initial_layer
-from pipeline.heads import load_head
-from pipeline.io import atomic_path
+from pipeline.core.config import load_params
+from pipeline.core.errors import user_errors
+from pipeline.core.io import atomic_path
+from pipeline.data.manifest import read_manifest
+from pipeline.features.backbones import build_backbone
+from pipeline.finetuning.training import initial_layer
+from pipeline.heads.trained import load_head
 
 PathArg = click.Path(path_type=Path)
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import usable_cores
-from pipeline.dataset import build_manifest, write_manifest
-from pipeline.store import FeatureStore
+from pipeline.core.config import usable_cores
+from pipeline.data.manifest import build_manifest, write_manifest
+from pipeline.features.store import FeatureStore
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"

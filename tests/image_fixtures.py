@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.images import MAX_FILE_BYTES
+from pipeline.data.images import MAX_FILE_BYTES
 from tests.conftest import write_image_folder
 
 RED = (255, 0, 0)

@@ -12,14 +12,14 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.audit import DuplicatePair, LabelIssue, cross_split_duplicates, label_issues, misclassified, table
-from pipeline.config import HeadParams
-from pipeline.heads import save_head
-from pipeline.io import write_csv
-from pipeline.metrics import PREDICTIONS_HEADER
-from pipeline.report import audit_section
-from pipeline.selection import train_head
-from pipeline.store import read_store, write_store
+from pipeline.core.config import HeadParams
+from pipeline.core.io import write_csv
+from pipeline.features.store import read_store, write_store
+from pipeline.heads.selection import train_head
+from pipeline.heads.trained import save_head
+from pipeline.results.audit import DuplicatePair, LabelIssue, cross_split_duplicates, label_issues, misclassified, table
+from pipeline.results.metrics import PREDICTIONS_HEADER
+from pipeline.results.report import audit_section
 from stages.audit import main as audit_stage
 from tests.conftest import make_store
 
@@ -206,7 +206,7 @@ def test_label_issues_are_empty_with_a_reason_when_a_class_has_one_image(caplog)
     keep = ~((labels == 2) & (np.arange(len(labels)) % 10 >= 1))  # class c: one train image
     store = make_store(features[keep], labels[keep], split[keep], ["a", "b", "c"])
 
-    with caplog.at_level(logging.WARNING, logger="pipeline.audit"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.results.audit"):
         assert label_issues(store) == []
     assert "the smallest with 1 images" in caplog.text
 

@@ -13,7 +13,7 @@ from sklearn.datasets import load_sample_image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from pipeline.backbones import (
+from pipeline.features.backbones import (
     BackboneError,
     build_backbone,
     fingerprint,

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.config import BackboneParams, ConfigError, HeadParams, Params, load_params, resolve, usable_cores
+from pipeline.core.config import BackboneParams, ConfigError, HeadParams, Params, load_params, resolve, usable_cores
 from stages.check_params import main as check_params
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@ killed driver, and the same one-line errors.
 
 Every run is the extract stage in a subprocess, as DVC runs it, against one cluster started with `ray start` for
 this module (RAY_ADDRESS). The local runs use one torch thread, as each actor does (extract.ray.cpus_per_actor: 1):
-CPU kernels round differently with another thread count (pipeline/engines/ray_data.py), and the point here is
+CPU kernels round differently with another thread count (pipeline/features/engines/ray_data.py), and the point here is
 that the engines compute the same bytes from the same batches.
 """
 
@@ -19,10 +19,10 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.config import ConfigError, ExtractParams, RayParams
-from pipeline.dataset import read_manifest
-from pipeline.engines import Setup
-from pipeline.engines.ray_data import check_room_to_decode
+from pipeline.core.config import ConfigError, ExtractParams, RayParams
+from pipeline.data.manifest import read_manifest
+from pipeline.features.engines.ray_data import check_room_to_decode
+from pipeline.features.setup import Setup
 from tests.conftest import REPO, prepare_manifest, write_image_folder
 
 RAY = Path(sys.executable).with_name("ray")

@@ -8,7 +8,13 @@ from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.svm import LinearSVC
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from pipeline.estimators import CosineCentroids, CosineNeighbors, LbfgsLinearSVC, TemperatureScaled, fit_temperature
+from pipeline.heads.estimators import (
+    CosineCentroids,
+    CosineNeighbors,
+    LbfgsLinearSVC,
+    TemperatureScaled,
+    fit_temperature,
+)
 
 
 def expected_failed_checks(estimator) -> dict[str, str]:

@@ -14,14 +14,20 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.backbones import Preprocessing
 from pipeline.cli import main as transfer
-from pipeline.config import ConfigError, ExtractParams, FinetuneParams, HeadParams, parse
-from pipeline.dataset import read_manifest
-from pipeline.errors import PipelineError
-from pipeline.evaluate import evaluate_head
-from pipeline.evaluate_finetune import evaluate_finetuned
-from pipeline.export import (
+from pipeline.core.config import ConfigError, ExtractParams, FinetuneParams, HeadParams, parse
+from pipeline.core.errors import PipelineError
+from pipeline.data.manifest import read_manifest
+from pipeline.features.backbones import Preprocessing
+from pipeline.features.extraction import extract
+from pipeline.features.store import read_attrs, read_store
+from pipeline.finetuning.training import finetune
+from pipeline.heads.selection import train_head
+from pipeline.heads.trained import HeadFile, chosen_head, head_files, save_head
+from pipeline.results.scoring import evaluate_head
+from pipeline.results.scoring_finetune import evaluate_finetuned
+from pipeline.serving.answers import list_images
+from pipeline.serving.export import (
     CHOSEN_ON_VAL,
     PARITY_ATOL,
     ExportError,
@@ -30,13 +36,7 @@ from pipeline.export import (
     chosen_models,
     head_layers,
 )
-from pipeline.extract import extract
-from pipeline.finetune import finetune
-from pipeline.heads import HeadFile, chosen_head, head_files, save_head
-from pipeline.onnx_predict import OnnxModelError, OnnxPredictor, crop_uint8, read_metadata
-from pipeline.prediction import list_images
-from pipeline.selection import train_head
-from pipeline.store import read_attrs, read_store
+from pipeline.serving.onnx_predict import OnnxModelError, OnnxPredictor, crop_uint8, read_metadata
 from stages.export import main as export_stage
 from tests.conftest import REPO, make_store, prepare_manifest, write_image_folder
 
@@ -54,7 +54,7 @@ if sys.argv[1] == "--script":
     runpy.run_path(sys.argv[0], run_name="__main__")
 else:
     importlib.import_module("pipeline.cli").main(sys.argv[1:], standalone_mode=False)
-print(json.dumps([m for m in ("torch", "torchvision", "timm", "pipeline.predict") if m in sys.modules]))
+print(json.dumps([m for m in ("torch", "torchvision", "timm", "pipeline.serving.predict") if m in sys.modules]))
 """
 
 
@@ -293,7 +293,7 @@ def test_a_file_that_is_no_exported_model_is_one_line(pipeline_run, tmp_path):
 def test_parity_on_the_hymenoptera_photos_with_the_default_backbone(hymenoptera, tmp_path):
     """Every linear head and a fine-tuned network on EfficientNet-Lite0 at 224 px, on the 153 test photos: the
     numbers PARITY_ATOL is set against (printed; run with -m slow -s)."""
-    from pipeline.dataset import build_manifest, write_manifest
+    from pipeline.data.manifest import build_manifest, write_manifest
 
     manifest = tmp_path / "manifest.csv"
     write_manifest(build_manifest(hymenoptera, 0.15, 0.15, seed=0), manifest)
@@ -331,7 +331,7 @@ def test_the_torch_free_crop_gives_the_pipelines_pixels(interpolation):
 
 
 def test_the_listing_both_predictors_share_skips_hidden_files_and_keeps_broken_links(tmp_path):
-    """One torch-free `pipeline.prediction.list_images` serves `--model` and the torch predictors alike."""
+    """One torch-free `pipeline.serving.answers.list_images` serves `--model` and the torch predictors alike."""
     folder = tmp_path / "photos"
     write_image_folder(folder, {"a": 2, "b": 1})
     (folder / ".hidden").mkdir()

@@ -16,13 +16,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.backbones import build_backbone, fingerprint
 from pipeline.cli import main as transfer
-from pipeline.config import ExtractParams
-from pipeline.errors import DataError
-from pipeline.extract import extract
-from pipeline.store import EmbeddingCache, read_store
-from pipeline.transferability import logme
+from pipeline.core.config import ExtractParams
+from pipeline.core.errors import DataError
+from pipeline.features.backbones import build_backbone, fingerprint
+from pipeline.features.extraction import extract
+from pipeline.features.store import EmbeddingCache, read_store
+from pipeline.features.transferability import logme
 from tests.conftest import REPO, prepare_manifest, write_image_folder
 
 # On the CPU: these tests compare stores byte for byte (tests/conftest.py says why not `device: auto`).
@@ -216,7 +216,7 @@ def test_a_damaged_cache_shard_is_set_aside_and_its_rows_recomputed(image_folder
     else:
         with shard.open("r+b") as f:
             f.truncate(shard.stat().st_size - 1000)
-    with caplog.at_level(logging.WARNING, logger="pipeline.store"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.features.store"):
         again = run(image_folder, tmp_path / "work")
     assert (again.computed, again.reused) == (36, 0)
     assert shard.name in caplog.text and shard.with_name(shard.name + ".corrupt").exists()

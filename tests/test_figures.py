@@ -11,7 +11,7 @@ from matplotlib import pyplot as plt
 from matplotlib.patches import Patch
 from PIL import Image
 
-from pipeline import figures
+from pipeline.results import figures
 
 CURVE = [
     {"per_class": 1, "accuracy": 0.36, "std": 0.026},

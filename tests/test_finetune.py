@@ -9,15 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.backbones import build_backbone, ordered_blocks
-from pipeline.config import FinetuneParams, HeadParams
-from pipeline.dataset import Manifest, ManifestRow, manifest_sha256, read_manifest
-from pipeline.finetune import (
-    TRAINING_CODE,
+from pipeline.core.config import FinetuneParams, HeadParams
+from pipeline.data.loading import Images, collate
+from pipeline.data.manifest import Manifest, ManifestRow, manifest_sha256, read_manifest
+from pipeline.features.backbones import build_backbone, ordered_blocks
+from pipeline.finetuning.model import Classifier
+from pipeline.finetuning.training import (
+    TRAINING_PACKAGES,
     FinetuneError,
     check_warm_start,
     finetune,
@@ -30,10 +33,8 @@ from pipeline.finetune import (
     warmup_cosine,
     with_input_size,
 )
-from pipeline.finetuned import Classifier
-from pipeline.heads import save_head
-from pipeline.runtime import Images, collate
-from pipeline.selection import train_head
+from pipeline.heads.selection import train_head
+from pipeline.heads.trained import save_head
 from stages.warm_start import main as warm_start_stage
 from tests.conftest import REPO, make_store, prepare_manifest, write_image_folder
 
@@ -264,7 +265,7 @@ def test_checkpoints_are_not_resumed_across_a_change_of_pixels(data, monkeypatch
     layer = nn.Linear(4, 3)
     key = run_key(backbone, FAST, manifest, layer)
     assert run_key(build_backbone("test_efficientnet"), FAST, manifest, layer) == key
-    monkeypatch.setattr("pipeline.finetune.PIXELS_VERSION", 999)
+    monkeypatch.setattr("pipeline.finetuning.training.PIXELS_VERSION", 999)
     assert run_key(backbone, FAST, manifest, layer) != key
     monkeypatch.undo()
     other = replace(backbone, preprocessing=replace(backbone.preprocessing, interpolation="bilinear"))
@@ -314,14 +315,17 @@ def test_warm_start_stage_folds_in_the_logistic_head(data, tmp_path):
 
 
 def test_a_change_to_the_training_code_is_not_resumed(data, tmp_path, monkeypatch):
-    """A checkpoint belongs to the code that wrote it: every module fine-tuning runs is in the key."""
-    names = {path.name for path in TRAINING_CODE}
-    assert names == {"finetune.py", "backbones.py", "dataset.py", "finetuned.py", "images.py", "runtime.py"}
+    """A checkpoint belongs to the code that wrote it: every package the finetune stage runs (its deps in dvc.yaml)
+    is in the key."""
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["finetune"]
+    packages = {dep.removeprefix("pipeline/") for dep in stage["deps"] if dep.startswith("pipeline/")}
+    assert packages == set(TRAINING_PACKAGES)
     _, manifest_path = data
     manifest, backbone, layer = read_manifest(manifest_path), build_backbone("test_resnet"), nn.Linear(4, 3)
-    module = tmp_path / "runtime.py"
+    module = tmp_path / "data" / "loading.py"
+    module.parent.mkdir()
     module.write_text("# one version\n")
-    monkeypatch.setattr("pipeline.finetune.TRAINING_CODE", (module,))
+    monkeypatch.setattr("pipeline.finetuning.training.LIBRARY", tmp_path)
     key = run_key(backbone, FAST, manifest, layer)
     module.write_text("# another version\n")
     assert run_key(backbone, FAST, manifest, layer) != key
@@ -341,7 +345,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_training_starts_again(data, tmp_p
             f.write(bytes(4096))
         else:
             f.truncate(checkpoint.stat().st_size // 2)
-    with caplog.at_level(logging.WARNING, logger="pipeline.finetune"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.finetuning.training"):
         again = finetune(manifest, root, "test_resnet", params, tmp_path / "again", tmp_path / "ckpt")
     assert (again.resumed_from_epoch, again.epochs_run) == (0, 1)
     assert str(checkpoint) in caplog.text and checkpoint.with_name("checkpoint.pt.corrupt").exists()

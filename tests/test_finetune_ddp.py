@@ -29,12 +29,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from pipeline.backbones import build_backbone
-from pipeline.config import ConfigError, FinetuneParams, TorchrunParams, load_params, rank_batch_size
-from pipeline.dataset import read_manifest
-from pipeline.distributed import torchrun_args
-from pipeline.finetune import finetune, initial_layer, read_checkpoint, run_key
-from pipeline.runtime import EpochShard
+from pipeline.core.config import ConfigError, FinetuneParams, TorchrunParams, load_params, rank_batch_size
+from pipeline.data.loading import EpochShard
+from pipeline.data.manifest import read_manifest
+from pipeline.features.backbones import build_backbone
+from pipeline.finetuning.distributed import torchrun_args
+from pipeline.finetuning.training import finetune, initial_layer, read_checkpoint, run_key
 from tests.conftest import REPO, prepare_manifest, write_image_folder
 
 ATOL = 1e-5  # the module docstring says why

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import PipelineError
-from pipeline.live import log_epochs
-from pipeline.metrics import read_predictions
-from pipeline.store import SPLIT_CODES, read_store, write_store
+from pipeline.core.errors import PipelineError
+from pipeline.features.store import SPLIT_CODES, read_store, write_store
+from pipeline.finetuning.live import log_epochs
+from pipeline.results.metrics import read_predictions
 from tests.conftest import REPO
 
 # Runs one stage's click command in this process, then reports which of the heavy modules it imported: the

@@ -17,10 +17,8 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, normalize
 
-from pipeline.config import HeadParams
-from pipeline.heads import HEADS, HeadError, chosen_file, chosen_head, head_files, load_head, save_head
-from pipeline.selection import selection_method, train_head
-from pipeline.store import (
+from pipeline.core.config import HeadParams
+from pipeline.features.store import (
     SPLIT_CODES,
     FeatureStore,
     StoreError,
@@ -30,6 +28,8 @@ from pipeline.store import (
     sealed_h5,
     write_store,
 )
+from pipeline.heads.selection import selection_method, train_head
+from pipeline.heads.trained import HEADS, HeadError, chosen_file, chosen_head, head_files, load_head, save_head
 from tests.conftest import make_store
 
 DIM = 6
@@ -393,10 +393,10 @@ def test_a_head_file_in_another_format_is_refused(trained, tmp_path, change, mes
 NO_TORCH = """
 import sys
 import numpy as np
-from pipeline.config import HeadParams
-from pipeline.heads import load_head, save_head
-from pipeline.selection import selection_method, train_head
-from pipeline.store import FeatureStore
+from pipeline.core.config import HeadParams
+from pipeline.heads.trained import load_head, save_head
+from pipeline.heads.selection import selection_method, train_head
+from pipeline.features.store import FeatureStore
 
 head = load_head(sys.argv[1])
 head.predict_proba(np.ones((4, head.model.n_features_in_), dtype=np.float32))
@@ -509,7 +509,7 @@ def test_an_ill_conditioned_ridge_fit_is_explained_once_instead_of_warned_per_fo
     x = rng.normal(size=(200, 150))
     x[:, 100:] = x[:, :50] * 1.0000001  # nearly repeated columns: a singular system without alpha
     store = make_store(x, np.repeat([0, 1], 100), np.tile([0, 0, 0, 1, 2], 40), ["a", "b"])
-    with caplog.at_level("INFO", logger="pipeline.selection"):
+    with caplog.at_level("INFO", logger="pipeline.heads.selection"):
         head = train_head(store, "ridge", HeadParams(kind="ridge", grid={"alpha": [1e-12, 10.0]}))
     assert not [w for w in recwarn if "Singular matrix" in str(w.message) or "ill-conditioned" in str(w.message)]
     explained = [r.getMessage() for r in caplog.records if "ill-conditioned" in r.getMessage()]

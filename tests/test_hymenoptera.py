@@ -4,14 +4,14 @@ are good enough for a logistic head to reach the accuracy reported for this task
 
 import pytest
 
-from pipeline.config import BackboneParams, ExtractParams, HeadParams
-from pipeline.dataset import build_manifest, write_manifest
-from pipeline.evaluate import evaluate_head
-from pipeline.extract import extract
-from pipeline.heads import held_out, save_head
-from pipeline.report import ranking_words
-from pipeline.selection import train_head
-from pipeline.store import read_store
+from pipeline.core.config import BackboneParams, ExtractParams, HeadParams
+from pipeline.data.manifest import build_manifest, write_manifest
+from pipeline.features.extraction import extract
+from pipeline.features.store import read_store
+from pipeline.heads.selection import train_head
+from pipeline.heads.trained import held_out, save_head
+from pipeline.results.report import ranking_words
+from pipeline.results.scoring import evaluate_head
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""pipeline.images: each unusual file becomes the right RGB pixels, each broken one the right reason."""
+"""pipeline.data.images: each unusual file becomes the right RGB pixels, each broken one the right reason."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import BACKGROUND, MAX_FILE_BYTES, ImageRejected, confined, decode_rgb, read_bytes
+from pipeline.data.images import BACKGROUND, MAX_FILE_BYTES, ImageRejected, confined, decode_rgb, read_bytes
 from tests import image_fixtures as fx
 
 # Pillow's own default (a quarter gigabyte of 3-byte pixels); the pipeline must not raise or remove it.
@@ -115,7 +115,7 @@ def test_exif_orientation_is_applied(orientation, size, red_corner):
 def test_unreadable_exif_block_keeps_the_image_as_stored(caplog, exif: bytes):
     """A broken EXIF block is metadata, not pixels: the image is kept, unrotated, with a warning."""
     data = fx.encode(Image.new("RGB", (4, 2), fx.RED), "PNG", exif=exif)
-    with caplog.at_level(logging.WARNING, logger="pipeline.images"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.images"):
         img = decode_rgb(data)
     assert img.size == (4, 2)
     assert "unreadable EXIF" in caplog.text

@@ -17,16 +17,16 @@ import pytest
 from click.testing import CliRunner, Result
 
 from pipeline.cli import main as transfer
-from pipeline.config import ExtractParams, FinetuneParams, HeadParams
-from pipeline.dataset import build_manifest, write_manifest
-from pipeline.errors import PipelineError
-from pipeline.extract import extract
-from pipeline.finetune import finetune
-from pipeline.finetuned import load_finetuned
-from pipeline.heads import HeadFile, load_head, save_head
-from pipeline.report import Answers, build_report
-from pipeline.selection import train_head
-from pipeline.store import StoreError, load_arrays, read_attrs, read_store, save_arrays
+from pipeline.core.config import ExtractParams, FinetuneParams, HeadParams
+from pipeline.core.errors import PipelineError
+from pipeline.data.manifest import build_manifest, write_manifest
+from pipeline.features.extraction import extract
+from pipeline.features.store import StoreError, load_arrays, read_attrs, read_store, save_arrays
+from pipeline.finetuning.model import load_finetuned
+from pipeline.finetuning.training import finetune
+from pipeline.heads.selection import train_head
+from pipeline.heads.trained import HeadFile, load_head, save_head
+from pipeline.results.report import Answers, build_report
 from stages.head import main as head_stage
 from stages.warm_start import main as warm_start_stage
 from tests.conftest import prepare_manifest

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.io import ConcurrentWriteError, atomic_folder, atomic_path, write_json
+from pipeline.core.io import ConcurrentWriteError, atomic_folder, atomic_path, write_json
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path):
@@ -92,7 +92,7 @@ def test_two_processes_writing_one_file_at_once_both_succeed_and_one_copy_wins_w
     target = tmp_path / "features.h5"
     script = (
         "import sys, time, h5py, numpy as np\n"
-        "from pipeline.io import atomic_path\n"
+        "from pipeline.core.io import atomic_path\n"
         "with atomic_path(sys.argv[1]) as tmp, h5py.File(tmp, 'w') as f:\n"
         "    f['x'] = np.full(100_000, int(sys.argv[2]))\n"
         "    time.sleep(1)\n"

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.backbones import Preprocessing, build_backbone, fingerprint
-from pipeline.config import ExtractParams
-from pipeline.errors import PipelineError
-from pipeline.extract import extract
-from pipeline.images import decode_rgb
-from pipeline.jpeg import JpegDecoder, jpeg_orientation, orient, resolve_decoder
-from pipeline.runtime import Images, image_batches
-from pipeline.store import read_store
+from pipeline.core.config import ExtractParams
+from pipeline.core.errors import PipelineError
+from pipeline.data.decoding import JpegDecoder, jpeg_orientation, orient, resolve_decoder
+from pipeline.data.images import decode_rgb
+from pipeline.data.loading import Images, image_batches
+from pipeline.features.backbones import Preprocessing, build_backbone, fingerprint
+from pipeline.features.extraction import extract
+from pipeline.features.store import read_store
 from tests.conftest import prepare_manifest, write_image_folder
 from tests.image_fixtures import (
     cmyk_jpeg,

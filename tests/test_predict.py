@@ -12,16 +12,16 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.config import ExtractParams, FinetuneParams, HeadParams
-from pipeline.dataset import read_manifest
-from pipeline.evaluate import evaluate_head
-from pipeline.evaluate_finetune import evaluate_finetuned
-from pipeline.extract import extract
-from pipeline.finetune import finetune
-from pipeline.heads import load_head, save_head
-from pipeline.prediction import list_images
-from pipeline.selection import train_head
-from pipeline.store import load_arrays, read_store, save_arrays
+from pipeline.core.config import ExtractParams, FinetuneParams, HeadParams
+from pipeline.data.manifest import read_manifest
+from pipeline.features.extraction import extract
+from pipeline.features.store import load_arrays, read_store, save_arrays
+from pipeline.finetuning.training import finetune
+from pipeline.heads.selection import train_head
+from pipeline.heads.trained import load_head, save_head
+from pipeline.results.scoring import evaluate_head
+from pipeline.results.scoring_finetune import evaluate_finetuned
+from pipeline.serving.answers import list_images
 from tests.conftest import prepare_manifest
 
 

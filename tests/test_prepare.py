@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline import dataset
-from pipeline.dataset import (
+from pipeline.data import manifest as dataset
+from pipeline.data.images import REASONS, decode_rgb
+from pipeline.data.manifest import (
     SPLITS,
     DataError,
     Manifest,
@@ -23,7 +24,6 @@ from pipeline.dataset import (
     write_manifest,
     write_quarantine,
 )
-from pipeline.images import REASONS, decode_rgb
 from stages.prepare import main as prepare_main
 from tests import image_fixtures as fx
 from tests.conftest import write_image_folder

@@ -12,18 +12,20 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.backbones import build_backbone
-from pipeline.config import EvaluateParams, FinetuneParams, HeadParams
-from pipeline.curves import learning_curve, subsample_train
-from pipeline.dataset import read_manifest
-from pipeline.errors import PipelineError
-from pipeline.finetune import finetune, freeze
-from pipeline.finetune_curve import finetune_curve
-from pipeline.finetuned import Classifier
-from pipeline.heads import held_out
-from pipeline.io import write_csv
-from pipeline.metrics import PREDICTIONS_HEADER, rescored
-from pipeline.report import (
+from pipeline.core.config import EvaluateParams, FinetuneParams, HeadParams
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import write_csv
+from pipeline.data.manifest import read_manifest
+from pipeline.features.backbones import build_backbone
+from pipeline.features.store import FeatureStore
+from pipeline.finetuning.curve import finetune_curve
+from pipeline.finetuning.model import Classifier
+from pipeline.finetuning.training import finetune, freeze
+from pipeline.heads.curves import learning_curve, subsample_train
+from pipeline.heads.selection import train_head
+from pipeline.heads.trained import held_out
+from pipeline.results.metrics import PREDICTIONS_HEADER, rescored
+from pipeline.results.report import (
     Answers,
     ModelRow,
     backbone_section,
@@ -36,9 +38,7 @@ from pipeline.report import (
     read_copies_in_test,
     recommend,
 )
-from pipeline.selection import train_head
-from pipeline.stats import compare, wilson_interval
-from pipeline.store import FeatureStore
+from pipeline.results.stats import compare, wilson_interval
 from stages.report import main as report_stage
 from tests.conftest import REPO, make_store, prepare_manifest
 
@@ -204,7 +204,7 @@ def test_accuracy_per_class_counts_each_models_answers(tmp_path: Path, monkeypat
         "| b | 1.000 (1/1) | 1.000 (1/1) |",
     ]
     assert lines[6] == "| c | 1.000 (1/1) | 0.000 (0/1) |"
-    monkeypatch.setattr("pipeline.report.PER_CLASS_ROWS", 2)  # many classes: the hardest on average only
+    monkeypatch.setattr("pipeline.results.report.PER_CLASS_ROWS", 2)  # many classes: the hardest on average only
     hardest = per_class_accuracy(Answers(tmp_path), ["logreg", "finetune"], ["a", "b", "c"])
     assert hardest[0] == "## Accuracy per class (the 2 hardest classes)"
     assert [line.split(" |")[0] for line in hardest[4:6]] == ["| c", "| a"]

@@ -7,10 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.backbones import build_backbone
-from pipeline.dataset import read_manifest
-from pipeline.errors import DataError
-from pipeline.runtime import DeviceError, Images, Runtime, forward_batches, image_batches, predict_proba, resolve_device
+from pipeline.core.errors import DataError
+from pipeline.data.loading import (
+    DeviceError,
+    Images,
+    Runtime,
+    forward_batches,
+    image_batches,
+    predict_proba,
+    resolve_device,
+)
+from pipeline.data.manifest import read_manifest
+from pipeline.features.backbones import build_backbone
 from tests.conftest import prepare_manifest
 
 

@@ -1,4 +1,4 @@
-"""Tests for pipeline.stats: Wilson and bootstrap intervals, macro-F1, exact McNemar and the paired comparison."""
+"""pipeline.results.stats: Wilson and bootstrap intervals, macro-F1, exact McNemar and the paired comparison."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import binom, binomtest
 from sklearn.metrics import f1_score
 
-from pipeline.stats import (
+from pipeline.results.stats import (
     Comparison,
     McNemar,
     bootstrap_interval,

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.store import (
+from pipeline.features.store import (
     CacheBusy,
     EmbeddingCache,
     StoreError,
@@ -198,7 +198,7 @@ def test_a_damaged_shard_is_renamed_aside_and_only_its_rows_leave_the_cache(tmp_
         cache.add(_hashes(2, 3), np.full((2, 2), 2, np.float32))
     first, second = sorted((tmp_path / "fp").glob("shard-*.h5"))
     _corrupt_features(first)
-    with caplog.at_level(logging.WARNING, logger="pipeline.store"), EmbeddingCache(tmp_path, "fp", 2) as cache:
+    with caplog.at_level(logging.WARNING, logger="pipeline.features.store"), EmbeddingCache(tmp_path, "fp", 2) as cache:
         assert len(cache) == 2 and _hashes(1)[0] not in cache
         np.testing.assert_array_equal(cache.read(_hashes(2, 3)), np.full((2, 2), 2))
         cache.add(_hashes(3), np.zeros((3, 2), np.float32))  # recomputed: a new shard, a new number

@@ -1,4 +1,4 @@
-"""LogME (pipeline/transferability.py) against the evidence computed the slow, direct way, and its invariants.
+"""LogME (pipeline/features/transferability.py) against the evidence computed the slow, direct way, and its invariants.
 
 The reference here is the definition, not another implementation: for each class the evidence is the Gaussian
 density N(y; 0, beta^-1 I + alpha^-1 F F^T), evaluated with a dense n x n covariance, and its maximum over
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from pipeline.errors import PipelineError
-from pipeline.transferability import MAX_ITERATIONS, EvidenceStats, TransferabilityError, logme
+from pipeline.core.errors import PipelineError
+from pipeline.features.transferability import MAX_ITERATIONS, EvidenceStats, TransferabilityError, logme
 
 
 def dense_log_evidence(features: np.ndarray, y: np.ndarray, log_alpha: float, log_beta: float) -> float:
@@ -217,9 +217,9 @@ def test_chunks_must_agree():
 
 
 def test_module_imports_no_heavy_libraries():
-    """The module is imported by a stage that must start fast: numpy only (plus pipeline.errors)."""
+    """The module is imported by a stage that must start fast: numpy only (plus pipeline.core.errors)."""
     code = (
-        "import sys, pipeline.transferability; "
+        "import sys, pipeline.features.transferability; "
         "print(sorted(m for m in ('torch', 'scipy', 'sklearn', 'pandas') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

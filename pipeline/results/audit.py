@@ -1,0 +1,285 @@
+"""Audit a feature store: near-copies across splits, likely label errors, and a model's most confident mistakes.
+
+All three run on the cached embeddings and the models' answers; no image is decoded and no network runs here.
+
+- `cross_split_duplicates` measures leakage. A test (or val) image that is a near-copy of a training image (the
+  same photo re-encoded, resized, cropped, flipped) is one the heads have in effect already seen: it inflates
+  every score the pipeline reports and the comparison between strategies with it. Prepare refuses identical
+  files across splits by default; this finds the copies that differ by a byte, by their embeddings.
+- `label_issues` measures label noise. A mislabelled training image teaches a head the wrong answer and costs it
+  accuracy (a mislabelled val image misleads its model selection): cleanlab's confident learning ranks the
+  train+val images whose given label a cheap out-of-fold head believes least. The test split is never read.
+- `misclassified` lists a model's test mistakes, most confident first: those are where a wrong label, a
+  near-duplicate or a real blind spot of the model is most likely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from cleanlab.filter import find_label_issues
+from cleanlab.rank import get_label_quality_scores
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.neighbors import NearestNeighbors
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from pipeline.core.io import write_csv
+from pipeline.features.store import SPLIT_CODES, FeatureStore
+from pipeline.results import figures
+from pipeline.results.metrics import PREDICTIONS_HEADER
+
+log = logging.getLogger(__name__)
+
+SPLIT_NAMES = {code: name for name, code in SPLIT_CODES.items()}
+# The neighbour search runs in float32 (the store's dtype); float32 rounding moves a unit-vector cosine by about
+# 1e-6. The search takes everything within this margin below the threshold, and each candidate's cosine in
+# float64, rounded as reported, decides: a pair is listed exactly when its reported similarity >= threshold.
+SEARCH_MARGIN = 1e-4
+SIMILARITY_DECIMALS = 6
+PAIR_BLOCK = 4096  # candidate pairs whose cosine is computed at once (2 x 4,096 x D float64 gathered)
+
+
+@dataclass(frozen=True)
+class DuplicatePair:
+    """Two images in different splits whose embeddings are near-identical (or whose files are identical).
+
+    `a` is the image in the earlier split (train before val before test); `similarity` is the cosine of their
+    embeddings, 1.0 for identical files (`exact`).
+    """
+
+    path_a: str
+    split_a: str
+    class_a: str
+    path_b: str
+    split_b: str
+    class_b: str
+    similarity: float
+    exact: bool
+
+
+@dataclass(frozen=True)
+class LabelIssue:
+    """A train or val image whose given label is likely wrong, with the class an out-of-fold head prefers.
+
+    `score` is cleanlab's label quality score of the given label (its out-of-fold probability, "self
+    confidence"): 0 to 1, lower is more suspicious.
+    """
+
+    path: str
+    split: str
+    given_class: str
+    suggested_class: str
+    score: float
+
+
+def cross_split_duplicates(store: FeatureStore, threshold: float) -> list[DuplicatePair]:
+    """Every pair of images in different splits with embedding cosine >= `threshold` (as reported, to 6
+    decimals), and every pair of identical files (same sha256) in different splits; each unordered pair once,
+    most similar first.
+
+    Exact: a radius search (scikit-learn's `NearestNeighbors.radius_neighbors`, brute force) of each val and
+    test row among the train rows, then of each test row among the val rows, on L2-normalised rows, where
+    cosine >= t is Euclidean distance <= sqrt(2 - 2t). scikit-learn computes the distances in chunks of
+    `working_memory`, so memory holds the rows, one chunk of distances and the pairs found, never an N x N
+    matrix. A radius search rather than k nearest neighbours: it cannot miss the (k+1)-th copy of a photo. Its
+    answer grows with the pairs above the threshold, so a threshold far below near-copies' (0.5) lists most
+    pairs of a class; `benchmarks/duplicate_threshold.py` measures where copies and distinct photos fall.
+    """
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {threshold}")
+    found: dict[tuple[int, int], tuple[float, bool]] = {}
+    train, val, test = (np.flatnonzero(store.split == SPLIT_CODES[s]) for s in ("train", "val", "test"))
+    for reference, queries in ((train, np.concatenate([val, test])), (val, test)):
+        for i, j, similarity in _near_pairs(store.features, reference, queries, threshold):
+            found[(i, j)] = (similarity, False)
+    for i, j in _identical_files(store):
+        found[(i, j)] = (1.0, True)
+    pairs = [_pair(store, i, j, similarity, exact) for (i, j), (similarity, exact) in found.items()]
+    return sorted(pairs, key=lambda p: (-p.similarity, p.path_a, p.path_b))
+
+
+def _near_pairs(
+    features: np.ndarray, reference: np.ndarray, queries: np.ndarray, threshold: float
+) -> Iterator[tuple[int, int, float]]:
+    """(reference row, query row, cosine) for each query row's reference rows with cosine >= `threshold`."""
+    if not len(reference) or not len(queries):
+        return
+    radius = float(np.sqrt(max(0.0, 2.0 - 2.0 * (threshold - SEARCH_MARGIN))))
+    index = NearestNeighbors(radius=radius, algorithm="brute", metric="euclidean")
+    index.fit(_unit_rows(features, reference))
+    neighbours = index.radius_neighbors(_unit_rows(features, queries), return_distance=False, sort_results=False)
+    counts = np.fromiter((len(n) for n in neighbours), dtype=np.int64, count=len(neighbours))
+    if not counts.sum():
+        return
+    q, r = np.repeat(np.arange(len(queries)), counts), np.concatenate(neighbours).astype(np.int64)
+    for start in range(0, len(q), PAIR_BLOCK):
+        i, j = reference[r[start : start + PAIR_BLOCK]], queries[q[start : start + PAIR_BLOCK]]
+        cosine = np.round(_cosine(features[i], features[j]), SIMILARITY_DECIMALS)
+        keep = cosine >= threshold
+        yield from zip(i[keep].tolist(), j[keep].tolist(), cosine[keep].tolist(), strict=True)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two [P, D] blocks in float64, clipped to [-1, 1] (0 where a row is all zero)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    dots = np.einsum("ij,ij->i", a, b)
+    return np.clip(np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0), -1.0, 1.0)
+
+
+def _unit_rows(features: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """A float32 copy of `features[rows]` scaled to unit L2 norm (an all-zero row stays zero: cosine 0)."""
+    unit = np.asarray(features[rows], dtype=np.float32)  # fancy indexing copies: scaled in place below
+    norms = np.linalg.norm(unit, axis=1, keepdims=True)
+    unit /= np.where(norms > 0, norms, 1.0)
+    return unit
+
+
+def _identical_files(store: FeatureStore) -> Iterator[tuple[int, int]]:
+    """(earlier row, later row) for every two rows in different splits with the same sha256."""
+    rows_of: dict[str, list[int]] = defaultdict(list)
+    for i, sha in enumerate(store.sha256):
+        rows_of[sha].append(i)
+    for rows in rows_of.values():
+        for k, i in enumerate(rows):
+            for j in rows[k + 1 :]:
+                if store.split[i] != store.split[j]:
+                    yield (i, j) if store.split[i] < store.split[j] else (j, i)
+
+
+def _pair(store: FeatureStore, i: int, j: int, similarity: float, exact: bool) -> DuplicatePair:
+    classes = store.classes
+    return DuplicatePair(
+        path_a=store.paths[i],
+        split_a=SPLIT_NAMES[int(store.split[i])],
+        class_a=classes[int(store.labels[i])],
+        path_b=store.paths[j],
+        split_b=SPLIT_NAMES[int(store.split[j])],
+        class_b=classes[int(store.labels[j])],
+        similarity=round(similarity, SIMILARITY_DECIMALS),
+        exact=exact,
+    )
+
+
+def label_issues(store: FeatureStore, folds: int = 5, seed: int = 0) -> list[LabelIssue]:
+    """The train and val images cleanlab finds likely mislabelled, most suspicious first.
+
+    Out-of-fold class probabilities from StandardScaler + LogisticRegression (stratified, shuffled, seeded
+    k-fold: every image is scored by a head that never saw it), then `cleanlab.filter.find_label_issues`
+    ranked by self-confidence. `folds` is lowered to the smallest class's size; below 2 there is nothing to
+    cross-validate and the answer is empty (the reason is logged). Test rows are never read.
+    """
+    rows = np.flatnonzero(np.isin(store.split, [SPLIT_CODES["train"], SPLIT_CODES["val"]]))
+    present, labels = np.unique(store.labels[rows], return_inverse=True)  # classes absent from train+val dropped
+    smallest = int(np.bincount(labels).min()) if len(rows) else 0
+    if len(present) < 2 or min(folds, smallest) < 2:
+        log.warning(
+            "label issues not searched: train+val hold %d classes, the smallest with %d images; cross-validation "
+            "needs two classes and two images of each (and folds >= 2, given %d)",
+            *(len(present), smallest, folds),
+        )
+        return []
+    pred_probs = _out_of_fold_proba(store.features[rows], labels, min(folds, smallest), seed)
+    ranked = find_label_issues(labels, pred_probs, return_indices_ranked_by="self_confidence", n_jobs=1)
+    scores = get_label_quality_scores(labels, pred_probs, method="self_confidence")
+    classes = store.classes
+    return [
+        LabelIssue(
+            path=store.paths[rows[i]],
+            split=SPLIT_NAMES[int(store.split[rows[i]])],
+            given_class=classes[int(present[labels[i]])],
+            suggested_class=classes[int(present[pred_probs[i].argmax()])],
+            score=round(float(scores[i]), 6),
+        )
+        for i in ranked
+    ]
+
+
+def _out_of_fold_proba(features: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Each row's class probabilities from the head fitted on the other folds."""
+    head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return cross_val_predict(head, features, labels, cv=splitter, method="predict_proba")
+
+
+def misclassified(predictions: list[dict]) -> list[dict]:
+    """A model's answers (`pipeline.results.metrics.read_predictions` rows) that are wrong, the most confident first
+    (ties by path)."""
+    wrong = [row for row in predictions if row["predicted"] != row["actual"]]
+    return sorted(wrong, key=lambda row: (-float(row["confidence"]), row["path"]))
+
+
+def table(kind: type[DuplicatePair] | type[LabelIssue], items: Sequence) -> tuple[list[str], list[tuple]]:
+    """A header (the field names) and one row per item, for `pipeline.core.io.write_csv`."""
+    header = [field.name for field in dataclasses.fields(kind)]
+    return header, [dataclasses.astuple(item) for item in items]
+
+
+def copies_in_test(pairs: list[DuplicatePair]) -> list[tuple[str, str]]:
+    """Each test image that copies a train or val image, once (its closest copy), with the reason in words."""
+    copies = {}
+    for p in pairs:  # most similar first: the first pair of an image is its closest copy
+        if p.split_b == "test" and p.split_a != "test" and p.path_b not in copies:
+            how = "identical to" if p.exact else f"near-copy (cosine {p.similarity:.3f}) of"
+            copies[p.path_b] = f"{how} {p.path_a} ({p.split_a})"
+    return sorted(copies.items())
+
+
+TEST_COPIES = "test_copies.csv"
+
+
+def write_audit(
+    out: Path,
+    data_root: Path,
+    found: tuple[list[DuplicatePair], list[LabelIssue], dict[str, list[dict]]],
+    top: int,
+) -> dict:
+    """Write the audit's CSVs and picture grids into `out`, and return its counts (for metrics/audit.json).
+
+    `found`: the cross-split pairs, the label issues, and each model's misclassified test images. The grids
+    show the `top` first of each list; the CSVs hold them all.
+    """
+    pairs, issues, wrong = found
+    write_csv(out / "duplicates.csv", *table(DuplicatePair, pairs))
+    write_csv(out / "label_issues.csv", *table(LabelIssue, issues))
+    copies = copies_in_test(pairs)
+    write_csv(out / TEST_COPIES, ("path", "reason"), copies)
+    cells = [
+        {"images": [data_root / p.path_a, data_root / p.path_b],
+         "caption": f"{p.path_a} ({p.split_a}) ~ {p.path_b} ({p.split_b})\n"
+                    f"{'identical files' if p.exact else f'cosine {p.similarity:.3f}'}"}
+        for p in pairs[:top]
+    ]  # fmt: skip
+    figures.thumbnail_grid_png(cells, f"Near-copies across splits ({len(pairs)} pairs)", out / "duplicates.png", 3)
+    cells = [
+        {"images": [data_root / i.path],
+         "caption": f"{i.path}\ngiven: {i.given_class} -> suggested: {i.suggested_class}\nscore {i.score:.3f}"}
+        for i in issues[:top]
+    ]  # fmt: skip
+    figures.thumbnail_grid_png(cells, f"Likely label errors ({len(issues)})", out / "label_issues.png")
+    for model, rows in wrong.items():
+        write_csv(
+            out / f"misclassified_{model}.csv", PREDICTIONS_HEADER, [[r[k] for k in PREDICTIONS_HEADER] for r in rows]
+        )
+        cells = [
+            {"images": [data_root / r["path"]],
+             "caption": f"{r['path']}\ntrue: {r['actual']} / predicted: {r['predicted']} ({r['confidence']:.2f})"}
+            for r in rows[:top]
+        ]  # fmt: skip
+        title = f"{model}: misclassified test images ({len(rows)}), the most confident first"
+        figures.thumbnail_grid_png(cells, title, out / f"misclassified_{model}.png")
+    return {
+        "cross_split_pairs": len(pairs),
+        "cross_split_exact_pairs": sum(p.exact for p in pairs),
+        "label_issues": len(issues),
+        "test_copies": len(copies),
+        **{f"misclassified_{model}": len(rows) for model, rows in wrong.items()},
+    }

@@ -1,0 +1,47 @@
+"""Score a head on its feature store's test split, once, in the schema every model shares (no torch here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.core.config import EvaluateParams
+from pipeline.features.store import FeatureStore, StoreError, read_store
+from pipeline.heads.trained import TrainedHead, load_head
+from pipeline.results.metrics import Scored, model_record
+
+
+def evaluate_head(store_path: Path, head_path: Path, params: EvaluateParams | None = None) -> Scored:
+    """Test-split metrics of a head on its feature store, and each test image's answer (`params`: the
+    evaluate section, its defaults when None)."""
+    store = read_store(store_path)
+    return score_head(store, store_path, load_head(head_path, store), params)
+
+
+def check_has_test_rows(store: FeatureStore, store_path: Path) -> None:
+    if not store.split_sizes()["test"]:
+        raise StoreError(f"{store_path} has no test images to score; set prepare.test_fraction above 0")
+
+
+def score_head(
+    store: FeatureStore, store_path: Path, head: TrainedHead, params: EvaluateParams | None = None
+) -> Scored:
+    """`evaluate_head` for a head in memory, trained on `store` (the head stage scores what it just trained)."""
+    check_has_test_rows(store, store_path)
+    x_test, y_test = store.subset("test")
+    return model_record(
+        y_test,
+        head.predict_proba(x_test),
+        store.classes,
+        store.paths_of("test"),
+        describe={
+            "model": head.model_name,
+            "strategy": "feature_extraction",
+            "kind": head.kind,
+            "backbone": store.attrs["backbone"],
+        },
+        sizes=(head.n_train, head.n_val),
+        trainable_params=head.trainable_params,
+        fit_seconds=round(head.fit_seconds, 3),
+        hyperparameters=head.hyperparameters,
+        params=params or EvaluateParams(),
+    )
