@@ -44,7 +44,8 @@ from pipeline.data.decoding import JpegDecoder, resolve_decoder
 from pipeline.data.images import decode_rgb, read_bytes
 from pipeline.data.loading import Images, Runtime, image_batches
 from pipeline.data.manifest import Manifest, ManifestRow, build_manifest, write_manifest
-from pipeline.features.backbones import Preprocessing, build_backbone
+from pipeline.data.preprocessing import Preprocessing
+from pipeline.features.backbones import build_backbone
 from pipeline.features.extraction import extract
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"

@@ -5,7 +5,7 @@
 Without --data, the bundled digits (8x8 PNGs, written to a temporary folder). For each size: the extraction's
 compute seconds on this machine, LogME of the train split, and a logistic head (C grid 0.01..10, chosen as the
 head stage chooses it) with its held-out and test accuracy. This is the measurement behind `image_size: auto`
-(pipeline.features.backbones.input_size): tiny images at 128 px rather than the weights' own size.
+(pipeline.data.preprocessing.input_size): tiny images at 128 px rather than the weights' own size.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import click
 from pipeline.core.config import load_params
 from pipeline.core.errors import user_errors
 from pipeline.results.metrics import write_model_metrics
-from pipeline.results.scoring_finetune import evaluate_finetuned
+from pipeline.results.scoring_finetuned import evaluate_finetuned
 
 PathArg = click.Path(path_type=Path)
 

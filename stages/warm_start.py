@@ -14,7 +14,7 @@ from pipeline.core.errors import user_errors
 from pipeline.core.io import atomic_path
 from pipeline.data.manifest import read_manifest
 from pipeline.features.backbones import build_backbone
-from pipeline.finetuning.training import initial_layer
+from pipeline.finetuning.warm_start import initial_layer
 from pipeline.heads.trained import load_head
 
 PathArg = click.Path(path_type=Path)

@@ -13,12 +13,12 @@ from sklearn.datasets import load_sample_image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from pipeline.data.preprocessing import PreprocessingError, input_size
 from pipeline.features.backbones import (
     BackboneError,
     build_backbone,
     fingerprint,
     imagenet_categories,
-    input_size,
     load_state_dict,
     ordered_blocks,
 )
@@ -73,7 +73,7 @@ def test_preprocessing_gives_the_pixels_of_torchvision_resize_then_centre_crop(l
 
 
 def test_an_unsupported_interpolation_is_refused_by_name(lite0):
-    with pytest.raises(BackboneError, match="unsupported interpolation 'nearest-exact'; expected one of nearest"):
+    with pytest.raises(PreprocessingError, match="unsupported interpolation 'nearest-exact'; expected one of nearest"):
         replace(lite0.preprocessing, interpolation="nearest-exact")
 
 

@@ -20,8 +20,9 @@ from pipeline.cli import main as transfer
 from pipeline.core.config import ExtractParams
 from pipeline.core.errors import DataError
 from pipeline.features.backbones import build_backbone, fingerprint
+from pipeline.features.cache import EmbeddingCache
 from pipeline.features.extraction import extract
-from pipeline.features.store import EmbeddingCache, read_store
+from pipeline.features.store import read_store
 from pipeline.features.transferability import logme
 from tests.conftest import REPO, prepare_manifest, write_image_folder
 
@@ -216,7 +217,7 @@ def test_a_damaged_cache_shard_is_set_aside_and_its_rows_recomputed(image_folder
     else:
         with shard.open("r+b") as f:
             f.truncate(shard.stat().st_size - 1000)
-    with caplog.at_level(logging.WARNING, logger="pipeline.features.store"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.core.integrity"):
         again = run(image_folder, tmp_path / "work")
     assert (again.computed, again.reused) == (36, 0)
     assert shard.name in caplog.text and shard.with_name(shard.name + ".corrupt").exists()

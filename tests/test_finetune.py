@@ -18,21 +18,12 @@ from pipeline.core.config import FinetuneParams, HeadParams
 from pipeline.data.loading import Images, collate
 from pipeline.data.manifest import Manifest, ManifestRow, manifest_sha256, read_manifest
 from pipeline.features.backbones import build_backbone, ordered_blocks
+from pipeline.finetuning.checkpoint import read_checkpoint
+from pipeline.finetuning.freezing import freeze
 from pipeline.finetuning.model import Classifier
-from pipeline.finetuning.training import (
-    TRAINING_PACKAGES,
-    FinetuneError,
-    check_warm_start,
-    finetune,
-    freeze,
-    init_from_head,
-    initial_layer,
-    parameter_groups,
-    read_checkpoint,
-    run_key,
-    warmup_cosine,
-    with_input_size,
-)
+from pipeline.finetuning.schedule import parameter_groups, warmup_cosine
+from pipeline.finetuning.training import TRAINING_PACKAGES, FinetuneError, finetune, run_key, with_input_size
+from pipeline.finetuning.warm_start import check_warm_start, init_from_head, initial_layer
 from pipeline.heads.selection import train_head
 from pipeline.heads.trained import save_head
 from stages.warm_start import main as warm_start_stage

@@ -18,16 +18,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, normalize
 
 from pipeline.core.config import HeadParams
-from pipeline.features.store import (
-    SPLIT_CODES,
-    FeatureStore,
-    StoreError,
-    load_arrays,
-    read_store,
-    save_arrays,
-    sealed_h5,
-    write_store,
-)
+from pipeline.features.hdf5 import StoreError, load_arrays, save_arrays, sealed_h5
+from pipeline.features.store import SPLIT_CODES, FeatureStore, read_store, write_store
 from pipeline.heads.selection import selection_method, train_head
 from pipeline.heads.trained import HEADS, HeadError, chosen_file, chosen_head, head_files, load_head, save_head
 from tests.conftest import make_store

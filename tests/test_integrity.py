@@ -19,9 +19,11 @@ from click.testing import CliRunner, Result
 from pipeline.cli import main as transfer
 from pipeline.core.config import ExtractParams, FinetuneParams, HeadParams
 from pipeline.core.errors import PipelineError
+from pipeline.core.integrity import DamagedFile
 from pipeline.data.manifest import build_manifest, write_manifest
 from pipeline.features.extraction import extract
-from pipeline.features.store import StoreError, load_arrays, read_attrs, read_store, save_arrays
+from pipeline.features.hdf5 import StoreError, load_arrays, save_arrays
+from pipeline.features.store import read_attrs, read_store
 from pipeline.finetuning.model import load_finetuned
 from pipeline.finetuning.training import finetune
 from pipeline.heads.selection import train_head
@@ -151,15 +153,15 @@ def test_a_damaged_feature_store_stops_its_readers_in_one_line(run, tmp_path, da
 
 
 def test_every_damaged_byte_of_a_head_or_a_store_is_caught(run):
-    """Zero 32 bytes at every 128th offset: each load either fails with a StoreError or the bytes were zero
-    already. Nothing in between: no wrong value, no hang, no crash (HDF5 is never handed damaged metadata)."""
+    """Zero 32 bytes at every 128th offset: each load either fails with a one-line error (the seal: DamagedFile;
+    HDF5's own checks: StoreError) or the bytes were zero already. Nothing in between: no wrong value, no hang, no crash (HDF5 is never handed damaged metadata)."""
     for path, load in ((run.head, load_head), (run.store, read_store)):
         original = path.read_bytes()
         for start in range(0, len(original), 128):
             if not any(original[start : start + 32]):
                 continue
             zero(path, start, 32)
-            with pytest.raises(StoreError, match="damaged|truncated"):
+            with pytest.raises((DamagedFile, StoreError), match="damaged|truncated"):
                 load(path)
             path.write_bytes(original)
 

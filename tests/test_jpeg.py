@@ -12,7 +12,8 @@ from pipeline.core.errors import PipelineError
 from pipeline.data.decoding import JpegDecoder, jpeg_orientation, orient, resolve_decoder
 from pipeline.data.images import decode_rgb
 from pipeline.data.loading import Images, image_batches
-from pipeline.features.backbones import Preprocessing, build_backbone, fingerprint
+from pipeline.data.preprocessing import Preprocessing
+from pipeline.features.backbones import build_backbone, fingerprint
 from pipeline.features.extraction import extract
 from pipeline.features.store import read_store
 from tests.conftest import prepare_manifest, write_image_folder

@@ -15,12 +15,13 @@ from pipeline.cli import main
 from pipeline.core.config import ExtractParams, FinetuneParams, HeadParams
 from pipeline.data.manifest import read_manifest
 from pipeline.features.extraction import extract
-from pipeline.features.store import load_arrays, read_store, save_arrays
+from pipeline.features.hdf5 import load_arrays, save_arrays
+from pipeline.features.store import read_store
 from pipeline.finetuning.training import finetune
 from pipeline.heads.selection import train_head
 from pipeline.heads.trained import load_head, save_head
 from pipeline.results.scoring import evaluate_head
-from pipeline.results.scoring_finetune import evaluate_finetuned
+from pipeline.results.scoring_finetuned import evaluate_finetuned
 from pipeline.serving.answers import list_images
 from tests.conftest import prepare_manifest
 

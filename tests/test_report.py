@@ -19,8 +19,9 @@ from pipeline.data.manifest import read_manifest
 from pipeline.features.backbones import build_backbone
 from pipeline.features.store import FeatureStore
 from pipeline.finetuning.curve import finetune_curve
+from pipeline.finetuning.freezing import freeze
 from pipeline.finetuning.model import Classifier
-from pipeline.finetuning.training import finetune, freeze
+from pipeline.finetuning.training import finetune
 from pipeline.heads.curves import learning_curve, subsample_train
 from pipeline.heads.selection import train_head
 from pipeline.heads.trained import held_out

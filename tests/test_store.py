@@ -8,17 +8,10 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.features.store import (
-    CacheBusy,
-    EmbeddingCache,
-    StoreError,
-    load_arrays,
-    read_attrs,
-    read_store,
-    save_arrays,
-    sealed_h5,
-    write_store,
-)
+from pipeline.core.integrity import DamagedFile
+from pipeline.features.cache import CacheBusy, EmbeddingCache
+from pipeline.features.hdf5 import StoreError, load_arrays, save_arrays, sealed_h5
+from pipeline.features.store import read_attrs, read_store, write_store
 
 
 def _write(path: Path, n: int = 10, dim: int = 4, chunk: int = 3, attrs: dict | None = None) -> np.ndarray:
@@ -67,7 +60,7 @@ def test_missing_or_foreign_files_are_store_errors(tmp_path):
     with pytest.raises(StoreError, match="not found; run the extract stage"):
         read_store(tmp_path / "nope.h5")
     (tmp_path / "junk.h5").write_text("not hdf5")
-    with pytest.raises(StoreError, match="not a readable HDF5 file"):
+    with pytest.raises(DamagedFile, match="not a readable HDF5 file"):
         read_store(tmp_path / "junk.h5")
 
 
@@ -198,7 +191,7 @@ def test_a_damaged_shard_is_renamed_aside_and_only_its_rows_leave_the_cache(tmp_
         cache.add(_hashes(2, 3), np.full((2, 2), 2, np.float32))
     first, second = sorted((tmp_path / "fp").glob("shard-*.h5"))
     _corrupt_features(first)
-    with caplog.at_level(logging.WARNING, logger="pipeline.features.store"), EmbeddingCache(tmp_path, "fp", 2) as cache:
+    with caplog.at_level(logging.WARNING, logger="pipeline.core.integrity"), EmbeddingCache(tmp_path, "fp", 2) as cache:
         assert len(cache) == 2 and _hashes(1)[0] not in cache
         np.testing.assert_array_equal(cache.read(_hashes(2, 3)), np.full((2, 2), 2))
         cache.add(_hashes(3), np.zeros((3, 2), np.float32))  # recomputed: a new shard, a new number
@@ -223,10 +216,10 @@ def test_a_damaged_or_truncated_store_names_the_file_and_the_fix(tmp_path):
     _write(path)
     original = path.read_bytes()
     path.write_bytes(original[: len(original) // 2])
-    with pytest.raises(StoreError, match=rf"{re.escape(str(path))} is damaged or truncated: .*; rerun extract"):
+    with pytest.raises(DamagedFile, match=rf"{re.escape(str(path))} is damaged or truncated: .*; rerun extract"):
         read_store(path)
     damaged = bytearray(original)
     damaged[len(original) // 2] ^= 1
     path.write_bytes(bytes(damaged))
-    with pytest.raises(StoreError, match=rf"{re.escape(str(path))} is damaged or truncated: .*; rerun extract"):
+    with pytest.raises(DamagedFile, match=rf"{re.escape(str(path))} is damaged or truncated: .*; rerun extract"):
         read_store(path)

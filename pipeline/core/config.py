@@ -62,7 +62,7 @@ class BackboneParams:
     # Optional local weights file (safetensors or a torch state dict) for the backbone's architecture.
     weights: str | None = None
     # Square input size in pixels; None: the size the weights were trained at; auto: that size, unless the images
-    # are tiny (pipeline.features.backbones.input_size says when and why), and the stage's output says which it chose.
+    # are tiny (pipeline.data.preprocessing.input_size says when and why), and the stage's output says which it chose.
     image_size: int | Literal["auto"] | None = "auto"
 
     @property
@@ -191,7 +191,7 @@ class FinetuneParams:
     weight_decay: float = 0.0001
     warmup_epochs: int = 1  # linear warm-up, then cosine decay to zero
     # Random resized crop + horizontal flip; off = extraction's preprocessing; auto: on for photos, off for tiny
-    # images (digits, icons: a flip or a crop changes what they show; pipeline.features.backbones.tiny_images).
+    # images (digits, icons: a flip or a crop changes what they show; pipeline.data.preprocessing.tiny_images).
     augment: bool | Literal["auto"] = "auto"
     batchnorm: Literal["frozen", "train"] = "frozen"  # frozen: BatchNorm of frozen blocks stays in eval mode
     init_head: Literal["logreg", "random"] = "logreg"  # logreg: start from the trained logistic head

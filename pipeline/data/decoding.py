@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.core.errors import PipelineError
 from pipeline.data.images import DECODE_ERRORS
-from pipeline.features.backbones import Preprocessing
+from pipeline.data.preprocessing import Preprocessing
 
 Decode = Literal["auto", "cpu", "device"]
 # Interpolations torchvision resizes tensors with; a backbone whose weights want another keeps Pillow.
@@ -97,9 +96,4 @@ class JpegDecoder:
             if len(encoded) == 1:
                 return [None]
             return [image for data, o in zip(encoded, orientations, strict=True) for image in self.decode([data], [o])]
-        return [self._resize_crop(orient(x, o)) for x, o in zip(images, orientations, strict=True)]
-
-    def _resize_crop(self, image: torch.Tensor) -> torch.Tensor:
-        p = self.preprocessing
-        mode = TF.InterpolationMode(p.interpolation)
-        return TF.center_crop(TF.resize(image, [p.resize], interpolation=mode, antialias=True), [p.crop])
+        return [self.preprocessing.resize_crop_tensor(orient(x, o)) for x, o in zip(images, orientations, strict=True)]

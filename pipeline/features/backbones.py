@@ -8,122 +8,25 @@ import logging
 import pickle
 import socket
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 from pipeline.core.errors import PipelineError
-from pipeline.data.images import PIL_FILTERS
+from pipeline.data.preprocessing import PIXELS_VERSION, Preprocessing
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 # Tiny timm architectures with seeded random weights: fast tests, meaningless features.
 RANDOM_TEST_MODELS = ("test_efficientnet", "test_resnet")
-# Part of every fingerprint: bump it when decoding or preprocessing code changes the pixels it produces,
-# so embedding caches computed by the old code are not reused.
-PIXELS_VERSION = 3  # 3: resize and centre crop resample only the pixels the crop keeps
 
 
 class BackboneError(PipelineError):
     """A backbone cannot be built: unknown name, or weights that are not available."""
-
-
-# image_size: auto. Images whose median shorter side is at most TINY_IMAGE_SIDE px (icons, 8x8 digits, 28 px MNIST,
-# 32 px CIFAR) are read at SMALL_INPUT_SIZE px instead of the backbone's own size: a third of 224 px's pixels, so
-# about a third of the forward pass, and still a 4x4 map after an ImageNet CNN's 32x downsampling.
-TINY_IMAGE_SIDE = 32
-SMALL_INPUT_SIZE = 128
-
-
-def tiny_images(median_side: float) -> bool:
-    """Images too small to be photos (icons, digits, 32 px thumbnails): whose median shorter side is at most
-    TINY_IMAGE_SIDE px (0: a manifest without sizes, taken as photos)."""
-    return 0 < median_side <= TINY_IMAGE_SIDE
-
-
-def input_size(setting: int | str | None, own: int, median_side: float) -> tuple[int, str]:
-    """The square input size for `setting` (an extract.backbones entry's image_size) and why, in words: pixels as
-    given; None: the weights' own size `own`; auto: `own`, or SMALL_INPUT_SIZE for tiny images."""
-    if isinstance(setting, int):
-        return setting, "image_size in params.yaml"
-    if setting is None:
-        return own, "image_size null: the size the weights were trained at"
-    if tiny_images(median_side) and own > SMALL_INPUT_SIZE:
-        why = f"image_size auto: the images are tiny (median shorter side {median_side:g} px <= {TINY_IMAGE_SIDE})"
-        return SMALL_INPUT_SIZE, f"{why}, so {SMALL_INPUT_SIZE} px rather than the weights' {own}"
-    return own, f"image_size auto: the size the weights were trained at (median shorter side {median_side:g} px)"
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """Resize the shorter side, centre-crop, scale to [0, 1], normalise: the eval transform of the weights."""
-
-    resize: int
-    crop: int
-    interpolation: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def __post_init__(self) -> None:
-        if self.interpolation not in PIL_FILTERS:
-            expected = ", ".join(PIL_FILTERS)
-            raise BackboneError(f"unsupported interpolation {self.interpolation!r}; expected one of {expected}")
-
-    def with_image_size(self, size: int | None) -> Preprocessing:
-        """The same transform at another crop size, keeping the resize/crop ratio."""
-        if size is None or size == self.crop:
-            return self
-        return replace(self, crop=size, resize=round(size * self.resize / self.crop))
-
-    def to_uint8(self, img: Image.Image) -> torch.Tensor:
-        """Resize and crop: a uint8 [3, crop, crop] tensor, a quarter of float32's bytes between processes.
-
-        The pixels of torchvision's resize (shorter side to `resize`) then centre crop, with less work:
-        Pillow resamples only the columns, then the rows, that the crop keeps, placing every output pixel
-        and its filter window as the full resize would, in the same order (horizontal pass first), so the
-        result is the same to a grey level or two of rounding, in at most about 1% of the pixels. Filters
-        with hard edges (nearest, box), whose taps a rounding error can flip, and a crop larger than the
-        resized image (which torchvision pads) take torchvision's own path.
-        """
-        w, h = img.size
-        # torchvision's rules: the longer side is truncated, the crop offset rounded.
-        short, long = min(w, h), max(w, h)
-        new_w, new_h = (self.resize, int(self.resize * long / short))[:: 1 if w <= h else -1]
-        c = self.crop
-        resample = PIL_FILTERS[self.interpolation]
-        if resample in (Image.Resampling.NEAREST, Image.Resampling.BOX) or c > self.resize:
-            img = TF.center_crop(TF.resize(img, self.resize, InterpolationMode(self.interpolation)), c)
-        else:
-            left, top = round((new_w - c) / 2), round((new_h - c) / 2)
-            sx, sy = w / new_w, h / new_h
-            img = img.resize((c, h), resample, box=(left * sx, 0, (left + c) * sx, h))
-            img = img.resize((c, c), resample, box=(0, top * sy, c, (top + c) * sy))
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, H, W] -> normalised float32, in one fused pass, on whatever device `batch` is on."""
-        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
-        return (batch.float() / 255.0 - mean) / std
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        """One image as the network expects it: float32 [3, crop, crop]."""
-        return self.normalize(self.to_uint8(img)[None])[0]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Preprocessing:
-        return cls(d["resize"], d["crop"], d["interpolation"], tuple(d["mean"]), tuple(d["std"]))
 
 
 @dataclass

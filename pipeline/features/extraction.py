@@ -26,8 +26,9 @@ import torchvision
 
 from pipeline.core.config import ExtractParams
 from pipeline.data.manifest import Manifest, ManifestRow, manifest_sha256, read_manifest
+from pipeline.features.cache import EmbeddingCache
 from pipeline.features.setup import Setup
-from pipeline.features.store import SPLIT_CODES, EmbeddingCache, write_store
+from pipeline.features.store import SPLIT_CODES, write_store
 from pipeline.features.transferability import EvidenceStats
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class ExtractResult:
     label: str  # the extract.backbones entry
     backbone: str  # its network
     image_size: int
-    size_reason: str  # why this size, in words (pipeline.features.backbones.input_size)
+    size_reason: str  # why this size, in words (pipeline.data.preprocessing.input_size)
     feature_dim: int
     logme: float  # transferability of the train split's features to its labels (pipeline.features.transferability)
 

@@ -12,7 +12,8 @@ from pipeline.core.config import ConfigError, ExtractParams
 from pipeline.data.decoding import resolve_decoder
 from pipeline.data.loading import Runtime, resolve_precision
 from pipeline.data.manifest import Manifest
-from pipeline.features.backbones import Backbone, Preprocessing, build_backbone, fingerprint, input_size
+from pipeline.data.preprocessing import Preprocessing, input_size
+from pipeline.features.backbones import Backbone, build_backbone, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class Setup:
     backbone: Backbone
     runtime: Runtime  # where the forward pass runs: here, or in every Ray actor
     preprocessing: Preprocessing
-    size_reason: str  # why this input size, in words (pipeline.features.backbones.input_size)
+    size_reason: str  # why this input size, in words (pipeline.data.preprocessing.input_size)
     decoder: str
     fingerprint: str
     engine: str

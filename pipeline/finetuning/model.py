@@ -1,18 +1,25 @@
-"""The fine-tuned network: a backbone's feature extractor and a new output layer, saved and loaded as one folder."""
+"""The fine-tuned network: a backbone's feature extractor and a new output layer, saved and loaded as one folder,
+and run on a manifest's test split."""
 
 from __future__ import annotations
 
-import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.core.config import FinetuneParams
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import atomic_folder
-from pipeline.features.backbones import Preprocessing, build_backbone
+from pipeline.core.integrity import check_checksums, write_checksums
+from pipeline.core.io import atomic_folder, read_json
+from pipeline.data.loading import Images, Runtime, image_batches, predict_proba
+from pipeline.data.manifest import Manifest, ManifestRow, read_manifest
+from pipeline.data.preprocessing import Preprocessing
+from pipeline.features.backbones import build_backbone
 
 
 class Classifier(nn.Module):
@@ -27,19 +34,28 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
-# The folder's files and their sha256, in the format of `sha256sum` (so `sha256sum -c SHA256SUMS` checks them
-# too): safetensors has no checksum of its own, and zeroed bytes inside a tensor load as zeros.
-CHECKSUMS = "SHA256SUMS"
 FILES = ("model.safetensors", "config.json")
+FIX = "rerun finetune"
+
+
+class FinetuneError(PipelineError):
+    """Fine-tuning cannot start: e.g. a warm-start head trained on other classes or another backbone."""
+
+
+def new_layer(feature_dim: int, n_classes: int, seed: int) -> nn.Linear:
+    """The new output layer at its seeded random weights (PyTorch's default initialisation)."""
+    torch.manual_seed(seed)
+    return nn.Linear(feature_dim, n_classes)
 
 
 def save_finetuned(model: Classifier, out_dir: Path, config: dict) -> Path:
-    """safetensors weights plus a JSON config (classes, backbone, preprocessing, training) and their checksums, as
-    one folder: the weights and their config always belong together."""
+    """safetensors weights plus a JSON config (classes, backbone, preprocessing, training) and their checksums
+    (`SHA256SUMS`: safetensors has none of its own), as one folder: the weights and their config always belong
+    together."""
     with atomic_folder(out_dir) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / CHECKSUMS).write_text("".join(f"{_sha256(tmp / name)}  {name}\n" for name in FILES))
+        write_checksums(tmp, FILES)
     return Path(out_dir) / "model.safetensors"
 
 
@@ -49,34 +65,39 @@ def load_finetuned(model_dir: Path) -> tuple[Classifier, dict, Preprocessing]:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise PipelineError(f"no fine-tuned model in {model_dir} (config.json missing); run the finetune stage")
-    check_files(model_dir)
-    config = json.loads(config_path.read_text())
+    check_checksums(model_dir, FILES, FIX)
+    config = read_json(config_path)
     backbone = build_backbone(config["backbone"])  # every weight is then replaced by the fine-tuned ones
     model = Classifier(backbone.features, config["feature_dim"], len(config["classes"]))
     model.load_state_dict(load_file(model_dir / "model.safetensors"))
     return model.eval(), config, Preprocessing.from_dict(config["preprocessing"])
 
 
-def check_files(model_dir: Path) -> None:
-    """Refuse a model folder whose files are not the bytes `save_finetuned` wrote, before any is parsed."""
-    sums = model_dir / CHECKSUMS
-    if not sums.is_file():
-        raise PipelineError(f"{model_dir} has no {CHECKSUMS} (saved by an older version); rerun finetune")
-    recorded = {}
-    for line in sums.read_text(errors="replace").splitlines():
-        digest, _, name = line.partition("  ")
-        recorded[name] = digest
-    for name in FILES:
-        path = model_dir / name
-        if not path.is_file() or recorded.get(name) != _sha256(path):
-            raise PipelineError(
-                f"{path} is damaged or truncated: its sha256 is not the one {CHECKSUMS} recorded; rerun finetune"
-            )
+@dataclass(frozen=True)
+class TestAnswers:
+    """The fine-tuned network's class probabilities on a manifest's test split, with what they are of."""
+
+    proba: np.ndarray  # float64 [test images, classes]
+    labels: np.ndarray  # int64: each test image's class index
+    rows: list[ManifestRow]  # the test rows, in manifest order
+    manifest: Manifest
+    config: dict  # the model's config.json
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+def predict_test_split(model_dir: Path, manifest_path: Path, data_root: Path, params: FinetuneParams) -> TestAnswers:
+    """Run the fine-tuned model on the manifest's test split, decoded and run as fine-tuning validated it (`params`:
+    batch size, decoding workers, device, precision)."""
+    model, config, preprocessing = load_finetuned(model_dir)
+    classes = config["classes"]
+    manifest = read_manifest(manifest_path)
+    if manifest.classes != classes:
+        raise FinetuneError(f"{model_dir} was trained on classes {classes}, the manifest has {manifest.classes}")
+    rows = [r for r in manifest.ok_rows() if r.split == "test"]
+    if not rows:
+        raise FinetuneError(f"{manifest_path} has no test images to score; set prepare.test_fraction above 0")
+    labels = np.array([classes.index(r.class_name) for r in rows], dtype=np.int64)
+    runtime = Runtime.resolve(params.device, params.precision, option="finetune.device")
+    images = Images.of_rows(data_root, rows, preprocessing.to_uint8)
+    batches = image_batches(images, params.batch_size, params.num_workers, runtime.device)
+    proba = predict_proba(runtime.place(model), batches, runtime, preprocessing.normalize)
+    return TestAnswers(proba, labels, rows, manifest, config)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,162 +17,22 @@ from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
 from pipeline.core.config import FinetuneParams, rank_batch_size
-from pipeline.core.errors import PipelineError
-from pipeline.core.io import atomic_path
 from pipeline.data.loading import EpochShard, Images, Runtime, image_batches, predict_proba, sharded_batches
 from pipeline.data.manifest import Manifest, ManifestRow, manifest_sha256, read_manifest
-from pipeline.features.backbones import PIXELS_VERSION, Backbone, Preprocessing, build_backbone, input_size, tiny_images
+from pipeline.data.preprocessing import PIXELS_VERSION, Preprocessing, input_size, tiny_images
+from pipeline.features.backbones import Backbone, build_backbone
 from pipeline.finetuning import distributed
+from pipeline.finetuning.checkpoint import TrainingState, checkpoint_payload, load_checkpoint, save_checkpoint
 from pipeline.finetuning.distributed import SINGLE, Ranks
-from pipeline.finetuning.model import Classifier, save_finetuned
-from pipeline.heads.trained import TrainedHead
+from pipeline.finetuning.freezing import Frozen, freeze, set_train_mode
+from pipeline.finetuning.model import Classifier, FinetuneError, new_layer, save_finetuned
+from pipeline.finetuning.schedule import parameter_groups, warmup_cosine
 
 log = logging.getLogger(__name__)
 
 # The code a fine-tuning run's weights depend on: the packages its stage runs (dvc.yaml's deps for finetune). A
 # change to any of it must not resume a checkpoint written by the old code.
-TRAINING_PACKAGES = ("core", "data", "features", "finetuning", "heads")
-
-BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-class FinetuneError(PipelineError):
-    """Fine-tuning cannot start: e.g. a warm-start head trained on other classes or another backbone."""
-
-
-@dataclass
-class Frozen:
-    """Which blocks train and which stay as pre-trained."""
-
-    trainable: list[nn.Module]  # backbone blocks that train, first to last
-    frozen: list[nn.Module]
-
-
-def freeze(model: Classifier, blocks: list[nn.Module], unfreeze: int | str) -> Frozen:
-    """Freeze every backbone parameter, then unfreeze the last `unfreeze` blocks (or all); the head trains."""
-    k = len(blocks) if unfreeze == "all" else min(int(unfreeze), len(blocks))
-    trainable, frozen = blocks[len(blocks) - k :], blocks[: len(blocks) - k]
-    model.features.requires_grad_(False)
-    for block in trainable:
-        block.requires_grad_(True)
-    model.head.requires_grad_(True)
-    return Frozen(trainable, frozen)
-
-
-def set_train_mode(model: Classifier, split: Frozen, batchnorm: str) -> None:
-    """Train mode for what learns; under `batchnorm: frozen` (the default) frozen blocks stay in eval mode
-    entirely and every BatchNorm layer keeps its pre-trained statistics.
-
-    Keeping the statistics of the unfrozen blocks too is the usual advice for fine-tuning (Keras' transfer
-    learning guide): batch statistics of a new dataset shift every feature the first step sees, which
-    wrecks a warm-started head and makes small batches noisy. Their scale and shift still learn.
-    `batchnorm: train` lets every BatchNorm layer, frozen blocks' included, use and track batch statistics.
-    """
-    model.train()
-    if batchnorm == "frozen":
-        for block in split.frozen:
-            block.eval()
-        for module in model.modules():
-            if isinstance(module, BATCHNORM):
-                module.eval()
-
-
-def parameter_groups(model: Classifier, split: Frozen, params: FinetuneParams) -> list[dict]:
-    """The head at `lr`; each unfrozen block at lr * backbone_lr_mult * layer_decay ** depth (0 = last block).
-
-    Only parameters that require grad are given to the optimizer.
-    """
-    groups = [{"params": list(model.head.parameters()), "lr": params.lr, "name": "head"}]
-    for depth, block in enumerate(reversed(split.trainable)):
-        trainable = [p for p in block.parameters() if p.requires_grad]
-        if trainable:
-            lr = params.lr * params.backbone_lr_mult * params.layer_decay**depth
-            groups.append({"params": trainable, "lr": lr, "name": f"block-{len(split.trainable) - 1 - depth}"})
-    return groups
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int):
-    """Learning-rate factor per optimizer step: linear warm-up, then cosine decay to zero."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def init_from_head(layer: nn.Linear, head: TrainedHead) -> None:
-    """Copy a trained logistic head into the new layer: scaler and coefficients folded into one affine map.
-
-    logits = ((f - mean) / scale) @ coef.T + b = f @ (coef / scale).T + (b - coef @ (mean / scale)).
-    scikit-learn stores a binary problem as one row (the logit of class 1); class 0 gets a zero row.
-    """
-    scaler, clf = head.model.named_steps["scale"], head.model.named_steps["clf"]
-    coef, intercept = clf.coef_ / scaler.scale_, clf.intercept_ - clf.coef_ @ (scaler.mean_ / scaler.scale_)
-    if coef.shape[0] == 1:
-        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
-    weight = np.zeros(tuple(layer.weight.shape))
-    bias = np.zeros(layer.out_features)
-    weight[clf.classes_], bias[clf.classes_] = coef, intercept
-    with torch.no_grad():
-        layer.weight.copy_(torch.as_tensor(weight, dtype=layer.weight.dtype))
-        layer.bias.copy_(torch.as_tensor(bias, dtype=layer.bias.dtype))
-
-
-def check_warm_start(
-    head: TrainedHead, classes: list[str], manifest: str, backbone: str, crop: int, weights: str | Path | None
-) -> None:
-    """A head can seed the new layer only if it saw these classes, in the split of this manifest (`manifest`,
-    its hash: a head of another split may have trained on this one's test rows), and the features this backbone
-    (with these weights) gives at this image size."""
-    if head.kind != "logreg":
-        raise FinetuneError(f"init_head needs a logreg head; {head.name} is a {head.kind} head")
-    if head.classes != classes:
-        raise FinetuneError(f"the logreg head has classes {head.classes}, the manifest {classes}; rerun the head stage")
-    if head.manifest_sha256 != manifest:
-        raise FinetuneError(
-            f"the logreg head was trained on the split of manifest {str(head.manifest_sha256)[:16]}, fine-tuning "
-            f"reads manifest {manifest[:16]} (prepare ran again since): rerun the head stage"
-        )
-    seen = head.store_attrs
-    if _as_path(seen.get("weights_file")) != _as_path(weights):  # `./w.safetensors` is `w.safetensors`
-        raise FinetuneError(
-            f"the logreg head was trained on features of weights {seen.get('weights_file') or 'the defaults'}, "
-            f"fine-tuning starts from {weights or 'the defaults'}: rerun extract and the head stage"
-        )
-    if (seen.get("backbone"), seen.get("image_size")) != (backbone, crop):
-        raise FinetuneError(
-            f"the logreg head was trained on {seen.get('backbone')} features at {seen.get('image_size')} px, "
-            f"fine-tuning runs {backbone} at {crop} px: set finetune.image_size to null or init_head to random"
-        )
-
-
-def _as_path(value: str | Path | None) -> Path | None:
-    return Path(value) if value else None
-
-
-def initial_layer(
-    backbone: Backbone,
-    manifest: Manifest,
-    params: FinetuneParams,
-    head: TrainedHead | None = None,
-    weights: str | Path | None = None,
-) -> dict[str, torch.Tensor]:
-    """The new output layer's starting weights: seeded random ones, or the trained logistic head folded in
-    (`params.init_head: logreg`, the linear probe then fine-tune recipe), after checking that the head saw
-    the manifest's classes and split, and the features of this backbone, weights (`weights`, extract's) and
-    image size."""
-    torch.manual_seed(params.seed)
-    layer = nn.Linear(backbone.feature_dim, len(manifest.classes))
-    if params.init_head == "logreg":
-        if head is None:
-            raise FinetuneError("finetune.init_head is logreg but no trained logreg head was given")
-        crop = with_input_size(params, backbone, manifest).image_size
-        check_warm_start(head, manifest.classes, manifest_sha256(manifest), backbone.name, crop, weights)
-        init_from_head(layer, head)
-    return {name: tensor.detach().clone() for name, tensor in layer.state_dict().items()}
+TRAINING_PACKAGES = ("core", "data", "features", "finetuning")
 
 
 def train_transform(p: Preprocessing, augment: bool):
@@ -219,21 +77,6 @@ class FinetuneResult:
             "precision": self.precision,
             "processes": self.processes,
         }
-
-
-@dataclass
-class TrainingState:
-    """Where a run stands after an epoch: what a checkpoint holds besides the model, optimizer and scheduler."""
-
-    epoch: int = 0  # epochs completed
-    best_val_loss: float = math.inf
-    best_epoch: int = 0
-    bad_epochs: int = 0  # epochs since the val loss last improved
-    history: list[dict] = field(default_factory=list)
-    best_weights: dict[str, torch.Tensor] | None = None
-
-    def stopped_early(self, patience: int) -> bool:
-        return bool(patience) and self.bad_epochs >= patience
 
 
 @dataclass
@@ -334,8 +177,10 @@ def finetune(
     data = read_splits(manifest_path)
     backbone = build_backbone(backbone_name, weights)
     params = with_input_size(params, backbone, data.manifest)
-    if initial is None:
-        initial = initial_layer(backbone, data.manifest, params)  # init_head: logreg needs the head: refused here
+    if initial is None:  # the warm_start stage's layer: init_head logreg needs it
+        if params.init_head == "logreg":
+            raise FinetuneError("finetune.init_head is logreg but no trained logreg head was given (warm_start)")
+        initial = new_layer(backbone.feature_dim, len(data.classes), params.seed).state_dict()
     training = build_training(backbone, data, params, initial, ranks)
     key = run_key(backbone, params, data.manifest, training.model.head, ranks.world)
     checkpoint = Path(checkpoint_dir) / key / "checkpoint.pt"
@@ -376,8 +221,8 @@ def training_result(training: Training, state: TrainingState, resumed_from: int,
 
 def with_input_size(params: FinetuneParams, backbone: Backbone, manifest: Manifest) -> FinetuneParams:
     """`params` with image_size in pixels and augment true or false: auto and null resolved on these images as
-    extract resolves them (pipeline.features.backbones.input_size), so fine-tuning sees the inputs the frozen features
-    came from; augment auto is off for tiny images (pipeline.features.backbones.tiny_images)."""
+    extract resolves them (pipeline.data.preprocessing.input_size), so fine-tuning sees the inputs the frozen features
+    came from; augment auto is off for tiny images (pipeline.data.preprocessing.tiny_images)."""
     median_side = manifest.median_short_side()
     size, why = input_size(params.image_size, backbone.preprocessing.crop, median_side)
     augment = not tiny_images(median_side) if params.augment == "auto" else params.augment
@@ -444,6 +289,16 @@ def resume(checkpoint: Path, training: Training) -> TrainingState:
     return state
 
 
+def training_state(training: Training) -> dict:
+    """What a checkpoint keeps of the model and its training besides `TrainingState`."""
+    return {
+        "model": training.model.state_dict(),
+        "optimizer": training.optimizer.state_dict(),
+        "scheduler": training.scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+
+
 def fit(training: Training, data: Splits, data_root: Path, state: TrainingState, checkpoint: Path) -> None:
     """Train epoch after epoch until `params.epochs` or early stopping; a checkpoint after each.
 
@@ -476,7 +331,7 @@ def fit(training: Training, data: Splits, data_root: Path, state: TrainingState,
         record = epoch_record(training, epoch, sums, time.perf_counter() - epoch_start)
         end_epoch(training, state, record)
         if ranks.writes:
-            save_checkpoint(checkpoint, training, state)
+            save_checkpoint(checkpoint, training_state(training), state)
         log.info(
             "epoch %d: train loss %.4f acc %.4f, val loss %.4f acc %.4f%s",
             *(epoch + 1, *(record[k] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"))),
@@ -567,61 +422,6 @@ def evaluate_sums(training: Training, batches, labels: torch.Tensor) -> tuple[fl
         return 0.0, 0, 0
     p_true = np.clip(proba[np.arange(len(targets)), targets], 1e-12, 1.0)
     return float((-np.log(p_true)).sum()), int((proba.argmax(1) == targets).sum()), len(targets)
-
-
-# A checkpoint file is this header, the sha256 of the rest and a newline, then what torch.save wrote. The digest is
-# checked before torch.load reads a byte: torch's zip reader checks no CRC, so zeroed bytes inside a tensor load
-# as zeros, and damaged zip or pickle structure fails in many ways. Written by hand: torch has no such check.
-CHECKPOINT_HEADER = b"transfer-pipeline checkpoint sha256 "
-
-
-def save_checkpoint(path: Path, training: Training, state: TrainingState) -> None:
-    """Atomically, with its digest inside: a kill during the save leaves the previous epoch's checkpoint intact."""
-    buffer = io.BytesIO()
-    torch.save(
-        {
-            "model": training.model.state_dict(),
-            "optimizer": training.optimizer.state_dict(),
-            "scheduler": training.scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-            **{f.name: getattr(state, f.name) for f in fields(state)},  # asdict would deep-copy the weights
-        },
-        buffer,
-    )
-    payload = buffer.getbuffer()
-    with atomic_path(path) as tmp, tmp.open("wb") as f:
-        f.write(CHECKPOINT_HEADER + hashlib.sha256(payload).hexdigest().encode() + b"\n")
-        f.write(payload)
-
-
-def read_checkpoint(path: Path) -> dict | None:
-    """What `save_checkpoint` saved; None when the file is damaged or truncated (or of another format): it is
-    then renamed aside to `<name>.corrupt`, with a warning naming it."""
-    payload = checkpoint_payload(path)
-    return None if payload is None else load_checkpoint(payload)
-
-
-def load_checkpoint(payload: bytes) -> dict:
-    """The dict `save_checkpoint` saved, from the bytes `checkpoint_payload` checked."""
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-
-
-def checkpoint_payload(path: Path) -> bytes | None:
-    """What torch.save wrote, once its sha256 matches; None for a damaged or truncated file (set aside as
-    `<name>.corrupt`, with a warning)."""
-    data = memoryview(Path(path).read_bytes())
-    end = len(CHECKPOINT_HEADER) + 65
-    payload = data[end:]
-    if data[:end] != CHECKPOINT_HEADER + hashlib.sha256(payload).hexdigest().encode() + b"\n":
-        aside = Path(path).with_name(Path(path).name + ".corrupt")
-        os.replace(path, aside)
-        log.warning(
-            "finetune: checkpoint %s is damaged or truncated (its sha256 does not match); moved aside to %s, "
-            "training starts again from epoch 1",
-            *(path, aside.name),
-        )
-        return None
-    return bytes(payload)
 
 
 def saved_config(backbone: Backbone, training: Training, classes: list[str], result: FinetuneResult) -> dict:

@@ -19,7 +19,8 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from pipeline.core.errors import PipelineError
-from pipeline.features.store import HEAD_FIX, FeatureStore, StoreError, load_arrays, read_attrs, save_arrays
+from pipeline.features.hdf5 import HEAD_FIX, StoreError, load_arrays, save_arrays
+from pipeline.features.store import FeatureStore, read_attrs
 from pipeline.heads.estimators import CosineCentroids, CosineNeighbors, LbfgsLinearSVC, TemperatureScaled
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.core.config import EvaluateParams
-from pipeline.features.store import FeatureStore, StoreError, read_store
+from pipeline.features.hdf5 import StoreError
+from pipeline.features.store import FeatureStore, read_store
 from pipeline.heads.trained import TrainedHead, load_head
 from pipeline.results.metrics import Scored, model_record
 

@@ -20,7 +20,8 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_folder
 from pipeline.data.loading import Images, forward_batches, image_batches
 from pipeline.data.manifest import ManifestRow, manifest_sha256, read_manifest
-from pipeline.features.backbones import Preprocessing, backbone_of_store
+from pipeline.data.preprocessing import Preprocessing, normalized
+from pipeline.features.backbones import backbone_of_store
 from pipeline.features.store import read_attrs
 from pipeline.finetuning.model import load_finetuned
 from pipeline.heads.estimators import CosineCentroids, TemperatureScaled
@@ -62,7 +63,7 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float() / 255.0 - self.mean) / self.std
+        return normalized(images, self.mean, self.std)
 
 
 class Softmax(nn.Module):

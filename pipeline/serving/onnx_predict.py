@@ -13,12 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from pipeline.core.config import usable_cores
 from pipeline.core.errors import PipelineError
-from pipeline.data.images import PIL_FILTERS, ImageRejected, decode_rgb, read_bytes
+from pipeline.data.images import ImageRejected, decode_rgb, read_bytes
+from pipeline.data.preprocessing import Preprocessing
 from pipeline.serving.answers import Prediction, Rejected
 
 log = logging.getLogger(__name__)
@@ -33,37 +33,6 @@ class OnnxModelError(PipelineError):
     """A file is not an ONNX model exported by this pipeline, or onnxruntime is missing."""
 
 
-def crop_uint8(img: Image.Image, preprocessing: dict) -> np.ndarray:
-    """Resize the shorter side to `resize`, centre-crop `crop`: uint8 [3, crop, crop].
-
-    The pixels of `pipeline.features.backbones.Preprocessing.to_uint8` (torchvision's resize then centre crop), with
-    numpy instead of torch; tests/test_export.py checks them equal for every interpolation. Pillow resamples
-    only the columns, then the rows, that the crop keeps; filters with hard edges (nearest, box) and a crop
-    larger than the resized image take the full resize, then the crop (Pillow fills outside with 0, as
-    torchvision pads).
-    """
-    size, c = preprocessing["resize"], preprocessing["crop"]
-    resample = PIL_FILTERS[preprocessing["interpolation"]]
-    w, h = img.size
-    short, long = min(w, h), max(w, h)  # torchvision's rules: the longer side truncated, the offset rounded
-    new_w, new_h = (size, int(size * long / short))[:: 1 if w <= h else -1]
-    if resample in (Image.Resampling.NEAREST, Image.Resampling.BOX) or c > size:
-        img = img.resize((new_w, new_h), resample) if (new_w, new_h) != (w, h) else img
-        left, top = _crop_offset(new_w, c), _crop_offset(new_h, c)
-        img = img.crop((left, top, left + c, top + c))
-    else:
-        left, top = round((new_w - c) / 2), round((new_h - c) / 2)
-        sx, sy = w / new_w, h / new_h
-        img = img.resize((c, h), resample, box=(left * sx, 0, (left + c) * sx, h))
-        img = img.resize((c, c), resample, box=(0, top * sy, c, (top + c) * sy))
-    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
-
-
-def _crop_offset(length: int, crop: int) -> int:
-    """torchvision's centre-crop offset; a crop longer than the side is padded by (crop - side) // 2 first."""
-    return -((crop - length) // 2) if crop > length else int(round((length - crop) / 2.0))
-
-
 def read_metadata(path: Path) -> dict:
     """The JSON values of an exported file's metadata, checked as `OnnxPredictor` checks them."""
     return _metadata(path, _session(path))
@@ -76,9 +45,9 @@ class OnnxPredictor:
         self.session = _session(path)
         self.metadata = _metadata(path, self.session)
         self.classes: list[str] = self.metadata["classes"]
-        self.preprocessing: dict = self.metadata["preprocessing"]
-        # JPEGs decoded at reduced scale as the features were (jpeg_draft); never below the resize target.
-        self.draft = self.preprocessing["resize"] if self.metadata["jpeg_draft"] else None
+        self.preprocessing = Preprocessing.from_dict(self.metadata["preprocessing"])
+        # JPEGs decoded at reduced scale as the features were (jpeg_draft).
+        self.draft = self.preprocessing.draft(bool(self.metadata["jpeg_draft"]))
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, 3, crop, crop] -> float32 class probabilities [N, classes]."""
@@ -121,7 +90,7 @@ class OnnxPredictor:
 
     def _pixels(self, path: Path) -> np.ndarray | ImageRejected:
         try:
-            return crop_uint8(decode_rgb(read_bytes(path), self.draft), self.preprocessing)
+            return self.preprocessing.resize_crop(decode_rgb(read_bytes(path), self.draft))
         except ImageRejected as err:
             return err
 

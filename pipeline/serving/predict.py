@@ -12,7 +12,8 @@ from tqdm import tqdm
 from pipeline.core.errors import PipelineError
 from pipeline.data.decoding import JpegDecoder
 from pipeline.data.loading import Images, Runtime, forward_batches, image_batches
-from pipeline.features.backbones import Preprocessing, backbone_of_store, fingerprint
+from pipeline.data.preprocessing import Preprocessing
+from pipeline.features.backbones import backbone_of_store, fingerprint
 from pipeline.features.store import read_attrs
 from pipeline.finetuning.model import load_finetuned
 from pipeline.heads.trained import TrainedHead, check_trained_on, load_head
@@ -93,7 +94,7 @@ def head_predictor(head_path: Path, store_path: Path, device: str = "auto") -> P
             f"{store_path} was extracted by model {attrs['fingerprint']}, but {attrs['backbone']} here is {rebuilt} "
             "(other weights or code); rerun extract"
         )
-    draft = preprocessing.resize if attrs["jpeg_draft"] else None
+    draft = preprocessing.draft(bool(attrs["jpeg_draft"]))
     # Laid out as extract ran the backbone, so a photo of the store gets its stored embedding, bit for bit.
     runtime = Runtime.resolve(device, attrs["precision"], option="--device", channels_last=True)
     # Decoded as the store was: torchvision's decoder where extract used it (libjpeg-turbo off a GPU).

@@ -14,7 +14,7 @@ from pipeline.core.config import ExtractParams
 from pipeline.data.decoding import JpegDecoder
 from pipeline.data.loading import Images, forward_batches, image_batches
 from pipeline.data.manifest import ManifestRow
-from pipeline.features.store import EmbeddingCache
+from pipeline.features.cache import EmbeddingCache
 
 if TYPE_CHECKING:
     from pipeline.features.setup import Setup
@@ -29,7 +29,7 @@ def embed_rows(
     one batch behind, so the main thread is already decoding and launching the next batch meanwhile.
     """
     preprocessing, runtime = setup.preprocessing, setup.runtime
-    draft = preprocessing.resize if params.jpeg_draft else None
+    draft = preprocessing.draft(params.jpeg_draft)
     jpeg = None if setup.decoder == "pillow" else JpegDecoder.on(runtime.device, preprocessing)
     dataset = Images.of_rows(data_root, rows, preprocessing.to_uint8, draft, jpeg=jpeg)
     batches = image_batches(dataset, params.batch_size, params.num_workers, runtime.device, params.loader)

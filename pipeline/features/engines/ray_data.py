@@ -34,9 +34,10 @@ from pipeline.core.errors import DataError, PipelineError
 from pipeline.data.decoding import JpegDecoder
 from pipeline.data.loading import Batch, Images, Runtime, forward_batches, stack
 from pipeline.data.manifest import ManifestRow
-from pipeline.features.backbones import Preprocessing, build_backbone
+from pipeline.data.preprocessing import Preprocessing
+from pipeline.features.backbones import build_backbone
+from pipeline.features.cache import EmbeddingCache
 from pipeline.features.engines.local import BatchClock
-from pipeline.features.store import EmbeddingCache
 
 if TYPE_CHECKING:
     from pipeline.features.setup import Setup
@@ -130,7 +131,7 @@ def embeddings(setup: Setup, rows: list[ManifestRow], data_root: Path, params: E
         fn_kwargs={
             "root": str(Path(data_root).resolve()),
             "preprocessing": setup.preprocessing,
-            "draft": setup.preprocessing.resize if params.jpeg_draft else None,
+            "draft": setup.preprocessing.draft(params.jpeg_draft),
             "decoder": setup.decoder,
         },
         batch_size=params.ray.decode_batch,
