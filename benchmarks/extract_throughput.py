@@ -40,9 +40,10 @@ import torch
 from photos import make_photos
 
 from pipeline.core.config import BackboneParams, ExtractParams, RayParams, usable_cores
+from pipeline.core.device import Runtime
 from pipeline.data.decoding import JpegDecoder, resolve_decoder
 from pipeline.data.images import decode_rgb, read_bytes
-from pipeline.data.loading import Images, Runtime, image_batches
+from pipeline.data.loading import Images, image_batches
 from pipeline.data.manifest import Manifest, ManifestRow, build_manifest, write_manifest
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.features.backbones import build_backbone

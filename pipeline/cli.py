@@ -104,7 +104,7 @@ def predict(inputs, head, features, finetuned, model, top_k, batch_size, num_wor
     Files that cannot be read as images are listed on stderr with their reason; the rest are predicted.
     """
     from pipeline.core.io import write_text
-    from pipeline.serving.answers import list_images
+    from pipeline.data.listing import list_images
 
     if bool(head) + bool(finetuned) + bool(model) != 1 or bool(head) != bool(features):
         raise click.UsageError("give either --head with --features, or --finetuned, or --model")

@@ -18,6 +18,7 @@ from torchvision.transforms import functional as TF
 from pipeline.cli import main as transfer
 from pipeline.core.config import ConfigError, ExtractParams, FinetuneParams, HeadParams, parse
 from pipeline.core.errors import PipelineError
+from pipeline.data.listing import list_images
 from pipeline.data.manifest import read_manifest
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.features.extraction import extract
@@ -27,7 +28,6 @@ from pipeline.heads.selection import train_head
 from pipeline.heads.trained import HeadFile, chosen_head, head_files, save_head
 from pipeline.results.scoring import evaluate_head
 from pipeline.results.scoring_finetuned import evaluate_finetuned
-from pipeline.serving.answers import list_images
 from pipeline.serving.export import (
     CHOSEN_ON_VAL,
     PARITY_ATOL,
@@ -344,7 +344,7 @@ def test_the_one_resize_and_crop_gives_torchvisions_pixels(interpolation):
 
 
 def test_the_listing_both_predictors_share_skips_hidden_files_and_keeps_broken_links(tmp_path):
-    """One torch-free `pipeline.serving.answers.list_images` serves `--model` and the torch predictors alike."""
+    """One torch-free `pipeline.data.listing.list_images` serves `--model` and the torch predictors alike."""
     folder = tmp_path / "photos"
     write_image_folder(folder, {"a": 2, "b": 1})
     (folder / ".hidden").mkdir()

@@ -9,8 +9,8 @@ import torch
 
 from pipeline.core.config import ExtractParams
 from pipeline.core.errors import PipelineError
-from pipeline.data.decoding import JpegDecoder, jpeg_orientation, orient, resolve_decoder
-from pipeline.data.images import decode_rgb
+from pipeline.data.decoding import JpegDecoder, orient, resolve_decoder
+from pipeline.data.images import decode_rgb, jpeg_orientation
 from pipeline.data.loading import Images, image_batches
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.features.backbones import build_backbone, fingerprint

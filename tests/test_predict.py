@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.core.config import ExtractParams, FinetuneParams, HeadParams
+from pipeline.data.listing import list_images
 from pipeline.data.manifest import read_manifest
 from pipeline.features.extraction import extract
 from pipeline.features.hdf5 import load_arrays, save_arrays
@@ -22,7 +23,6 @@ from pipeline.heads.selection import train_head
 from pipeline.heads.trained import load_head, save_head
 from pipeline.results.scoring import evaluate_head
 from pipeline.results.scoring_finetuned import evaluate_finetuned
-from pipeline.serving.answers import list_images
 from tests.conftest import prepare_manifest
 
 

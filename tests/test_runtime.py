@@ -7,16 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.core.device import DeviceError, Runtime, resolve_device
 from pipeline.core.errors import DataError
-from pipeline.data.loading import (
-    DeviceError,
-    Images,
-    Runtime,
-    forward_batches,
-    image_batches,
-    predict_proba,
-    resolve_device,
-)
+from pipeline.data.loading import Images, forward_batches, image_batches, predict_proba
 from pipeline.data.manifest import read_manifest
 from pipeline.features.backbones import build_backbone
 from tests.conftest import prepare_manifest

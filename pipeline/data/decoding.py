@@ -7,23 +7,20 @@ only reads and hashes. Anything it does not take, or fails on, goes to Pillow fi
 
 from __future__ import annotations
 
-import io
 import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.core.errors import PipelineError
-from pipeline.data.images import DECODE_ERRORS
 from pipeline.data.preprocessing import Preprocessing
 
 Decode = Literal["auto", "cpu", "device"]
+PILLOW = "pillow"  # the decoder of every format (pipeline.data.images); the others take JPEGs only
 # Interpolations torchvision resizes tensors with; a backbone whose weights want another keeps Pillow.
 TENSOR_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
-EXIF_ORIENTATION = 0x0112
 # torchvision 0.29 deprecates its decoders for TorchCodec's; they remain the ones torch <= 2.14 ships, and
 # the warning would repeat on every call. Silenced by its message only.
 warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)
@@ -36,10 +33,10 @@ def resolve_decoder(requested: Decode, device: torch.device, preprocessing: Prep
     CUDA decodes with torchvision on the CPU (in the loader's workers): the path the tests run.
     """
     if requested == "cpu" or (requested == "auto" and device.type != "cuda"):
-        return "pillow"
+        return PILLOW
     if preprocessing.interpolation not in TENSOR_INTERPOLATIONS:
         if requested == "auto":
-            return "pillow"
+            return PILLOW
         raise PipelineError(
             f"extract.decode is device but the backbone resizes with {preprocessing.interpolation!r}, which only "
             f"Pillow implements; use decode: cpu or auto"
@@ -47,19 +44,10 @@ def resolve_decoder(requested: Decode, device: torch.device, preprocessing: Prep
     return "nvjpeg" if device.type == "cuda" else "libjpeg-turbo"
 
 
-def jpeg_orientation(data: bytes) -> int | None:
-    """The EXIF orientation (1-8) of a JPEG this decoder takes (8-bit RGB or greyscale); None for any other
-    file, which Pillow then decodes or rejects. Reads the headers only."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                if img.format != "JPEG" or img.mode not in ("RGB", "L"):
-                    return None
-                orientation = img.getexif().get(EXIF_ORIENTATION, 1)
-        except (*DECODE_ERRORS, Image.DecompressionBombError, Image.DecompressionBombWarning):
-            return None
-    return orientation if orientation in range(1, 9) else 1
+def jpeg_decoder(decoder: str, device: torch.device, preprocessing: Preprocessing) -> JpegDecoder | None:
+    """The decoder a name (`resolve_decoder`'s, recorded with a store) stands for: None for Pillow, else torchvision's
+    on `device` (batched there on a GPU, file by file in the loader on the CPU)."""
+    return None if decoder == PILLOW else JpegDecoder.on(device, preprocessing)
 
 
 def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Open one image file safely: an RGB image, or an `ImageRejected` that says why not."""
+"""Open one image file safely: an RGB image turned upright (EXIF), or an `ImageRejected` that says why not; and the
+EXIF orientation of a JPEG that torchvision's decoder takes (pipeline.data.decoding turns its tensor the same way)."""
 
 from __future__ import annotations
 
@@ -174,3 +175,21 @@ def _rescale_to_8bit(img: Image.Image) -> Image.Image:
     span = hi - lo or 1.0
     scaled = np.clip((arr - lo) / span * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(scaled)  # 2-D uint8 -> mode "L"
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def jpeg_orientation(data: bytes) -> int | None:
+    """The EXIF orientation (1-8) of a JPEG that torchvision's decoder takes (8-bit RGB or greyscale); None for any
+    other file, which Pillow then decodes (`decode_rgb`) or rejects. Reads the headers only."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                    return None
+                orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+        except (*DECODE_ERRORS, Image.DecompressionBombError, Image.DecompressionBombWarning):
+            return None
+    return orientation if orientation in range(1, 9) else 1

@@ -18,14 +18,14 @@ from tqdm import tqdm
 from pipeline.core.errors import DataError
 from pipeline.core.io import atomic_path
 from pipeline.data.images import REASONS, ImageRejected, confined, decode_rgb, read_bytes
+from pipeline.data.listing import files_under, is_junk
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+
+
 # Operating-system droppings that are not the user's data: skipped, and counted.
-JUNK_NAMES = {"Thumbs.db", "desktop.ini", "__MACOSX"}
-
-
 @dataclass(frozen=True)
 class ManifestRow:
     path: str  # relative to the data root, with forward slashes
@@ -165,11 +165,6 @@ def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not is_junk(p.name))
 
 
-def is_junk(name: str) -> bool:
-    """Hidden files and folders and operating-system droppings: not the user's images."""
-    return name.startswith(".") or name in JUNK_NAMES
-
-
 def _class_files(root: Path, folder: Path, skipped: list[str]) -> Iterable[tuple[str, str]]:
     """(class, path relative to root) for every file below each class folder, recursively, sorted.
 
@@ -188,11 +183,9 @@ def _class_files(root: Path, folder: Path, skipped: list[str]) -> Iterable[tuple
             skipped.append(entry.relative_to(root).as_posix())
             continue
         found = False
-        for path in sorted(entry.rglob("*")):
-            if path.is_dir():
-                continue
+        for path, junk in files_under(entry):
             rel = path.relative_to(root).as_posix()
-            if any(is_junk(part) for part in path.relative_to(entry).parts):
+            if junk:
                 skipped.append(rel)
             else:  # a file, a dangling link, a FIFO or a device: each gets a row, the unusable ones a reason
                 found = True

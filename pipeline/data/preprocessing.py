@@ -139,6 +139,10 @@ class Preprocessing:
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
+    def to_dict(self) -> dict:
+        """As JSON has it (lists, sorted keys): what config files and ONNX metadata record."""
+        return json.loads(self.to_json())
+
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
         return cls(d["resize"], d["crop"], d["interpolation"], tuple(d["mean"]), tuple(d["std"]))

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.core.config import ConfigError, ExtractParams
+from pipeline.core.device import Runtime
 from pipeline.data.decoding import resolve_decoder
-from pipeline.data.loading import Runtime, resolve_precision
 from pipeline.data.manifest import Manifest
 from pipeline.data.preprocessing import Preprocessing, input_size
 from pipeline.features.backbones import Backbone, build_backbone, fingerprint
@@ -49,7 +49,7 @@ class Setup:
                     f"(extract.ray.gpus_per_actor: {params.ray.gpus_per_actor}); set extract.device: auto, or give the "
                     "actors that device (gpus_per_actor)"
                 )
-            runtime = Runtime(device, resolve_precision(params.precision, device), channels_last=True)
+            runtime = Runtime.on(device, params.precision)
             decode_on = torch.device("cpu")
         else:
             # channels_last on CPU too: the store's bytes were fixed with it, and the fingerprint does not record it.

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.core.config import ConfigError, TorchrunParams
+from pipeline.core.config import TorchrunParams
 from pipeline.core.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -63,16 +63,6 @@ def ranks_from_env() -> Ranks:
         return SINGLE
     env = os.environ
     return Ranks(int(env.get("RANK", "0")), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]))
-
-
-def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
-    """One GPU per rank on CUDA (cuda:LOCAL_RANK, made the current device); the CPU is shared."""
-    if ranks.world == 1 or device.type == "cpu":
-        return device
-    if device.type != "cuda":
-        raise ConfigError(f"finetune.device {device.type} cannot run several processes (torchrun); use cpu or cuda")
-    torch.cuda.set_device(ranks.local_rank)
-    return torch.device("cuda", ranks.local_rank)
 
 
 def data_parallel(module: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn.Module:

@@ -13,10 +13,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.core.config import FinetuneParams
+from pipeline.core.device import Runtime
 from pipeline.core.errors import PipelineError
 from pipeline.core.integrity import check_checksums, write_checksums
 from pipeline.core.io import atomic_folder, read_json
-from pipeline.data.loading import Images, Runtime, image_batches, predict_proba
+from pipeline.data.loading import Images, image_batches, predict_proba
 from pipeline.data.manifest import Manifest, ManifestRow, read_manifest
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.features.backbones import build_backbone

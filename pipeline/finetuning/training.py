@@ -17,7 +17,8 @@ from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
 from pipeline.core.config import FinetuneParams, rank_batch_size
-from pipeline.data.loading import EpochShard, Images, Runtime, image_batches, predict_proba, sharded_batches
+from pipeline.core.device import Runtime
+from pipeline.data.loading import EpochShard, Images, image_batches, predict_proba, sharded_batches
 from pipeline.data.manifest import Manifest, ManifestRow, manifest_sha256, read_manifest
 from pipeline.data.preprocessing import PIXELS_VERSION, Preprocessing, input_size, tiny_images
 from pipeline.features.backbones import Backbone, build_backbone
@@ -256,7 +257,7 @@ def build_training(
         ) from err
     split = freeze(model, backbone.blocks(), params.unfreeze)
     runtime = Runtime.resolve(params.device, params.precision, option="finetune.device")
-    runtime = replace(runtime, device=distributed.rank_device(runtime.device, ranks))
+    runtime = runtime.for_rank(ranks.local_rank, ranks.world, option="finetune.device")
     runtime.place(model)
     optimizer = torch.optim.AdamW(parameter_groups(model, split, params), weight_decay=params.weight_decay)
     steps_per_epoch = math.ceil(len(data.rows["train"]) / params.batch_size)  # each rank's too (see EpochShard)
@@ -430,7 +431,7 @@ def saved_config(backbone: Backbone, training: Training, classes: list[str], res
         "backbone": backbone.name,
         "classes": classes,
         "feature_dim": backbone.feature_dim,
-        "preprocessing": json.loads(training.preprocessing.to_json()),
+        "preprocessing": training.preprocessing.to_dict(),
         "unfrozen_blocks": len(training.split.trainable),
         "total_blocks": len(training.split.trainable) + len(training.split.frozen),
         "params": {

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from pipeline.core.config import ExportParams
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import atomic_folder
+from pipeline.core.io import atomic_folder, read_json
 from pipeline.data.loading import Images, forward_batches, image_batches
 from pipeline.data.manifest import ManifestRow, manifest_sha256, read_manifest
 from pipeline.data.preprocessing import Preprocessing, normalized
@@ -217,7 +217,7 @@ def _metadata(described: dict, classes: list[str], preprocessing: Preprocessing,
     return {
         **described,
         "classes": classes,
-        "preprocessing": json.loads(preprocessing.to_json()),
+        "preprocessing": preprocessing.to_dict(),
         "jpeg_draft": draft,
         "input": f"{INPUT}: uint8 [batch, 3, {crop}, {crop}], RGB, resized and centre-cropped (normalised inside)",
         "output": f"{OUTPUT}: float32 [batch, {len(classes)}], in the order of classes",
@@ -386,7 +386,7 @@ def _exportable(name: str, inputs: Inputs, manifest_hash: str) -> Exportable:
     path = inputs.metrics / name / "metrics.json"
     if not path.is_file():
         raise ExportError(f"no test metrics for {name} ({path}); run its head or evaluate_finetune stage first")
-    metrics = json.loads(path.read_text())
+    metrics = read_json(path)
     if name == FINETUNE:
         return finetuned_exportable(inputs.finetuned, metrics, manifest_hash)
     return head_exportable(inputs.heads[name].path, inputs.heads[name].store, metrics)

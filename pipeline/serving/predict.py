@@ -9,9 +9,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.core.device import Runtime
 from pipeline.core.errors import PipelineError
-from pipeline.data.decoding import JpegDecoder
-from pipeline.data.loading import Images, Runtime, forward_batches, image_batches
+from pipeline.data.decoding import PILLOW, JpegDecoder, jpeg_decoder
+from pipeline.data.loading import Images, forward_batches, image_batches
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.features.backbones import backbone_of_store, fingerprint
 from pipeline.features.store import read_attrs
@@ -87,7 +88,7 @@ def head_predictor(head_path: Path, store_path: Path, device: str = "auto") -> P
     check_trained_on(head, attrs, head_path, store_path)
     backbone = backbone_of_store(attrs)
     preprocessing = Preprocessing.from_dict(attrs["preprocessing"])
-    decoder = attrs.get("decoder", "pillow")  # stores written before the choice were all Pillow's
+    decoder = attrs.get("decoder", PILLOW)  # stores written before the choice were all Pillow's
     rebuilt = fingerprint(backbone, preprocessing, attrs["precision"], bool(attrs["jpeg_draft"]), decoder)
     if rebuilt != attrs["fingerprint"]:
         raise PipelineError(
@@ -98,7 +99,7 @@ def head_predictor(head_path: Path, store_path: Path, device: str = "auto") -> P
     # Laid out as extract ran the backbone, so a photo of the store gets its stored embedding, bit for bit.
     runtime = Runtime.resolve(device, attrs["precision"], option="--device", channels_last=True)
     # Decoded as the store was: torchvision's decoder where extract used it (libjpeg-turbo off a GPU).
-    jpeg = None if decoder == "pillow" else JpegDecoder.on(runtime.device, preprocessing)
+    jpeg = jpeg_decoder(decoder, runtime.device, preprocessing)
     network = _HeadOnFeatures(backbone.features, head)
     return Predictor(network, preprocessing, head.classes, draft, runtime, jpeg)
 

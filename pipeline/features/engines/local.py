@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.core.config import ExtractParams
-from pipeline.data.decoding import JpegDecoder
+from pipeline.data.decoding import jpeg_decoder
 from pipeline.data.loading import Images, forward_batches, image_batches
 from pipeline.data.manifest import ManifestRow
 from pipeline.features.cache import EmbeddingCache
@@ -30,7 +30,7 @@ def embed_rows(
     """
     preprocessing, runtime = setup.preprocessing, setup.runtime
     draft = preprocessing.draft(params.jpeg_draft)
-    jpeg = None if setup.decoder == "pillow" else JpegDecoder.on(runtime.device, preprocessing)
+    jpeg = jpeg_decoder(setup.decoder, runtime.device, preprocessing)
     dataset = Images.of_rows(data_root, rows, preprocessing.to_uint8, draft, jpeg=jpeg)
     batches = image_batches(dataset, params.batch_size, params.num_workers, runtime.device, params.loader)
     model = runtime.place(setup.backbone.features)

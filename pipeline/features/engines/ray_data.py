@@ -30,9 +30,10 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline.core.config import ConfigError, ExtractParams, RayParams
+from pipeline.core.device import Runtime
 from pipeline.core.errors import DataError, PipelineError
-from pipeline.data.decoding import JpegDecoder
-from pipeline.data.loading import Batch, Images, Runtime, forward_batches, stack
+from pipeline.data.decoding import jpeg_decoder
+from pipeline.data.loading import Batch, Images, forward_batches, stack
 from pipeline.data.manifest import ManifestRow
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.features.backbones import build_backbone
@@ -178,7 +179,7 @@ def decode(
     is a `problem` (the local engine's message), which the driver raises: an error raised here would reach it
     wrapped in Ray's, its own message lost."""
     rows = [Source(str(p), str(h)) for p, h in zip(batch["path"], batch["sha256"], strict=True)]
-    jpeg = None if decoder == "pillow" else JpegDecoder.on(torch.device("cpu"), preprocessing)
+    jpeg = jpeg_decoder(decoder, torch.device("cpu"), preprocessing)  # decode tasks run on CPUs
     images = Images.of_rows(Path(root), rows, preprocessing.to_uint8, draft, jpeg=jpeg)
     pixels, problems = [], []
     for i in range(len(images)):
@@ -221,7 +222,7 @@ class Embedder:
             )
             return
         # A GPU actor sees only the GPU Ray gave it, as device 0.
-        self.runtime = Runtime(torch.device(device), precision, channels_last=True)
+        self.runtime = Runtime.on(device, precision)
         self.model = self.runtime.place(backbone.features)
         self.normalize = preprocessing.normalize
 
