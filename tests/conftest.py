@@ -20,6 +20,8 @@ from pipeline.core.config import usable_cores
 from pipeline.data.manifest import build_manifest, write_manifest
 from pipeline.features.store import FeatureStore
 
+pytest_plugins = ["tests.tiers"]  # the default tier's time limit
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 

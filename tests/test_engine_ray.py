@@ -127,6 +127,7 @@ def _shards(work: Path) -> int:
     return len(list(work.glob("cache/*/shard-*.h5")))
 
 
+@pytest.mark.integration
 def test_ray_writes_the_store_the_local_engine_writes_and_reruns_compute_nothing(
     tmp_path, images, ray_address, local_store
 ):
@@ -160,6 +161,7 @@ def _wait_for(condition, seconds: float = 120) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.integration
 def test_an_actor_killed_mid_run_is_restarted_by_ray_and_the_store_is_the_same(
     tmp_path, images, ray_address, local_store
 ):
@@ -179,6 +181,7 @@ def test_an_actor_killed_mid_run_is_restarted_by_ray_and_the_store_is_the_same(
     _assert_same_store(local_store, work / "features.h5")
 
 
+@pytest.mark.integration
 def test_a_killed_driver_reruns_only_what_the_cache_lacks(tmp_path, images, ray_address, local_store):
     work = _work(tmp_path, "ray", images, "ray")
     driver = subprocess.Popen(_stage(work, images), cwd=REPO, env=_env(ray_address), stdout=subprocess.DEVNULL,
@@ -195,6 +198,7 @@ def test_a_killed_driver_reruns_only_what_the_cache_lacks(tmp_path, images, ray_
     _assert_same_store(local_store, work / "features.h5")
 
 
+@pytest.mark.integration
 def test_a_file_changed_since_prepare_fails_with_the_local_engines_line(tmp_path, images, ray_address):
     root = tmp_path / "raw"
     write_image_folder(root, {"a": 6, "b": 6}, size=64)

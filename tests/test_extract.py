@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -119,6 +120,38 @@ def _params_file(work: Path, batch_size: int) -> Path:
     return path
 
 
+class Interrupted(Exception):
+    """Stands for a crash: raised from inside the run, after some batches reached the cache."""
+
+
+def test_an_interrupted_extract_resumes_from_what_reached_the_cache(image_folder, tmp_path, monkeypatch):
+    """The in-process counterpart of the kill -9 test below (full tier): a run that dies after three batches were
+    flushed computes only the rest when run again, and writes the bytes of an uninterrupted run."""
+    params = replace(TINY, batch_size=4)
+    flushed, add = [], EmbeddingCache.add
+
+    def add_then_die(self, hashes, features, seconds=float("nan")):
+        if len(flushed) == 3:
+            raise Interrupted
+        add(self, hashes, features, seconds)
+        flushed.append(len(hashes))
+
+    monkeypatch.setattr(EmbeddingCache, "add", add_then_die)
+    with pytest.raises(Interrupted):
+        run(image_folder, tmp_path, params)
+    assert not (tmp_path / "features.h5").exists()
+    monkeypatch.setattr(EmbeddingCache, "add", add)
+    resumed = run(image_folder, tmp_path, params)
+    assert (resumed.computed, resumed.reused) == (36 - 12, 12)
+    (tmp_path / "clean").mkdir()
+    run(image_folder, tmp_path / "clean", params)
+    assert (
+        read_store(tmp_path / "features.h5").features.tobytes()
+        == read_store(tmp_path / "clean" / "features.h5").features.tobytes()
+    )
+
+
+@pytest.mark.integration
 def test_kill_minus_nine_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
     root = tmp_path / "raw"
     write_image_folder(root, {"a": 60, "b": 60}, size=64)

@@ -18,11 +18,12 @@ from pipeline.core.config import FinetuneParams, HeadParams
 from pipeline.data.loading import Images, collate
 from pipeline.data.manifest import Manifest, ManifestRow, manifest_sha256, read_manifest
 from pipeline.features.backbones import build_backbone, ordered_blocks
+from pipeline.finetuning import training
 from pipeline.finetuning.checkpoint import read_checkpoint
 from pipeline.finetuning.freezing import freeze
-from pipeline.finetuning.model import Classifier
+from pipeline.finetuning.model import Classifier, FinetuneError
 from pipeline.finetuning.schedule import parameter_groups, warmup_cosine
-from pipeline.finetuning.training import TRAINING_PACKAGES, FinetuneError, finetune, run_key, with_input_size
+from pipeline.finetuning.training import TRAINING_PACKAGES, finetune, run_key, with_input_size
 from pipeline.finetuning.warm_start import check_warm_start, init_from_head, initial_layer
 from pipeline.heads.selection import train_head
 from pipeline.heads.trained import save_head
@@ -197,6 +198,36 @@ def _setup(work: Path, root: Path) -> None:
     )
 
 
+class Interrupted(Exception):
+    """Stands for a crash in the middle of an epoch."""
+
+
+def test_a_run_interrupted_in_epoch_three_resumes_there_with_identical_final_weights(data, tmp_path, monkeypatch):
+    """The in-process counterpart of the kill -9 test below (full tier): the checkpoint of epoch 2 is resumed at
+    epoch 3 (augmentation and shuffling drawn as in an uninterrupted run), and the final weights are the same."""
+    root, manifest = data
+    params = replace(FAST, epochs=4, batch_size=4, augment=True, early_stopping_patience=0)
+    epochs, train_epoch = [], training.train_epoch
+
+    def train_epoch_then_die(*args):
+        if len(epochs) == 2:
+            raise Interrupted
+        epochs.append(1)
+        return train_epoch(*args)
+
+    monkeypatch.setattr(training, "train_epoch", train_epoch_then_die)
+    with pytest.raises(Interrupted):
+        finetune(manifest, root, "test_resnet", params, tmp_path / "killed", tmp_path / "ckpt")
+    monkeypatch.setattr(training, "train_epoch", train_epoch)
+    resumed = finetune(manifest, root, "test_resnet", params, tmp_path / "killed", tmp_path / "ckpt")
+    assert (resumed.resumed_from_epoch, resumed.epochs_run) == (2, 4)
+    clean = finetune(manifest, root, "test_resnet", params, tmp_path / "clean", tmp_path / "clean_ckpt")
+    assert clean.resumed_from_epoch == 0
+    a, b = load_file(resumed.model_path), load_file(clean.model_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.integration
 def test_kill_during_epoch_three_resumes_there_with_identical_final_weights(tmp_path):
     root = tmp_path / "raw"
     write_image_folder(root, {"a": 40, "b": 40}, size=64)

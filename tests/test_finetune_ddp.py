@@ -116,6 +116,7 @@ def test_the_shards_of_two_ranks_are_the_global_batches_of_one_process():
                 assert interleaved[: len(batch)] == batch  # past that: the padding, repeats of the first images
 
 
+@pytest.mark.integration
 def test_two_ranks_train_the_weights_of_one_process(images, two_ranks, tmp_path):
     work, run = two_ranks
     single = _setup(tmp_path / "one", images)
@@ -139,6 +140,7 @@ def test_two_ranks_train_the_weights_of_one_process(images, two_ranks, tmp_path)
         assert ranks["train_loss"] == pytest.approx(alone["train_loss"], abs=1e-6)
 
 
+@pytest.mark.integration
 def test_torchrun_by_hand_trains_the_new_layer_alone_with_unfreeze_zero(images, tmp_path):
     """Under a torchrun started by hand the stage trains as a rank (engine local notwithstanding); with every
     backbone parameter frozen DDP has the head's two tensors only, and no "unused parameters" error."""
@@ -181,6 +183,7 @@ def test_a_batch_size_that_does_not_split_between_the_ranks_is_a_one_line_error(
         FinetuneParams(batch_size=9, engine="torchrun")
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the ranks fail for want of a CUDA device")
 def test_a_failed_rank_ends_the_stage_with_one_line(images, tmp_path):
     """Each rank refuses a CUDA device this machine lacks; the launcher says which rank failed, no traceback."""
@@ -215,6 +218,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the ranks die with torchrun on Linux")
 def test_killing_every_rank_during_epoch_two_resumes_there_with_the_same_weights(images, two_ranks, tmp_path):
     clean, _ = two_ranks
@@ -247,6 +251,7 @@ def test_killing_every_rank_during_epoch_two_resumes_there_with_the_same_weights
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.integration
 def test_another_machine_joins_with_torchrun_by_hand_and_the_launching_machine_writes(images, two_ranks, tmp_path):
     """Two "machines" on localhost (nnodes 2, one rank each): on the first the stage as DVC runs it, on the second
     the README's torchrun command. The second starts first, so it gets rank 0 (c10d numbers the machines by host

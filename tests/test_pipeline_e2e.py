@@ -13,6 +13,8 @@ import yaml
 
 from tests.conftest import REPO, write_image_folder
 
+pytestmark = pytest.mark.integration  # the full tier: make test-all
+
 
 def sh(cwd: Path, *args: str) -> str:
     env_path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
