@@ -43,6 +43,8 @@ class Ranks:
     world: int = 1
     local_rank: int = 0  # rank on this machine: the GPU it uses
     writer: int = 0  # the rank that reads and writes files (checkpoints, outputs)
+    # This rank runs on the machine where the stage (DVC) runs, which must get the outputs: `launch` started it.
+    launched_here: bool = True
 
     @property
     def writes(self) -> bool:
@@ -58,11 +60,13 @@ def under_torchrun() -> bool:
 
 
 def ranks_from_env() -> Ranks:
-    """torchrun's RANK, WORLD_SIZE and LOCAL_RANK; rank 0 of 1 outside torchrun."""
+    """torchrun's RANK, WORLD_SIZE and LOCAL_RANK, and whether `launch` started this rank: everything the library
+    takes from the environment, read here once (the stage's edge). Rank 0 of 1 outside torchrun."""
     if not under_torchrun():
         return SINGLE
     env = os.environ
-    return Ranks(int(env.get("RANK", "0")), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]))
+    here = env.get(LAUNCHED_HERE) == "1"
+    return Ranks(int(env.get("RANK", "0")), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), launched_here=here)
 
 
 def data_parallel(module: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn.Module:
@@ -95,7 +99,7 @@ def process_group(ranks: Ranks, device: torch.device) -> Iterator[Ranks]:
 def elect_writer(ranks: Ranks, device: torch.device) -> int:
     """Local rank 0 of the machine `launch` ran on (where DVC expects the outputs); rank 0 when every machine was
     started by hand."""
-    here = os.environ.get(LAUNCHED_HERE) == "1" and ranks.local_rank == 0
+    here = ranks.launched_here and ranks.local_rank == 0
     candidate = torch.tensor([ranks.rank if here else ranks.world], dtype=torch.int64, device=device)
     dist.all_reduce(candidate, op=dist.ReduceOp.MIN)
     return int(candidate) % ranks.world  # no candidate: world % world, rank 0
