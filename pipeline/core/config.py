@@ -257,10 +257,9 @@ class FinetuneCurveParams:
 @dataclass(frozen=True)
 class AuditParams:
     # Cosine similarity of two images' embeddings at or above which images of different splits count as
-    # near-copies. 0.80: for photos at 224 px with efficientnet_lite0, benchmarks/duplicate_threshold.py found
-    # re-encoded, resized, cropped, flipped or brightened copies at >= 0.82 (1st percentile; 499 of 500 copies
-    # >= 0.80) and distinct photos at <= 0.74 (99.9th percentile; over all 398 hymenoptera photos one distinct
-    # pair >= 0.80, six >= 0.78). Another backbone or kind of image wants its own measurement.
+    # near-copies. 0.80 separates re-encoded, resized, cropped, flipped or brightened copies of photos from distinct
+    # photos at 224 px with efficientnet_lite0 (benchmarks/duplicate_threshold.py measures both); another backbone
+    # or kind of image wants its own measurement.
     duplicate_threshold: float = 0.80
     folds: int = 5  # cross-validation folds of the out-of-fold probabilities whose label errors cleanlab ranks
     seed: int = 0

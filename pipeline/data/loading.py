@@ -146,8 +146,8 @@ def stack(images: list[torch.Tensor], *, join: bool = False) -> torch.Tensor:
     """Images into one contiguous batch (`join`: batches into one), an empty uint8 tensor for none.
 
     On the CPU with numpy's copy, not torch's: torch's wakes its OpenMP threads, which then spin for a while on
-    the cores the decoding threads and processes need (decoding alone, inline, three runs each: 475-567 img/s,
-    463-519 with torch.stack). Contiguous, as torch.stack made it: the layout changes training's numerics.
+    the cores the decoding threads and processes need (benchmarks/extract_throughput.py measures decoding).
+    Contiguous, as torch.stack made it: the layout changes training's numerics.
     """
     if not images:
         return torch.zeros(0, dtype=torch.uint8)
@@ -189,8 +189,8 @@ def image_batches(
     memory and are copied without blocking. On an accelerator the CPU is otherwise idle, so decoding costs
     nothing. `inline`: each batch is decoded by one thread per torch thread (Pillow and torchvision's decoder
     release the GIL), between forward passes. On CPU the forward pass already keeps every core busy: decoding
-    beside it only takes cores away (measured on 2 cores: each forward pass slower by more than decoding costs;
-    likely a preempted intra-op thread stalling the others; README, "Extraction speed"). `auto`: workers on an
+    beside it only takes cores away (each forward pass slows by more than decoding costs: a preempted intra-op
+    thread stalls the others; benchmarks/extract_throughput.py measures both loaders). `auto`: workers on an
     accelerator, inline on CPU. JPEGs left to a batched decoder are decoded here, one call per batch.
     """
     if loader == "auto":

@@ -40,10 +40,10 @@ from pipeline.core.errors import PipelineError
 
 MAX_ITERATIONS = 1000
 """Cap on fixed-point steps per class. The authors' released code runs at most 11; with `TOLERANCE` here,
-learnable features took 4-7 steps in benchmarks/logme_speed.py and pure noise 40-60, but where the evidence is
-nearly flat in alpha MacKay's update crawls (tests/test_transferability.py has a 30 x 30 class still moving
-after 1,000 steps, its L already right to 1e-10). One step costs O(r) per running class, so 1,000 is cheap;
-a class that hits the cap reports converged=False."""
+learnable features take a few steps and pure noise a few dozen (benchmarks/logme_speed.py counts them), but where
+the evidence is nearly flat in alpha MacKay's update crawls (tests/test_transferability.py has a class still
+moving after 1,000 steps, its L already right). One step costs O(r) per running class, so 1,000 is cheap; a class
+that hits the cap reports converged=False."""
 
 TOLERANCE = 1e-5
 """Stop when one step changes both alpha and beta by less than this fraction (or L by less than `STALL`)."""

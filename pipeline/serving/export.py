@@ -35,14 +35,11 @@ CHOSEN_ON_VAL = "chosen_on_val"  # in export.models: the exportable head chosen_
 FINETUNE = "finetune"  # in export.models: the fine-tuned network
 LINEAR_HEADS = ("logreg", "ridge", "linear_svm", "centroid")  # kinds that are an affine map, then softmax
 # How far an exported model's probabilities may be from the trained model's on any test image. Two correct
-# float32 runtimes never agree bit for bit: they sum in other orders. PyTorch against itself, only the memory
-# layout or the batch size changed, moves the digits sample's logreg probabilities by up to 8e-6; onnxruntime
-# against PyTorch, measured on every test image (README, "Deploying a model"): at most 3.3e-6 on the
-# hymenoptera photos (four linear heads and a fine-tuned network, 224 px), 5.8e-5 on the digits sample, whose
-# logreg standardises features with a spread of 3e-5, so their rounding is magnified. 1e-3 is 17x the worst
-# of these, invisible in a two-decimal probability, and can swap a top class only where the top two are within
-# 2e-3; a real mistake in an export moves them by 0.5 or more (measured on the digits sample: a temperature
-# left out 0.52-0.88, the scaler left out 0.998, ImageNet's mean and std for the weights' 0.5: 0.999).
+# float32 runtimes never agree bit for bit: they sum in other orders, and a head that standardises features of a
+# tiny spread magnifies their rounding (metrics/export.json records each export's largest difference). 1e-3 is an
+# order of magnitude above what correct exports differ by, invisible in a two-decimal probability, and can swap a
+# top class only where the top two are within 2e-3; a real mistake in an export (a temperature, the scaler or the
+# normalisation left out) moves them by 0.5 or more.
 PARITY_ATOL = 1e-3
 
 
