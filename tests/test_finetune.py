@@ -18,12 +18,12 @@ from pipeline.core.config import FinetuneParams, HeadParams
 from pipeline.data.loading import Images, collate
 from pipeline.data.manifest import Manifest, ManifestRow, manifest_sha256, read_manifest
 from pipeline.features.backbones import build_backbone, ordered_blocks
-from pipeline.finetuning import training
-from pipeline.finetuning.checkpoint import read_checkpoint
+from pipeline.finetuning import epochs
+from pipeline.finetuning.checkpoint import TRAINING_PACKAGES, read_checkpoint, run_key
 from pipeline.finetuning.freezing import freeze
 from pipeline.finetuning.model import Classifier, FinetuneError
 from pipeline.finetuning.schedule import parameter_groups, warmup_cosine
-from pipeline.finetuning.training import TRAINING_PACKAGES, finetune, run_key, with_input_size
+from pipeline.finetuning.training import finetune, with_input_size
 from pipeline.finetuning.warm_start import check_warm_start, init_from_head, initial_layer
 from pipeline.heads.selection import train_head
 from pipeline.heads.trained import save_head
@@ -207,18 +207,18 @@ def test_a_run_interrupted_in_epoch_three_resumes_there_with_identical_final_wei
     epoch 3 (augmentation and shuffling drawn as in an uninterrupted run), and the final weights are the same."""
     root, manifest = data
     params = replace(FAST, epochs=4, batch_size=4, augment=True, early_stopping_patience=0)
-    epochs, train_epoch = [], training.train_epoch
+    done, train_epoch = [], epochs.train_epoch
 
     def train_epoch_then_die(*args):
-        if len(epochs) == 2:
+        if len(done) == 2:
             raise Interrupted
-        epochs.append(1)
+        done.append(1)
         return train_epoch(*args)
 
-    monkeypatch.setattr(training, "train_epoch", train_epoch_then_die)
+    monkeypatch.setattr(epochs, "train_epoch", train_epoch_then_die)
     with pytest.raises(Interrupted):
         finetune(manifest, root, "test_resnet", params, tmp_path / "killed", tmp_path / "ckpt")
-    monkeypatch.setattr(training, "train_epoch", train_epoch)
+    monkeypatch.setattr(epochs, "train_epoch", train_epoch)
     resumed = finetune(manifest, root, "test_resnet", params, tmp_path / "killed", tmp_path / "ckpt")
     assert (resumed.resumed_from_epoch, resumed.epochs_run) == (2, 4)
     clean = finetune(manifest, root, "test_resnet", params, tmp_path / "clean", tmp_path / "clean_ckpt")
@@ -287,7 +287,7 @@ def test_checkpoints_are_not_resumed_across_a_change_of_pixels(data, monkeypatch
     layer = nn.Linear(4, 3)
     key = run_key(backbone, FAST, manifest, layer)
     assert run_key(build_backbone("test_efficientnet"), FAST, manifest, layer) == key
-    monkeypatch.setattr("pipeline.finetuning.training.PIXELS_VERSION", 999)
+    monkeypatch.setattr("pipeline.finetuning.checkpoint.PIXELS_VERSION", 999)
     assert run_key(backbone, FAST, manifest, layer) != key
     monkeypatch.undo()
     other = replace(backbone, preprocessing=replace(backbone.preprocessing, interpolation="bilinear"))
@@ -347,7 +347,7 @@ def test_a_change_to_the_training_code_is_not_resumed(data, tmp_path, monkeypatc
     module = tmp_path / "data" / "loading.py"
     module.parent.mkdir()
     module.write_text("# one version\n")
-    monkeypatch.setattr("pipeline.finetuning.training.LIBRARY", tmp_path)
+    monkeypatch.setattr("pipeline.finetuning.checkpoint.LIBRARY", tmp_path)
     key = run_key(backbone, FAST, manifest, layer)
     module.write_text("# another version\n")
     assert run_key(backbone, FAST, manifest, layer) != key

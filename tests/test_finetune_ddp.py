@@ -33,9 +33,9 @@ from pipeline.core.config import ConfigError, FinetuneParams, TorchrunParams, lo
 from pipeline.data.loading import EpochShard
 from pipeline.data.manifest import read_manifest
 from pipeline.features.backbones import build_backbone
-from pipeline.finetuning.checkpoint import read_checkpoint
+from pipeline.finetuning.checkpoint import read_checkpoint, run_key
 from pipeline.finetuning.distributed import torchrun_args
-from pipeline.finetuning.training import finetune, run_key
+from pipeline.finetuning.training import finetune
 from pipeline.finetuning.warm_start import initial_layer
 from tests.conftest import REPO, prepare_manifest, write_image_folder
 

@@ -1,17 +1,24 @@
 """The fine-tuning checkpoint: where a run stands after an epoch, saved sealed (pipeline.core.integrity) so that a
-damaged file is set aside and never resumed."""
+damaged file is set aside, under a run key that says which checkpoint a run may resume."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from pipeline.core.config import FinetuneParams
 from pipeline.core.integrity import SEAL_LINE, DamagedFile, check_seal, seal, set_aside
 from pipeline.core.io import atomic_path
+from pipeline.data.manifest import Manifest, manifest_sha256
+from pipeline.data.preprocessing import PIXELS_VERSION
+from pipeline.features.backbones import Backbone
 
 
 @dataclass
@@ -63,3 +70,51 @@ def read_checkpoint(path: Path) -> dict | None:
     """What `save_checkpoint` saved; None when the file is damaged (then set aside by `checkpoint_payload`)."""
     payload = checkpoint_payload(path)
     return None if payload is None else load_checkpoint(payload)
+
+
+# The code a fine-tuning run's weights depend on: the packages its stage runs (dvc.yaml's deps for finetune). A
+# change to any of it must not resume a checkpoint written by the old code.
+TRAINING_PACKAGES = ("core", "data", "features", "finetuning")
+
+
+LIBRARY = Path(__file__).resolve().parents[1]  # the `pipeline` folder
+
+
+def code_sha256(packages: tuple[str, ...] = TRAINING_PACKAGES) -> str:
+    """The sha256 of every module of `packages` (folders of `pipeline`), in path order."""
+    root = LIBRARY
+    digest = hashlib.sha256()
+    for path in sorted(p for package in packages for p in (root / package).rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+# How the ranks are started (finetune.engine, finetune.torchrun's nodes and rendezvous) is left out of the run key:
+# the same processes, however launched, compute the same thing. What they compute depends on how many there are:
+# each batch is split between them (BatchNorm statistics per rank under `batchnorm: train`, per-rank augmentation
+# draws, the order of the gradient sums), so the world size is in the key: a checkpoint of 2 ranks is not resumed
+# by 1 or 4. `engine: torchrun` with one process runs no process group: it is the local run, with its key.
+LAUNCH_PARAMS = ("engine", "torchrun")
+
+
+def run_key(
+    backbone: Backbone, params: FinetuneParams, manifest: Manifest, initial_layer: nn.Linear, world: int = 1
+) -> str:
+    """What a checkpoint must match to be resumed: data, backbone, params, the new layer's starting weights (the
+    warm start, or the seeded random ones), the training code and pixels, and the number of ranks (`world`)."""
+    layer = hashlib.sha256()
+    for tensor in (initial_layer.weight, initial_layer.bias):
+        layer.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    spec = {
+        "backbone": backbone.name,
+        "weights": backbone.weights_sha256(),
+        "params": {k: v for k, v in asdict(params).items() if k not in LAUNCH_PARAMS},
+        "processes": world,
+        "manifest": manifest_sha256(manifest),
+        "initial_layer": layer.hexdigest(),
+        # A change to the training code or to the pixels it is fed must not resume a checkpoint of the old.
+        "preprocessing": backbone.preprocessing.to_json(),
+        "pixels_version": PIXELS_VERSION,
+        "code": code_sha256(),
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
