@@ -24,8 +24,8 @@ from pipeline.finetuning.model import Classifier
 from pipeline.finetuning.schedule import parameter_groups, warmup_cosine
 from pipeline.finetuning.training import TRAINING_PACKAGES, FinetuneError, finetune, run_key, with_input_size
 from pipeline.finetuning.warm_start import check_warm_start, init_from_head, initial_layer
+from pipeline.heads.persistence import save_head
 from pipeline.heads.selection import train_head
-from pipeline.heads.trained import save_head
 from stages.warm_start import main as warm_start_stage
 from tests.conftest import REPO, make_store, prepare_manifest, write_image_folder
 

@@ -20,7 +20,8 @@ from sklearn.pipeline import Pipeline
 from pipeline.core.config import HeadParams
 from pipeline.features.store import FeatureStore
 from pipeline.heads.estimators import TemperatureScaled
-from pipeline.heads.trained import HEADS, STORE_ATTRS, HeadError, HeadKind, TrainedHead, full_proba, grid_rank
+from pipeline.heads.registry import HEADS, HeadError, HeadKind
+from pipeline.heads.trained import STORE_ATTRS, TrainedHead, full_proba, grid_rank
 
 log = logging.getLogger(__name__)
 

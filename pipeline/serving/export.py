@@ -25,7 +25,8 @@ from pipeline.features.backbones import backbone_of_store
 from pipeline.features.store import read_attrs
 from pipeline.finetuning.model import load_finetuned
 from pipeline.heads.estimators import CosineCentroids, TemperatureScaled
-from pipeline.heads.trained import HeadFile, TrainedHead, chosen_head, load_head, load_heads
+from pipeline.heads.persistence import HeadFile, load_head, load_heads
+from pipeline.heads.trained import TrainedHead, chosen_head
 from pipeline.serving.onnx_predict import INPUT, OUTPUT, OnnxPredictor
 from pipeline.serving.predict import Predictor, finetuned_predictor, head_predictor
 
