@@ -17,7 +17,8 @@ from torch import nn
 from pipeline.core.config import FinetuneParams, HeadParams
 from pipeline.data.loading import Images, collate
 from pipeline.data.manifest import Manifest, ManifestRow, manifest_sha256, read_manifest
-from pipeline.features.backbones import build_backbone, ordered_blocks
+from pipeline.features.backbones import build_backbone
+from pipeline.features.surgery import ordered_blocks
 from pipeline.finetuning.checkpoint import read_checkpoint
 from pipeline.finetuning.freezing import freeze
 from pipeline.finetuning.model import Classifier
