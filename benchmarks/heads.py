@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere, without installi
 
 from pipeline.core.config import load_params  # noqa: E402
 from pipeline.features.store import SPLIT_CODES, FeatureStore, read_store  # noqa: E402
+from pipeline.heads.persistence import save_head  # noqa: E402
 from pipeline.heads.selection import train_head  # noqa: E402
-from pipeline.heads.trained import save_head  # noqa: E402
 
 
 def synthetic_store(rows: int, dim: int, n_classes: int, separation: float, seed: int = 0) -> FeatureStore:

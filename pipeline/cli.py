@@ -24,8 +24,9 @@ def backbones() -> None:
     width = max(len(i.name) for i in infos)
     click.echo(f"{'name':<{width}}  {'dim':>5}  offline  weights")
     for i in infos:
-        click.echo(f"{i.name:<{width}}  {i.feature_dim:>5}  {'yes' if i.offline else 'no':<7}  {i.weights}")
-    click.echo("timm/<model>: any model of timm.list_models(pretrained=True); weights from the Hugging Face cache")
+        dim = "-" if i.feature_dim is None else i.feature_dim  # a family: it depends on the model
+        offline = {True: "yes", False: "no", None: "-"}[i.offline]
+        click.echo(f"{i.name:<{width}}  {dim:>5}  {offline:<7}  {i.weights}")
 
 
 @main.group()

@@ -11,7 +11,7 @@ from pipeline.core.config import load_params
 from pipeline.core.errors import user_errors
 from pipeline.core.io import write_json
 from pipeline.features.store import read_store
-from pipeline.heads.trained import chosen_file, head_files
+from pipeline.heads.persistence import chosen_file, head_files
 from pipeline.results.audit import cross_split_duplicates, label_issues, misclassified, write_audit
 from pipeline.results.metrics import read_predictions
 

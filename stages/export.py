@@ -7,7 +7,7 @@ import click
 from pipeline.core.config import load_params
 from pipeline.core.errors import user_errors
 from pipeline.core.io import write_json
-from pipeline.heads.trained import head_files
+from pipeline.heads.persistence import head_files
 from pipeline.serving.export import Inputs, chosen_models, export_models
 
 PathArg = click.Path(path_type=Path)

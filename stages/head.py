@@ -12,8 +12,9 @@ from pipeline.core.config import load_params
 from pipeline.core.errors import user_errors
 from pipeline.core.io import write_json
 from pipeline.features.store import read_store
+from pipeline.heads.persistence import load_head, save_head
+from pipeline.heads.registry import HeadError
 from pipeline.heads.selection import check_head_params, train_head
-from pipeline.heads.trained import HeadError, load_head, save_head
 from pipeline.results.metrics import write_model_metrics
 from pipeline.results.scoring import check_has_test_rows, score_head
 

@@ -10,7 +10,8 @@ from pipeline.core.errors import user_errors
 from pipeline.core.io import write_json
 from pipeline.features.store import read_store
 from pipeline.heads.curves import learning_curve
-from pipeline.heads.trained import chosen_file, head_files, held_out
+from pipeline.heads.persistence import chosen_file, head_files
+from pipeline.heads.trained import held_out
 
 PathArg = click.Path(path_type=Path)
 

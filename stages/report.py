@@ -7,7 +7,7 @@ import click
 from pipeline.core.config import load_params
 from pipeline.core.errors import user_errors
 from pipeline.core.io import read_json, write_text
-from pipeline.heads.trained import head_files
+from pipeline.heads.persistence import head_files
 from pipeline.results.report import Answers, build_report, read_copies_in_test, summary, write_figures
 
 PathArg = click.Path(path_type=Path)

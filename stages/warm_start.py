@@ -15,7 +15,7 @@ from pipeline.core.io import atomic_path
 from pipeline.data.manifest import read_manifest
 from pipeline.features.backbones import build_backbone
 from pipeline.finetuning.warm_start import initial_layer
-from pipeline.heads.trained import load_head
+from pipeline.heads.persistence import load_head
 
 PathArg = click.Path(path_type=Path)
 

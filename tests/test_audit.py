@@ -15,8 +15,8 @@ from PIL import Image
 from pipeline.core.config import HeadParams
 from pipeline.core.io import write_csv
 from pipeline.features.store import read_store, write_store
+from pipeline.heads.persistence import save_head
 from pipeline.heads.selection import train_head
-from pipeline.heads.trained import save_head
 from pipeline.results.audit import DuplicatePair, LabelIssue, cross_split_duplicates, label_issues, misclassified, table
 from pipeline.results.metrics import PREDICTIONS_HEADER
 from pipeline.results.report import audit_section

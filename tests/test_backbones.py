@@ -14,14 +14,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from pipeline.data.preprocessing import PreprocessingError, input_size
-from pipeline.features.backbones import (
-    BackboneError,
-    build_backbone,
-    fingerprint,
-    imagenet_categories,
-    load_state_dict,
-    ordered_blocks,
-)
+from pipeline.features.backbones import REGISTRY, build_backbone, fingerprint, imagenet_categories
+from pipeline.features.surgery import ordered_blocks
+from pipeline.features.weights import BackboneError, load_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +150,21 @@ def test_unknown_name_lists_the_valid_ones():
         build_backbone("resnet")
     with pytest.raises(BackboneError, match=r"unknown torchvision model 'resnet51'; valid: .*resnet50"):
         build_backbone("torchvision/resnet51")
+
+
+def test_the_registry_lists_what_it_builds(lite0):
+    """One declaration: the names build_backbone accepts are the ones `transfer backbones` lists, each with the
+    embedding size the built backbone has (torchvision's members are listed from torchvision itself)."""
+    singles = [entry for entry in REGISTRY.values() if not entry.family]
+    assert [entry.name for entry in singles] == ["efficientnet_lite0", "test_efficientnet", "test_resnet"]
+    for entry in singles:
+        (info,) = entry.listing()
+        built = lite0 if entry.name == lite0.name else build_backbone(entry.name)
+        assert (info.name, info.feature_dim, info.offline) == (entry.name, built.feature_dim, True)
+    assert [entry.name for entry in REGISTRY.values() if entry.family] == ["torchvision/", "timm/"]
+    assert [info.name for info in REGISTRY["timm/"].listing()] == ["timm/<model>"]
+    with pytest.raises(BackboneError, match=r"valid: efficientnet_lite0, test_efficientnet, test_resnet, torchvision/"):
+        build_backbone("test_vit")
 
 
 def test_uncached_weights_fail_at_once_with_the_fix(tmp_path):

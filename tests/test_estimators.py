@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.special import softmax
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.svm import LinearSVC
 from sklearn.utils.estimator_checks import parametrize_with_checks
@@ -14,6 +15,7 @@ from pipeline.heads.estimators import (
     LbfgsLinearSVC,
     TemperatureScaled,
     fit_temperature,
+    scores_per_class,
 )
 
 
@@ -65,6 +67,19 @@ def test_calibrating_the_temperature_changes_confidence_never_the_class(n_classe
     np.testing.assert_array_equal(model.predict(x), before_class)
     np.testing.assert_array_equal(model.predict_proba(x).argmax(axis=1), before_proba.argmax(axis=1))
     assert not np.allclose(model.predict_proba(x), before_proba)
+
+
+def test_a_binary_logit_becomes_one_score_per_class_for_scores_and_coefficients_alike():
+    """[0, z] gives scikit-learn's own two-class probabilities, whether the logit or the affine map is expanded."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 3)), np.arange(40) % 2
+    model = LogisticRegression().fit(x, y)
+    scores = scores_per_class(model.decision_function(x)[:, None], axis=1)
+    weight, bias = scores_per_class(model.coef_), scores_per_class(model.intercept_)
+    assert scores.shape == (40, 2) and weight.shape == (2, 3) and bias.shape == (2,)
+    np.testing.assert_array_equal(scores[:, 0], 0.0)
+    np.testing.assert_allclose(x @ weight.T + bias, scores, rtol=1e-12)
+    np.testing.assert_allclose(softmax(scores, axis=1), model.predict_proba(x), rtol=1e-12)
 
 
 def test_temperature_must_be_positive():

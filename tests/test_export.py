@@ -24,8 +24,9 @@ from pipeline.data.preprocessing import Preprocessing
 from pipeline.features.extraction import extract
 from pipeline.features.store import read_attrs, read_store
 from pipeline.finetuning.training import finetune
+from pipeline.heads.persistence import HeadFile, head_files, save_head
 from pipeline.heads.selection import train_head
-from pipeline.heads.trained import HeadFile, chosen_head, head_files, save_head
+from pipeline.heads.trained import chosen_head
 from pipeline.results.scoring import evaluate_head
 from pipeline.results.scoring_finetuned import evaluate_finetuned
 from pipeline.serving.export import (

@@ -17,7 +17,8 @@ from torch import nn
 from pipeline.core.config import FinetuneParams, HeadParams
 from pipeline.data.loading import Images, collate
 from pipeline.data.manifest import Manifest, ManifestRow, manifest_sha256, read_manifest
-from pipeline.features.backbones import build_backbone, ordered_blocks
+from pipeline.features.backbones import build_backbone
+from pipeline.features.surgery import ordered_blocks
 from pipeline.finetuning import epochs
 from pipeline.finetuning.checkpoint import TRAINING_PACKAGES, read_checkpoint, run_key
 from pipeline.finetuning.freezing import freeze
@@ -25,8 +26,8 @@ from pipeline.finetuning.model import Classifier, FinetuneError
 from pipeline.finetuning.schedule import parameter_groups, warmup_cosine
 from pipeline.finetuning.training import finetune, with_input_size
 from pipeline.finetuning.warm_start import check_warm_start, init_from_head, initial_layer
+from pipeline.heads.persistence import save_head
 from pipeline.heads.selection import train_head
-from pipeline.heads.trained import save_head
 from stages.warm_start import main as warm_start_stage
 from tests.conftest import REPO, make_store, prepare_manifest, write_image_folder
 

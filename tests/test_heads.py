@@ -20,8 +20,10 @@ from sklearn.preprocessing import Normalizer, normalize
 from pipeline.core.config import HeadParams
 from pipeline.features.hdf5 import StoreError, load_arrays, save_arrays, sealed_h5
 from pipeline.features.store import SPLIT_CODES, FeatureStore, read_store, write_store
+from pipeline.heads.persistence import chosen_file, head_files, load_head, save_head
+from pipeline.heads.registry import HEADS, HeadError
 from pipeline.heads.selection import selection_method, train_head
-from pipeline.heads.trained import HEADS, HeadError, chosen_file, chosen_head, head_files, load_head, save_head
+from pipeline.heads.trained import chosen_head
 from tests.conftest import make_store
 
 DIM = 6
@@ -386,7 +388,7 @@ NO_TORCH = """
 import sys
 import numpy as np
 from pipeline.core.config import HeadParams
-from pipeline.heads.trained import load_head, save_head
+from pipeline.heads.persistence import load_head, save_head
 from pipeline.heads.selection import selection_method, train_head
 from pipeline.features.store import FeatureStore
 

@@ -8,8 +8,9 @@ from pipeline.core.config import BackboneParams, ExtractParams, HeadParams
 from pipeline.data.manifest import build_manifest, write_manifest
 from pipeline.features.extraction import extract
 from pipeline.features.store import read_store
+from pipeline.heads.persistence import save_head
 from pipeline.heads.selection import train_head
-from pipeline.heads.trained import held_out, save_head
+from pipeline.heads.trained import held_out
 from pipeline.results.report import ranking_words
 from pipeline.results.scoring import evaluate_head
 

@@ -26,8 +26,8 @@ from pipeline.features.hdf5 import StoreError, load_arrays, save_arrays
 from pipeline.features.store import read_attrs, read_store
 from pipeline.finetuning.model import load_finetuned
 from pipeline.finetuning.training import finetune
+from pipeline.heads.persistence import HeadFile, load_head, save_head
 from pipeline.heads.selection import train_head
-from pipeline.heads.trained import HeadFile, load_head, save_head
 from pipeline.results.report import Answers, build_report
 from stages.head import main as head_stage
 from stages.warm_start import main as warm_start_stage

@@ -19,8 +19,8 @@ from pipeline.features.extraction import extract
 from pipeline.features.hdf5 import load_arrays, save_arrays
 from pipeline.features.store import read_store
 from pipeline.finetuning.training import finetune
+from pipeline.heads.persistence import load_head, save_head
 from pipeline.heads.selection import train_head
-from pipeline.heads.trained import load_head, save_head
 from pipeline.results.scoring import evaluate_head
 from pipeline.results.scoring_finetuned import evaluate_finetuned
 from tests.conftest import prepare_manifest

@@ -14,6 +14,7 @@ from pipeline.data.manifest import Manifest, manifest_sha256
 from pipeline.features.backbones import Backbone
 from pipeline.finetuning.model import FinetuneError, new_layer
 from pipeline.finetuning.training import with_input_size
+from pipeline.heads.estimators import scores_per_class
 from pipeline.heads.trained import TrainedHead
 
 
@@ -26,7 +27,7 @@ def init_from_head(layer: nn.Linear, head: TrainedHead) -> None:
     scaler, clf = head.model.named_steps["scale"], head.model.named_steps["clf"]
     coef, intercept = clf.coef_ / scaler.scale_, clf.intercept_ - clf.coef_ @ (scaler.mean_ / scaler.scale_)
     if coef.shape[0] == 1:
-        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+        coef, intercept = scores_per_class(coef), scores_per_class(intercept)
     weight = np.zeros(tuple(layer.weight.shape))
     bias = np.zeros(layer.out_features)
     weight[clf.classes_], bias[clf.classes_] = coef, intercept

@@ -9,8 +9,9 @@ import numpy as np
 
 from pipeline.core.config import HeadParams
 from pipeline.features.store import SPLIT_CODES, FeatureStore
+from pipeline.heads.registry import HeadError
 from pipeline.heads.selection import train_head
-from pipeline.heads.trained import HeadError, TrainedHead
+from pipeline.heads.trained import TrainedHead
 
 log = logging.getLogger(__name__)
 

@@ -41,6 +41,13 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
     return float(np.exp(best.x))
 
 
+def scores_per_class(logit: np.ndarray, axis: int = 0) -> np.ndarray:
+    """A two-class linear model's one logit z (of classes_[1] against classes_[0]) as one score per class, [0, z],
+    along `axis`, where `logit` has length 1: softmax([0, z]) = [1 - sigmoid(z), sigmoid(z)]. The map being affine,
+    this holds for its scores and, row for row, for its coefficients and intercept."""
+    return np.concatenate([np.zeros_like(logit), logit], axis=axis)
+
+
 class TemperatureScaled(ClassifierMixin, BaseEstimator):
     """Probabilities for a classifier that only has a decision function: softmax(decision_function / T).
 
@@ -86,8 +93,7 @@ class TemperatureScaled(ClassifierMixin, BaseEstimator):
     def _logits(self, X: np.ndarray) -> np.ndarray:
         """One score per class, [N, n_classes]."""
         scores = np.asarray(self.decision_function(X), dtype=np.float64)
-        # A two-class estimator returns one score, the logit of classes_[1] against classes_[0].
-        return np.column_stack([np.zeros_like(scores), scores]) if scores.ndim == 1 else scores
+        return scores_per_class(scores[:, None], axis=1) if scores.ndim == 1 else scores  # [N]: one logit
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         return softmax(self._logits(X) / self.temperature_, axis=1)

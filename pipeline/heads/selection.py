@@ -20,16 +20,16 @@ from sklearn.pipeline import Pipeline
 from pipeline.core.config import HeadParams
 from pipeline.features.store import FeatureStore
 from pipeline.heads.estimators import TemperatureScaled
-from pipeline.heads.trained import HEADS, STORE_ATTRS, HeadError, HeadKind, TrainedHead, full_proba, grid_rank
+from pipeline.heads.registry import HEADS, HeadError, HeadKind
+from pipeline.heads.trained import STORE_ATTRS, TrainedHead, full_proba, grid_rank
 
 log = logging.getLogger(__name__)
 
 # Below this many val images, `selection: auto` chooses by cross-validation on train+val. One val image moves
-# val accuracy by 1/n: 2.7 points on hymenoptera's 37 (where every head ties at 36 of 37) and 0.37 on the digits'
-# 269, where logreg's best C beat the next by that one image; the 95% interval of a 93% accuracy spans
-# +-3 points at n=269 and still +-1.6 at 1000. Cross-validation scores each point on every train+val image
-# instead, at k fits per point: seconds on cached features at these sizes, and skipped at a million images,
-# where val alone resolves a tenth of a point.
+# val accuracy by 1/n: on a small val split, grid points (and heads) tie, or one image separates them. The 95%
+# interval of a 93% accuracy spans +-3 points on 300 images and still +-1.6 on 1000. Cross-validation scores each
+# point on every train+val image instead, at k fits per point: cheap on cached features at these sizes, and
+# skipped at a million images, where val alone resolves a tenth of a point.
 MIN_VAL_IMAGES = 1000
 
 

@@ -19,7 +19,8 @@ from pipeline.core.errors import PipelineError
 from pipeline.features.backbones import backbone_of_store
 from pipeline.features.store import FeatureStore, read_store
 from pipeline.finetuning.model import load_finetuned
-from pipeline.heads.trained import HeadFile, TrainedHead, chosen_head, held_out, load_head
+from pipeline.heads.persistence import HeadFile, load_head
+from pipeline.heads.trained import TrainedHead, chosen_head, held_out
 from pipeline.results import figures
 from pipeline.results.metrics import read_predictions, rescored
 from pipeline.results.stats import Comparison, compare, rank_correlation

@@ -7,7 +7,8 @@ from pathlib import Path
 from pipeline.core.config import EvaluateParams
 from pipeline.features.hdf5 import StoreError
 from pipeline.features.store import FeatureStore, read_store
-from pipeline.heads.trained import TrainedHead, load_head
+from pipeline.heads.persistence import load_head
+from pipeline.heads.trained import TrainedHead
 from pipeline.results.metrics import Scored, model_record
 
 

@@ -24,8 +24,9 @@ from pipeline.data.preprocessing import Preprocessing, normalized
 from pipeline.features.backbones import backbone_of_store
 from pipeline.features.store import read_attrs
 from pipeline.finetuning.model import load_finetuned
-from pipeline.heads.estimators import CosineCentroids, TemperatureScaled
-from pipeline.heads.trained import HeadFile, TrainedHead, chosen_head, load_head, load_heads
+from pipeline.heads.estimators import CosineCentroids, TemperatureScaled, scores_per_class
+from pipeline.heads.persistence import HeadFile, load_head, load_heads
+from pipeline.heads.trained import TrainedHead, chosen_head
 from pipeline.serving.onnx_predict import INPUT, OUTPUT, OnnxPredictor
 from pipeline.serving.predict import Predictor, finetuned_predictor, head_predictor
 
@@ -108,8 +109,8 @@ def head_layers(head: TrainedHead) -> LinearHead:
     else:
         weight = np.atleast_2d(linear.coef_)
         bias = np.broadcast_to(np.asarray(linear.intercept_, dtype=np.float64), len(weight))
-    if len(weight) == 1:  # two classes scored by one logit z: probabilities softmax([0, z]) = [1 - s(z), s(z)]
-        weight, bias = np.vstack([np.zeros_like(weight), weight]), np.concatenate([[0.0], bias])
+    if len(weight) == 1:  # two classes scored by one logit
+        weight, bias = scores_per_class(weight), scores_per_class(bias)
     scaler = steps.get("scale")
     fitted = np.asarray(clf.classes_)  # class indices of the store
     n_classes = len(head.classes)

@@ -17,7 +17,8 @@ from pipeline.data.preprocessing import Preprocessing
 from pipeline.features.backbones import backbone_of_store, fingerprint
 from pipeline.features.store import read_attrs
 from pipeline.finetuning.model import load_finetuned
-from pipeline.heads.trained import TrainedHead, check_trained_on, load_head
+from pipeline.heads.persistence import check_trained_on, load_head
+from pipeline.heads.trained import TrainedHead
 from pipeline.serving.answers import Prediction, Rejected
 
 log = logging.getLogger(__name__)

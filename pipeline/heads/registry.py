@@ -1,0 +1,74 @@
+"""The head registry: each kind of head, the scikit-learn pipeline params.yaml configures by its own argument names."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sklearn.base import BaseEstimator
+from sklearn.linear_model import LogisticRegression, RidgeClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+
+from pipeline.core.errors import PipelineError
+from pipeline.heads.estimators import CosineCentroids, CosineNeighbors, LbfgsLinearSVC, TemperatureScaled
+
+
+class HeadError(PipelineError):
+    """A head is misconfigured (unknown kind, bad argument)."""
+
+
+@dataclass(frozen=True)
+class HeadKind:
+    """One kind of head: the estimator that params' `args` and `grid` configure (by its own argument
+    names), the pipeline around it, and which of its fitted attributes are trainable parameters."""
+
+    estimator: type[BaseEstimator]
+    wrap: Callable[[BaseEstimator], Pipeline]  # configured estimator -> unfitted pipeline
+    # Fitted attributes of the pipeline's "clf" step (dotted paths) counted by TrainedHead.trainable_params.
+    trainable: tuple[str, ...] = ()
+    defaults: dict[str, Any] = field(default_factory=dict)  # our defaults; params' args override them
+    row_bounded: tuple[str, ...] = ()  # arguments that cannot exceed the number of rows fitted (k of k-NN)
+
+    def arg_names(self) -> list[str]:
+        return sorted(self.estimator().get_params(deep=False))
+
+    def build(self, args: dict) -> Pipeline:
+        return self.wrap(self.estimator(**{**self.defaults, **args}))
+
+
+def _scaled(estimator: BaseEstimator) -> Pipeline:
+    """logreg: its probabilities are its own. The scaler lets one C grid suit every backbone's feature scale."""
+    return Pipeline([("scale", StandardScaler()), ("clf", estimator)])
+
+
+def _scaled_calibrated(estimator: BaseEstimator) -> Pipeline:
+    """ridge and linear_svm: the decision function is no probability, so it is temperature-scaled on held-out rows."""
+    return Pipeline([("scale", StandardScaler()), ("clf", TemperatureScaled(estimator))])
+
+
+def _knn_pipeline(estimator: BaseEstimator) -> Pipeline:
+    """knn: cosine k-NN; probabilities are the neighbours' vote fractions. Normalised first so that the
+    stored reference rows are the unit vectors the neighbours are found among."""
+    return Pipeline([("normalize", Normalizer()), ("clf", estimator)])
+
+
+def _centroid_pipeline(estimator: BaseEstimator) -> Pipeline:
+    """centroid: cosine to each class's mean direction (scale-free, no scaler), temperature-scaled on held-out rows."""
+    return Pipeline([("clf", TemperatureScaled(estimator))])
+
+
+# Adding a kind of head is one entry here; `trainable` is explained in TrainedHead.trainable_params. Its steps
+# must predict from public fitted attributes alone: save_head writes only those (pipeline.heads.persistence).
+HEADS: dict[str, HeadKind] = {
+    "logreg": HeadKind(LogisticRegression, _scaled, trainable=("coef_", "intercept_"), defaults={"max_iter": 1000}),
+    "ridge": HeadKind(
+        RidgeClassifier, _scaled_calibrated, trainable=("estimator_.coef_", "estimator_.intercept_", "temperature_")
+    ),
+    "linear_svm": HeadKind(
+        LbfgsLinearSVC, _scaled_calibrated, trainable=("estimator_.coef_", "estimator_.intercept_", "temperature_")
+    ),
+    "knn": HeadKind(CosineNeighbors, _knn_pipeline, row_bounded=("n_neighbors",)),
+    "centroid": HeadKind(CosineCentroids, _centroid_pipeline, trainable=("estimator_.centroids_", "temperature_")),
+}
