@@ -147,7 +147,7 @@ class ExtractParams:
 
 @dataclass(frozen=True)
 class HeadParams:
-    # Registered head kind (see pipeline.heads.trained.HEADS).
+    # Registered head kind (see pipeline.heads.registry.HEADS).
     kind: str = "logreg"
     # Keyword arguments of the estimator, by the estimator's own names (e.g. max_iter, class_weight).
     args: dict[str, Any] = field(default_factory=dict)
