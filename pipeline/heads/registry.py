@@ -30,6 +30,12 @@ class HeadKind:
     trainable: tuple[str, ...] = ()
     defaults: dict[str, Any] = field(default_factory=dict)  # our defaults; params' args override them
     row_bounded: tuple[str, ...] = ()  # arguments that cannot exceed the number of rows fitted (k of k-NN)
+    # Fits a whole grid on one (fit rows, held-out rows) pair at once, reusing work from point to point (one
+    # factorisation, a warm-started path, neighbours found once): sweep(kind, fixed args, points, (x, y) to fit,
+    # (x, y) held out, n_classes, head name) -> [(fitted pipeline, held-out probabilities), ...] in the order of
+    # points, calibrated heads calibrated on the held-out rows (pipeline.heads.selection.held_out_proba).
+    # None: each point is fitted from scratch.
+    sweep: Callable | None = None
 
     def arg_names(self) -> list[str]:
         return sorted(self.estimator().get_params(deep=False))

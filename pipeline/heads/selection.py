@@ -146,29 +146,49 @@ def _sweep(
     n_classes: int,
     name: str,
 ) -> tuple[list[dict], dict, Pipeline]:
-    """Fit each grid point on every (fit rows, held-out rows) pair and score it on the held-out rows: the curve
+    """Fit every grid point on each (fit rows, held-out rows) pair and score it on the held-out rows: the curve
     (one record per point: mean held-out accuracy and log loss, their spread over folds), the best point's
-    record and its model fitted on the first pair."""
-    curve, best, best_model = [], None, None
+    record and its model fitted on the first pair. A kind with a sweep of its own (`HeadKind.sweep`) fits the
+    whole grid of a pair at once, reusing its work from point to point; the others fit point by point."""
     smallest_fit = min(len(fit[1]) for fit, _ in held_out)
-    for point in _grid_points(kind, grid):
-        if _too_big(kind, {**fixed, **point}, smallest_fit, name):
-            continue
-        models, scores = [], []
-        with _explained_ill_conditioning(name, point):
-            for (x, y), (x_out, y_out) in held_out:
-                models.append(_fit(kind, {**fixed, **point}, x, y, name))
-                scores.append(_val_scores(models[-1], x_out, y_out, n_classes))
-        record = {**point, **_pooled(scores, [len(y_out) for _, (_, y_out) in held_out])}
-        curve.append(record)
-        if best is None or grid_rank(record) > grid_rank(best):
-            best, best_model = record, models[0]
-    if best is None:
+    points = [p for p in _grid_points(kind, grid) if not _too_big(kind, {**fixed, **p}, smallest_fit, name)]
+    if not points:
         bounded = ", ".join(kind.row_bounded)
         raise HeadError(
             f"heads.{name}.grid: every value of {bounded} exceeds the {smallest_fit} rows a point is fitted on"
         )
+    if kind.sweep is None:
+        fitted = _point_by_point(kind, fixed, points, held_out, n_classes, name)
+    else:
+        fitted = [kind.sweep(kind, fixed, points, fit, out, n_classes, name) for fit, out in held_out]
+    curve, best, best_model = [], None, None
+    for i, point in enumerate(points):
+        scores = [_scores(proba, y_out, n_classes, model) for (model, proba), (_, (_, y_out)) in
+                  zip((fold[i] for fold in fitted), held_out, strict=True)]  # fmt: skip
+        record = {**point, **_pooled(scores, [len(y_out) for _, (_, y_out) in held_out])}
+        curve.append(record)
+        if best is None or grid_rank(record) > grid_rank(best):
+            best, best_model = record, fitted[0][i][0]
     return curve, best, best_model
+
+
+def _point_by_point(
+    kind: HeadKind,
+    fixed: dict,
+    points: list[dict],
+    held_out: list[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]],
+    n_classes: int,
+    name: str,
+) -> list[list[tuple[Pipeline, np.ndarray]]]:
+    """The plain sweep: each point fitted from scratch on each pair's fit rows, then its probabilities on the
+    pair's held-out rows (`held_out_proba`); an ill-conditioned point is explained once, whatever the folds."""
+    fitted: list[list[tuple[Pipeline, np.ndarray]]] = [[] for _ in held_out]
+    for point in points:
+        with _explained_ill_conditioning(name, point):
+            for pair, ((x, y), (x_out, y_out)) in zip(fitted, held_out, strict=True):
+                model = _fit(kind, {**fixed, **point}, x, y, name)
+                pair.append((model, held_out_proba(model, x_out, y_out, n_classes)))
+    return fitted
 
 
 def _pooled(scores: list[dict[str, float]], sizes: list[int]) -> dict[str, float]:
@@ -248,19 +268,24 @@ def _explained_ill_conditioning(name: str, point: dict) -> Iterator[None]:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
-def _val_scores(model: Pipeline, x_val: np.ndarray, y_val: np.ndarray, n_classes: int) -> dict[str, float]:
-    """Val accuracy and log loss; a calibrated head first fits its temperature on these rows."""
+def held_out_proba(model: Pipeline, x_out: np.ndarray, y_out: np.ndarray, n_classes: int) -> np.ndarray:
+    """The model's probabilities for every class on held-out rows; a calibrated head (TemperatureScaled) first fits
+    its temperature on these very rows."""
     step = model.steps[-1][1]
-    extra = {}
     if isinstance(step, TemperatureScaled):
-        x = x_val
+        x = x_out
         for _, transform in model.steps[:-1]:
             x = transform.transform(x)
-        step.calibrate(x, y_val)
-        extra["temperature"] = step.temperature_
-    proba = full_proba(model, x_val, n_classes)
+        step.calibrate(x, y_out)
+    return full_proba(model, x_out, n_classes)
+
+
+def _scores(proba: np.ndarray, y_out: np.ndarray, n_classes: int, model: Pipeline) -> dict[str, float]:
+    """Held-out accuracy and log loss, and a calibrated head's temperature."""
+    step = model.steps[-1][1]
+    extra = {"temperature": step.temperature_} if isinstance(step, TemperatureScaled) else {}
     return {
-        "val_accuracy": float(accuracy_score(y_val, proba.argmax(1))),
-        "val_log_loss": float(log_loss(y_val, proba, labels=np.arange(n_classes))),
+        "val_accuracy": float(accuracy_score(y_out, proba.argmax(1))),
+        "val_log_loss": float(log_loss(y_out, proba, labels=np.arange(n_classes))),
         **extra,
     }
