@@ -20,7 +20,7 @@ from pipeline.features.backbones import backbone_of_store
 from pipeline.features.store import FeatureStore, read_store
 from pipeline.finetuning.model import load_finetuned
 from pipeline.heads.trained import HeadFile, TrainedHead, chosen_head, held_out, load_head
-from pipeline.results import figures
+from pipeline.results import charts
 from pipeline.results.metrics import read_predictions, rescored
 from pipeline.results.stats import Comparison, compare, rank_correlation
 
@@ -344,7 +344,7 @@ def write_figures(
     and reliability diagram (drawn from its predictions.csv)."""
     curve, curve_head, tuned_curve = curves
     tuned = [r for r in rows if r.strategy == "fine_tuning"]
-    figures.learning_curve_png(
+    charts.learning_curve_png(
         curve, curve_head, out_dir / "learning_curve.png", tuned_curve, tuned[0].accuracy if tuned else None
     )
     points = [
@@ -352,13 +352,13 @@ def write_figures(
          "low": r.scores["accuracy_ci95_low"], "high": r.scores["accuracy_ci95_high"]}
         for r in rows
     ]  # fmt: skip
-    figures.accuracy_vs_time_png(points, out_dir / "accuracy_vs_time.png")
+    charts.accuracy_vs_time_png(points, out_dir / "accuracy_vs_time.png")
     for r in rows:
         answers = answers_of.of(r.name)
         actual, predicted = [a["actual"] for a in answers], [a["predicted"] for a in answers]
-        figures.confusion_png(actual, predicted, classes, f"{r.name} on the test split", out_dir / "models" /
+        charts.confusion_png(actual, predicted, classes, f"{r.name} on the test split", out_dir / "models" /
                               f"{r.name}_confusion.png")  # fmt: skip
-        figures.reliability_png(
+        charts.reliability_png(
             np.array([a["confidence"] for a in answers]),
             np.array(actual) == np.array(predicted),
             float(r.scores["ece"]),
