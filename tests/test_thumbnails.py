@@ -73,16 +73,19 @@ def test_an_unreadable_file_is_a_placeholder_not_an_exception(tmp_path):
     truncated.write_bytes(_photo(tmp_path / "whole.jpg", (400, 300), "navy").read_bytes()[:300])
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("not a picture")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "folder.jpg").mkdir()
     cells = [
         {"images": [tmp_path / "missing.jpg"], "caption": "missing"},
         {"images": [truncated, not_an_image], "caption": "truncated ~ text"},
+        {"images": [tmp_path / "empty.jpg", tmp_path / "folder.jpg"], "caption": "empty ~ folder"},
         {"images": [tmp_path / "whole.jpg"], "caption": "fine"},
     ]
     fig = thumbnails._thumbnail_grid_figure(cells, "Label issues")
     axes = _thumbnail_axes(fig)
     placeholders = [ax for ax in axes if [t.get_text() for t in ax.texts] == ["cannot open"]]
     plt.close(fig)
-    assert len(axes) == 4 and len(placeholders) == 3
+    assert len(axes) == 6 and len(placeholders) == 5
     assert all(not ax.images for ax in placeholders)
     thumbnails.thumbnail_grid_png(cells, "Label issues", tmp_path / "grid.png")
     with Image.open(tmp_path / "grid.png") as image:
@@ -100,6 +103,19 @@ def test_exif_orientation_is_applied_and_small_images_are_not_enlarged(tmp_path)
     assert small_shape == (60, 20, 3)
     assert big_shape[1] <= thumbnails.CELL_IN * png.DPI + 1
     assert big_shape[1] / big_shape[0] == pytest.approx(1.5, abs=0.01)
+
+
+def test_a_thumbnail_shows_the_pixels_the_pipeline_reads(tmp_path):
+    """Decoded by the library's one reader: transparent pixels on white, as extraction sees them."""
+    see_through = Image.new("RGBA", (40, 30), (200, 0, 0, 0))
+    see_through.paste((0, 0, 200, 255), (0, 0, 20, 30))
+    see_through.save(tmp_path / "half.png")
+    fig = thumbnails._thumbnail_grid_figure([{"images": [tmp_path / "half.png"], "caption": ""}], "t")
+    (ax,) = _thumbnail_axes(fig)
+    pixels = ax.images[0].get_array()
+    plt.close(fig)
+    assert pixels.shape == (30, 40, 3)
+    assert pixels[15, 5].tolist() == [0, 0, 200] and pixels[15, 35].tolist() == [255, 255, 255]
 
 
 def test_thumbnail_captions_stay_inside_and_never_overlap(tmp_path):

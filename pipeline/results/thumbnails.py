@@ -12,8 +12,9 @@ from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.text import Text
-from PIL import Image, ImageOps
+from PIL import Image
 
+from pipeline.data.images import ImageRejected, decode_rgb, read_bytes
 from pipeline.results.png import DPI, save_png
 
 CELL_IN = 2.3  # width of one grid cell, and the most height a thumbnail takes
@@ -24,7 +25,6 @@ MARGIN_IN = 0.15
 CAPTION_SIZE = 7.5
 CAPTION_MAX_LINES = 6  # longer captions end with an ellipsis
 MAX_CELLS = 40  # the caller passes the top ones; beyond this the title says how many were left out
-UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 def _thumbnail_grid_figure(cells: list[dict], title: str, columns: int = 4) -> Figure:
@@ -80,15 +80,15 @@ def _cell_pictures(images: list[Path]) -> list[np.ndarray | None]:
 
 
 def _thumbnail(path: Path, box: tuple[int, int]) -> np.ndarray | None:
-    """The image upright (EXIF orientation) in RGB, shrunk to fit `box` (w, h pixels), never enlarged."""
+    """The image as the pipeline reads it (upright by its EXIF orientation, RGB), shrunk to fit `box` (w, h
+    pixels), never enlarged; None for a file that cannot be read."""
     try:
-        with Image.open(path) as image:
-            image.draft(None, (max(box), max(box)))  # JPEG: decode at a reduced scale, still >= the box
-            upright = ImageOps.exif_transpose(image).convert("RGB")
-        upright.thumbnail(box, Image.Resampling.LANCZOS)
-        return np.asarray(upright)
-    except UNREADABLE:
+        # A JPEG is decoded at a reduced scale whose shorter side still covers the box's longer one.
+        image = decode_rgb(read_bytes(path), draft_short_side=max(box))
+    except ImageRejected:
         return None
+    image.thumbnail(box, Image.Resampling.LANCZOS)
+    return np.asarray(image)
 
 
 def _picture_size(picture: np.ndarray | None, box_width: float) -> tuple[float, float]:
