@@ -12,6 +12,7 @@ from matplotlib.patches import Patch
 from PIL import Image
 
 from pipeline.results import charts
+from pipeline.results.metrics import top_label_ece
 
 CURVE = [
     {"per_class": 1, "accuracy": 0.36, "std": 0.026},
@@ -156,6 +157,21 @@ def test_reliability_bars_are_the_accuracy_of_each_bin_and_empty_bins_have_none(
         assert drawn[k] == pytest.approx(accuracy)
     assert counts == {0: 3, 2: 3, 4: 4}
     assert "0.100" in top.get_title()
+
+
+def test_the_diagram_draws_the_bins_its_ece_is_computed_from():
+    rng = np.random.default_rng(1)
+    confidence = np.concatenate([[0.0, 0.2, 0.4, 1.0], rng.uniform(0, 1, 200)])  # on the edges, and inside
+    correct = rng.random(len(confidence)) < confidence
+    fig = charts._reliability_figure(confidence, correct, 0.0, 5, "head")
+    top, bottom = fig.axes[:2]
+    (bars,) = [c for c in top.containers if c.get_label() == "accuracy"]
+    (marks,) = [line for line in top.lines if line.get_label() == "mean confidence"]
+    counts = np.array([bar.get_height() for bar in bottom.patches])
+    plt.close(fig)
+    gaps = np.abs(np.array([bar.get_height() for bar in bars]) - marks.get_ydata())
+    assert len(counts) == 5 and counts.sum() == len(confidence)
+    assert counts @ gaps / len(confidence) == pytest.approx(top_label_ece(confidence, correct, 5))
 
 
 def test_learning_curve_legend_explains_the_band():

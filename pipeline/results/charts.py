@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, LogLocator, NullFormatter, NullLocator, PercentFormatter
 
 from pipeline.results.label_placement import Mark, frame, place_labels, short
+from pipeline.results.metrics import calibration_bins
 from pipeline.results.png import DPI, save_png
 
 CELL_NUMBERS_MAX_CLASSES = 25  # above this many classes, the confusion matrix shows colours only
@@ -88,29 +89,9 @@ def confusion_png(
 # --- reliability diagram ----------------------------------------------------------------------------------
 
 
-def reliability_bins(
-    confidence: np.ndarray, correct: np.ndarray, n_bins: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per equal-width bin: (count, accuracy, mean confidence); accuracy and confidence are NaN where empty.
-
-    The bins of the project's ECE: bin k holds (k/n, (k+1)/n]; a confidence of exactly 0 joins the first.
-    """
-    confidence = np.asarray(confidence, dtype=float).ravel()
-    correct = np.asarray(correct, dtype=float).ravel()
-    if confidence.shape != correct.shape:
-        raise ValueError(f"{confidence.size} confidences but {correct.size} correctness flags")
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    bins = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
-    counts = np.bincount(bins, minlength=n_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        accuracy = np.bincount(bins, weights=correct, minlength=n_bins) / counts
-        mean_confidence = np.bincount(bins, weights=confidence, minlength=n_bins) / counts
-    return counts, accuracy, mean_confidence
-
-
 def _reliability_figure(confidence: np.ndarray, correct: np.ndarray, ece: float, n_bins: int, title: str) -> Figure:
     """Accuracy per confidence bin as bars over the diagonal, and below it the images per bin."""
-    counts, accuracy, mean_confidence = reliability_bins(confidence, correct, n_bins)
+    counts, accuracy, mean_confidence = calibration_bins(confidence, correct, n_bins)
     width = 1.0 / n_bins
     centres = (np.arange(n_bins) + 0.5) * width
     full = counts > 0  # an empty bin is drawn as nothing, not as zero accuracy

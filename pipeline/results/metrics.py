@@ -24,16 +24,34 @@ def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: in
 
 
 def top_label_ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
-    """ECE from each image's top-class probability and whether that class was right."""
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    # Bin k holds confidences in (edges[k], edges[k+1]]; a confidence of exactly 0 joins the first bin.
-    bins = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    """ECE from each image's top-class probability and whether that class was right: each bin's gap between
+    accuracy and mean confidence, weighted by its share of the images."""
+    counts, accuracy, mean_confidence = calibration_bins(confidence, correct, n_bins)
     ece = 0.0
-    for k in range(n_bins):
-        members = bins == k
-        if members.any():
-            ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    for k in np.flatnonzero(counts):
+        ece += counts[k] / len(confidence) * abs(accuracy[k] - mean_confidence[k])
     return float(ece)
+
+
+def calibration_bins(
+    confidence: np.ndarray, correct: np.ndarray, n_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width confidence bin: (images, accuracy, mean confidence); accuracy and confidence are NaN where
+    the bin is empty. The bins of the ECE and of the reliability diagram.
+
+    Bin k holds confidences in (edges[k], edges[k+1]]; a confidence of exactly 0 joins the first bin.
+    """
+    confidence, correct = np.ravel(confidence), np.ravel(correct)
+    if confidence.shape != correct.shape:
+        raise ValueError(f"{confidence.size} confidences but {correct.size} correctness flags")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    counts = np.bincount(bins, minlength=n_bins)
+    accuracy, mean_confidence = np.full(n_bins, np.nan), np.full(n_bins, np.nan)
+    for k in np.flatnonzero(counts):
+        members = bins == k
+        accuracy[k], mean_confidence[k] = correct[members].mean(), confidence[members].mean()
+    return counts, accuracy, mean_confidence
 
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, n_bins: int = 15) -> dict[str, float]:
