@@ -10,7 +10,7 @@ from pipeline.features.extraction import extract
 from pipeline.features.store import read_store
 from pipeline.heads.selection import train_head
 from pipeline.heads.trained import held_out, save_head
-from pipeline.results.report import ranking_words
+from pipeline.results.markdown import ranking_words
 from pipeline.results.scoring import evaluate_head
 
 

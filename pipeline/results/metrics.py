@@ -113,12 +113,14 @@ def model_record(
     sizes: tuple[int, int],
     trainable_params: int,
     fit_seconds: float,
+    costs: dict,
     hyperparameters: dict,
     params: EvaluateParams,
 ) -> Scored:
     """The one schema of every model's test metrics, and each test image's answer.
 
-    `describe` names the model (model, strategy, kind, backbone); `sizes` are its train and val images.
+    `describe` names the model (model, strategy, kind, backbone); `sizes` are its train and val images; `costs` what
+    running it costs (milliseconds per image, parameters: the report's inference column reads them).
     """
     y_pred = proba.argmax(1)
     record = {
@@ -130,6 +132,7 @@ def model_record(
         "n_test": len(y_true),
         "trainable_params": trainable_params,
         "fit_seconds": fit_seconds,
+        **costs,
         "hyperparameters": hyperparameters,
     }
     confidence = [round(float(c), 6) for c in proba.max(axis=1)]
