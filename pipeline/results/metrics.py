@@ -148,8 +148,8 @@ def write_model_metrics(folder: Path, scored: Scored) -> str:
     `folder`/metrics.json holds the record: its numbers, which `dvc metrics diff` compares, and the model's
     description (name, strategy, kind, backbone, hyperparameters) beside them. `folder`/plots/sklearn/
     confusion.json holds one {actual, predicted} record per test image, for `dvc plots show`. Written as plain
-    JSON, in DVCLive's layout: a DVCLive session would cost a scoring stage half a second to start (it opens
-    the DVC repository and reads git) for two files (issue 18). `folder`/predictions.csv holds each test
+    JSON, in DVCLive's layout: a DVCLive session is slow to start (it opens the DVC repository and reads git),
+    too much for two files (issue 18). `folder`/predictions.csv holds each test
     image's answer: the report compares two models image by image and draws the reliability diagram from it.
     Returns what the stage says of it, in one line.
     """
