@@ -155,7 +155,8 @@ def test_a_damaged_feature_store_stops_its_readers_in_one_line(run, tmp_path, da
 
 def test_every_damaged_byte_of_a_head_or_a_store_is_caught(run):
     """Zero 32 bytes at every 128th offset: each load either fails with a one-line error (the seal: DamagedFile;
-    HDF5's own checks: StoreError) or the bytes were zero already. Nothing in between: no wrong value, no hang, no crash (HDF5 is never handed damaged metadata)."""
+    HDF5's own checks: StoreError) or the bytes were zero already. Nothing in between: no wrong value, no hang, no
+    crash (HDF5 is never handed damaged metadata)."""
     for path, load in ((run.head, load_head), (run.store, read_store)):
         original = path.read_bytes()
         for start in range(0, len(original), 128):
