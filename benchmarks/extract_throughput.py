@@ -128,7 +128,7 @@ def throughput(
         pair_ratios.append((len(part) / e) / (n_batches * batch_size / f))
     fwd_rate, e2e_rate = fwd_images / fwd_seconds, e2e_images / e2e_seconds
     print(f"device {forward.device} precision {forward.precision} torch threads {torch.get_num_threads()}")
-    print(f"model loading and hashing {statistics.median(setup):.2f} s per extract call (not in end-to-end)")
+    print(f"model loading, hashing and timing {statistics.median(setup):.2f} s per extract call (not in end-to-end)")
     print(f"forward images/s {fwd_rate:.1f} ({fwd_images:.0f} images in {fwd_seconds:.1f} s)")
     print(f"end-to-end images/s {e2e_rate:.1f} ({e2e_images:.0f} images in {e2e_seconds:.1f} s)")
     quartiles = statistics.quantiles(pair_ratios, n=4) if len(pair_ratios) > 1 else pair_ratios * 3

@@ -8,7 +8,8 @@ from pipeline.core.config import load_params
 from pipeline.core.errors import user_errors
 from pipeline.core.io import read_json, write_text
 from pipeline.heads.persistence import head_files
-from pipeline.results.report import Answers, build_report, read_copies_in_test, summary, write_figures
+from pipeline.results.answers import Answers, read_copies_in_test
+from pipeline.results.report import build_report, summary, write_figures
 
 PathArg = click.Path(path_type=Path)
 

@@ -18,8 +18,8 @@ from pipeline.features.store import read_store, write_store
 from pipeline.heads.persistence import save_head
 from pipeline.heads.selection import train_head
 from pipeline.results.audit import DuplicatePair, LabelIssue, cross_split_duplicates, label_issues, misclassified, table
+from pipeline.results.markdown import audit_section
 from pipeline.results.metrics import PREDICTIONS_HEADER
-from pipeline.results.report import audit_section
 from stages.audit import main as audit_stage
 from tests.conftest import make_store
 

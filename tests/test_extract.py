@@ -54,6 +54,10 @@ def test_store_rows_are_the_backbone_applied_to_each_image(image_folder, tmp_pat
     for key in ("backbone", "weights_id", "preprocessing", "image_size", "feature_dim", "classes", "fingerprint"):
         assert key in store.attrs
     assert store.attrs["versions"]["torch"] == torch.__version__
+    # What the report quotes for every model built on this store: the backbone's size and forward pass.
+    metrics = result.metrics()
+    assert metrics["backbone_params"] == sum(p.numel() for p in backbone.features.parameters())
+    assert metrics["forward_ms_per_image"] > 0 and metrics["forward_device"] == "cpu"
 
 
 def test_extraction_is_deterministic_on_cpu(image_folder, tmp_path):

@@ -63,6 +63,7 @@ def test_the_head_stage_imports_no_torch(tmp_path: Path):
     assert metrics["accuracy_ci95_low"] == pytest.approx(6 / (6 + 1.959964**2), abs=1e-5)
     assert metrics["accuracy_ci95_high"] == 1.0
     assert metrics["macro_f1_ci95_low"] <= metrics["macro_f1"] <= metrics["macro_f1_ci95_high"]
+    assert metrics["head_ms_per_image"] > 0  # the head's own cost, which the report adds to its backbone's
     answers = read_predictions(tmp_path / "live" / "predictions.csv")
     store_rows = read_store(store)
     assert [a["path"] for a in answers] == store_rows.paths_of("test")

@@ -11,7 +11,7 @@ from pipeline.features.store import read_store
 from pipeline.heads.persistence import save_head
 from pipeline.heads.selection import train_head
 from pipeline.heads.trained import held_out
-from pipeline.results.report import ranking_words
+from pipeline.results.markdown import ranking_words
 from pipeline.results.scoring import evaluate_head
 
 

@@ -28,7 +28,8 @@ from pipeline.finetuning.model import load_finetuned
 from pipeline.finetuning.training import finetune
 from pipeline.heads.persistence import HeadFile, load_head, save_head
 from pipeline.heads.selection import train_head
-from pipeline.results.report import Answers, build_report
+from pipeline.results.answers import Answers
+from pipeline.results.report import build_report
 from stages.head import main as head_stage
 from stages.warm_start import main as warm_start_stage
 from tests.conftest import prepare_manifest

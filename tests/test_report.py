@@ -1,6 +1,8 @@
 """The strategy report's numbers: parameter counts against torch's, a learning-curve point recomputed."""
 
 import json
+import subprocess
+import sys
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -25,20 +27,12 @@ from pipeline.finetuning.training import finetune
 from pipeline.heads.curves import learning_curve, subsample_train
 from pipeline.heads.selection import train_head
 from pipeline.heads.trained import held_out
+from pipeline.results.advice import recommend
+from pipeline.results.answers import Answers, paired, read_copies_in_test
+from pipeline.results.markdown import backbone_section, per_class_accuracy, ranking_words
 from pipeline.results.metrics import PREDICTIONS_HEADER, rescored
-from pipeline.results.report import (
-    Answers,
-    ModelRow,
-    backbone_section,
-    extraction_seconds,
-    finetune_row,
-    head_rows,
-    paired,
-    per_class_accuracy,
-    ranking_words,
-    read_copies_in_test,
-    recommend,
-)
+from pipeline.results.model_rows import ModelRow, extraction_seconds, finetune_row, head_rows
+from pipeline.results.scoring_finetuned import evaluate_finetuned
 from pipeline.results.stats import compare, wilson_interval
 from stages.report import main as report_stage
 from tests.conftest import REPO, make_store, prepare_manifest
@@ -66,18 +60,22 @@ def test_a_learning_curve_point_matches_scikit_learn_fitted_by_hand():
     assert curve[-1]["label"] == "all"
 
 
-def test_head_rows_count_the_backbone_with_torch_and_cost_extraction_plus_fit():
+def test_head_rows_add_the_backbones_extract_metrics_to_the_heads_own():
     store = blobs(dim=96)  # test_resnet's feature size
     head = train_head(store, "logreg", HeadParams(grid={"C": [1.0]}))
-    metrics = {"logreg": {"fit_seconds": 0.1, "accuracy": 0.9, "macro_f1": 0.9, "ece": 0.05}}
-    (row,), shared_ms = head_rows(store, [head], metrics, extract_seconds=2.0)
-    torch_count = sum(p.numel() for p in build_backbone("test_resnet").features.parameters())
+    scores = {"accuracy": 0.9, "macro_f1": 0.9, "ece": 0.05}
+    metrics = {"logreg": {**scores, "fit_seconds": 0.1, "head_ms_per_image": 0.25}}
+    extraction = {"tiny": {"extraction_seconds": 2.0, "backbone_params": 1000, "forward_ms_per_image": 4.5}}
+    (row,) = head_rows(store, [head], metrics, extraction, "tiny")
     assert row.params_updated == 96 * 3 + 3
-    assert row.params_total == torch_count + row.params_updated
+    assert row.params_total == 1000 + row.params_updated
     assert row.gap == pytest.approx(row.train_accuracy - 0.9)
     assert (row.train_seconds, row.fit_seconds) == (pytest.approx(2.1), 0.1)  # extraction + fit, and the fit
-    assert row.inference_ms > shared_ms > 0  # the backbone's shared forward pass plus the head's own cost
+    assert row.inference_ms == pytest.approx(4.5 + 0.25)  # the backbone's shared forward pass plus the head's own
     assert row.chosen_on == f"{head.val_curve[0]['val_accuracy']:.4f} (5-fold CV)"
+    older = {"tiny": {"extraction_seconds": 2.0}}  # extract metrics of a version that did not time the backbone
+    with pytest.raises(PipelineError, match=r"the extract metrics of tiny have no backbone_params .*run `dvc repro`"):
+        head_rows(store, [head], metrics, older, "tiny")
 
 
 def test_finetune_row_shares_the_backbone_measurement_and_counts_what_torch_says_was_trainable(
@@ -88,19 +86,28 @@ def test_finetune_row_shares_the_backbone_measurement_and_counts_what_torch_says
         FinetuneParams(), unfreeze=2, epochs=1, init_head="random", image_size=32, num_workers=0, device="cpu"
     )
     finetune(manifest, image_folder, "test_resnet", params, tmp_path / "ft", tmp_path / "ckpt")
-    scores = {"accuracy": 0.5, "macro_f1": 0.5, "ece": 0.1}
-    timings = {"tiny": ({"backbone": "test_resnet", "image_size": 32}, 1000.0)}
-    same = finetune_row(tmp_path / "ft", scores, timings)
+    record = evaluate_finetuned(tmp_path / "ft", manifest, image_folder, params=params).record
     backbone = build_backbone("test_resnet")
     model = Classifier(backbone.features, backbone.feature_dim, 3)
     freeze(model, backbone.blocks(), 2)
+    assert record["params_total"] == sum(p.numel() for p in model.parameters())
+    assert record["forward_ms_per_image"] > 0 and record["head_ms_per_image"] > 0  # the whole network, its layer
+    extraction = {"tiny": {"backbone": "test_resnet", "image_size": 32, "forward_ms_per_image": 1000.0}}
+    same = finetune_row(tmp_path / "ft", record, extraction)
     assert same.params_updated == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert same.params_total == sum(p.numel() for p in model.parameters())
+    assert same.params_total == record["params_total"]
     assert same.layers_trained == "last 2 of 5 blocks + new output layer"
     # The same network as the heads' backbone: its cost is their shared measurement plus the new layer's.
-    assert 1000.0 < same.inference_ms < 1000.0 + 5.0
-    other = finetune_row(tmp_path / "ft", scores, {"tiny": ({"backbone": "test_resnet", "image_size": 64}, 1000.0)})
-    assert other.inference_ms < 1000.0  # another input size: the whole network timed on its own
+    assert same.inference_ms == pytest.approx(1000.0 + record["head_ms_per_image"])
+    other = finetune_row(tmp_path / "ft", record, {"tiny": {**extraction["tiny"], "image_size": 64}})
+    assert other.inference_ms == record["forward_ms_per_image"]  # another input size: the whole network, timed alone
+
+
+def test_the_report_stage_builds_no_network():
+    """The costs are measured where the models run (extract, head, evaluate_finetune): the report only reads them."""
+    code = "import json, sys, stages.report; print(json.dumps([m for m in ('torch', 'timm') if m in sys.modules]))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout.splitlines()[-1]) == []
 
 
 def _row(name: str, strategy: str, correct: np.ndarray, seconds: float) -> ModelRow:
@@ -205,7 +212,7 @@ def test_accuracy_per_class_counts_each_models_answers(tmp_path: Path, monkeypat
         "| b | 1.000 (1/1) | 1.000 (1/1) |",
     ]
     assert lines[6] == "| c | 1.000 (1/1) | 0.000 (0/1) |"
-    monkeypatch.setattr("pipeline.results.report.PER_CLASS_ROWS", 2)  # many classes: the hardest on average only
+    monkeypatch.setattr("pipeline.results.markdown.PER_CLASS_ROWS", 2)  # many classes: the hardest on average only
     hardest = per_class_accuracy(Answers(tmp_path), ["logreg", "finetune"], ["a", "b", "c"])
     assert hardest[0] == "## Accuracy per class (the 2 hardest classes)"
     assert [line.split(" |")[0] for line in hardest[4:6]] == ["| c", "| a"]

@@ -25,8 +25,10 @@ import torch
 import torchvision
 
 from pipeline.core.config import ExtractParams
+from pipeline.data.loading import Runtime
 from pipeline.data.manifest import Manifest, ManifestRow, manifest_sha256, read_manifest
 from pipeline.features.cache import EmbeddingCache
+from pipeline.features.inference_cost import count_parameters, forward_ms_per_row, random_images
 from pipeline.features.setup import Setup
 from pipeline.features.store import SPLIT_CODES, write_store
 from pipeline.features.transferability import EvidenceStats
@@ -56,6 +58,11 @@ class ExtractResult:
     size_reason: str  # why this size, in words (pipeline.data.preprocessing.input_size)
     feature_dim: int
     logme: float  # transferability of the train split's features to its labels (pipeline.features.transferability)
+    backbone_params: int
+    # The backbone's forward pass per image (batch 32, at the store's size), on `forward_device`: extraction's device,
+    # unless only the Ray actors have it. Every model built on the store shares it in the report's inference cost.
+    forward_ms_per_image: float
+    forward_device: str
 
     def metrics(self) -> dict:
         return {
@@ -75,6 +82,9 @@ class ExtractResult:
             "device": self.device,
             "precision": self.precision,
             "fingerprint": self.fingerprint,
+            "backbone_params": self.backbone_params,
+            "forward_ms_per_image": round(self.forward_ms_per_image, 6),
+            "forward_device": self.forward_device,
         }
 
 
@@ -117,6 +127,7 @@ def extract(
         extraction_seconds = assemble_store(out, manifest, cache, store_attrs(setup, params.jpeg_draft), evidence)
         write_seconds = time.perf_counter() - write_start
         logme = evidence.logme()
+    forward_ms, forward_device = time_backbone(setup)
     return ExtractResult(
         store=Path(out),
         images=len(rows),
@@ -136,7 +147,23 @@ def extract(
         size_reason=setup.size_reason,
         feature_dim=backbone.feature_dim,
         logme=logme,
+        backbone_params=count_parameters(backbone.features),
+        forward_ms_per_image=forward_ms,
+        forward_device=forward_device,
     )
+
+
+def time_backbone(setup: Setup) -> tuple[float, str]:
+    """The backbone's forward milliseconds per image on a batch of random images at the store's size, and the
+    device they were measured on: extraction's, at its precision. Measured once per store, so that the noise of two
+    measurements cannot rank the models that share this forward pass differently."""
+    runtime = setup.runtime
+    if runtime.device.type == "cuda" and not torch.cuda.is_available():
+        # GPU Ray actors driven from a machine without a GPU: this process can only time it on its CPU.
+        runtime = Runtime(torch.device("cpu"), "fp32", channels_last=True)
+        log.warning("extract@%s: the backbone is timed on this machine's CPU, not on the actors' GPU", setup.label)
+    network = runtime.place(setup.backbone.features)
+    return forward_ms_per_row(network, random_images(runtime, setup.preprocessing), runtime), str(runtime.device)
 
 
 def assemble_store(

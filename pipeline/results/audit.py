@@ -33,7 +33,7 @@ from sklearn.preprocessing import StandardScaler
 
 from pipeline.core.io import write_csv
 from pipeline.features.store import SPLIT_CODES, FeatureStore
-from pipeline.results import figures
+from pipeline.results import thumbnails
 from pipeline.results.metrics import PREDICTIONS_HEADER
 
 log = logging.getLogger(__name__)
@@ -258,13 +258,13 @@ def write_audit(
                     f"{'identical files' if p.exact else f'cosine {p.similarity:.3f}'}"}
         for p in pairs[:top]
     ]  # fmt: skip
-    figures.thumbnail_grid_png(cells, f"Near-copies across splits ({len(pairs)} pairs)", out / "duplicates.png", 3)
+    thumbnails.thumbnail_grid_png(cells, f"Near-copies across splits ({len(pairs)} pairs)", out / "duplicates.png", 3)
     cells = [
         {"images": [data_root / i.path],
          "caption": f"{i.path}\ngiven: {i.given_class} -> suggested: {i.suggested_class}\nscore {i.score:.3f}"}
         for i in issues[:top]
     ]  # fmt: skip
-    figures.thumbnail_grid_png(cells, f"Likely label errors ({len(issues)})", out / "label_issues.png")
+    thumbnails.thumbnail_grid_png(cells, f"Likely label errors ({len(issues)})", out / "label_issues.png")
     for model, rows in wrong.items():
         write_csv(
             out / f"misclassified_{model}.csv", PREDICTIONS_HEADER, [[r[k] for k in PREDICTIONS_HEADER] for r in rows]
@@ -275,7 +275,7 @@ def write_audit(
             for r in rows[:top]
         ]  # fmt: skip
         title = f"{model}: misclassified test images ({len(rows)}), the most confident first"
-        figures.thumbnail_grid_png(cells, title, out / f"misclassified_{model}.png")
+        thumbnails.thumbnail_grid_png(cells, title, out / f"misclassified_{model}.png")
     return {
         "cross_split_pairs": len(pairs),
         "cross_split_exact_pairs": sum(p.exact for p in pairs),

@@ -24,16 +24,34 @@ def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: in
 
 
 def top_label_ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
-    """ECE from each image's top-class probability and whether that class was right."""
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    # Bin k holds confidences in (edges[k], edges[k+1]]; a confidence of exactly 0 joins the first bin.
-    bins = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    """ECE from each image's top-class probability and whether that class was right: each bin's gap between
+    accuracy and mean confidence, weighted by its share of the images."""
+    counts, accuracy, mean_confidence = calibration_bins(confidence, correct, n_bins)
     ece = 0.0
-    for k in range(n_bins):
-        members = bins == k
-        if members.any():
-            ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    for k in np.flatnonzero(counts):
+        ece += counts[k] / len(confidence) * abs(accuracy[k] - mean_confidence[k])
     return float(ece)
+
+
+def calibration_bins(
+    confidence: np.ndarray, correct: np.ndarray, n_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width confidence bin: (images, accuracy, mean confidence); accuracy and confidence are NaN where
+    the bin is empty. The bins of the ECE and of the reliability diagram.
+
+    Bin k holds confidences in (edges[k], edges[k+1]]; a confidence of exactly 0 joins the first bin.
+    """
+    confidence, correct = np.ravel(confidence), np.ravel(correct)
+    if confidence.shape != correct.shape:
+        raise ValueError(f"{confidence.size} confidences but {correct.size} correctness flags")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    counts = np.bincount(bins, minlength=n_bins)
+    accuracy, mean_confidence = np.full(n_bins, np.nan), np.full(n_bins, np.nan)
+    for k in np.flatnonzero(counts):
+        members = bins == k
+        accuracy[k], mean_confidence[k] = correct[members].mean(), confidence[members].mean()
+    return counts, accuracy, mean_confidence
 
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, n_bins: int = 15) -> dict[str, float]:
@@ -95,12 +113,14 @@ def model_record(
     sizes: tuple[int, int],
     trainable_params: int,
     fit_seconds: float,
+    costs: dict,
     hyperparameters: dict,
     params: EvaluateParams,
 ) -> Scored:
     """The one schema of every model's test metrics, and each test image's answer.
 
-    `describe` names the model (model, strategy, kind, backbone); `sizes` are its train and val images.
+    `describe` names the model (model, strategy, kind, backbone); `sizes` are its train and val images; `costs` what
+    running it costs (milliseconds per image, parameters: the report's inference column reads them).
     """
     y_pred = proba.argmax(1)
     record = {
@@ -112,6 +132,7 @@ def model_record(
         "n_test": len(y_true),
         "trainable_params": trainable_params,
         "fit_seconds": fit_seconds,
+        **costs,
         "hyperparameters": hyperparameters,
     }
     confidence = [round(float(c), 6) for c in proba.max(axis=1)]
@@ -127,8 +148,8 @@ def write_model_metrics(folder: Path, scored: Scored) -> str:
     `folder`/metrics.json holds the record: its numbers, which `dvc metrics diff` compares, and the model's
     description (name, strategy, kind, backbone, hyperparameters) beside them. `folder`/plots/sklearn/
     confusion.json holds one {actual, predicted} record per test image, for `dvc plots show`. Written as plain
-    JSON, in DVCLive's layout: a DVCLive session would cost a scoring stage half a second to start (it opens
-    the DVC repository and reads git) for two files (issue 18). `folder`/predictions.csv holds each test
+    JSON, in DVCLive's layout: a DVCLive session is slow to start (it opens the DVC repository and reads git),
+    too much for two files (issue 18). `folder`/predictions.csv holds each test
     image's answer: the report compares two models image by image and draws the reliability diagram from it.
     Returns what the stage says of it, in one line.
     """

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.core.config import EvaluateParams, FinetuneParams
-from pipeline.finetuning.model import predict_test_split
+from pipeline.data.loading import Runtime
+from pipeline.features.inference_cost import count_parameters, forward_ms_per_row, random_features, random_images
+from pipeline.finetuning.model import load_finetuned, predict_test_split
 from pipeline.results.metrics import Scored, model_record
 
 
@@ -34,6 +36,7 @@ def evaluate_finetuned(
         sizes=(sum(r.split == "train" for r in ok), sum(r.split == "val" for r in ok)),
         trainable_params=training["trainable_params"],
         fit_seconds=training["train_seconds"],
+        costs=inference_costs(model_dir, params),
         hyperparameters={
             "unfreeze": settings["unfreeze"],
             "unfrozen_blocks": config["unfrozen_blocks"],
@@ -45,3 +48,19 @@ def evaluate_finetuned(
         },
         params=scoring or EvaluateParams(),
     )
+
+
+def inference_costs(model_dir: Path, params: FinetuneParams) -> dict:
+    """The fine-tuned network's forward milliseconds per image, whole and its output layer alone, on the device and
+    at the precision it was scored with, and its parameters. The report adds the layer's cost to the extract stage's
+    measurement of the same backbone at the same size, and quotes the whole network's otherwise."""
+    model, _, preprocessing = load_finetuned(model_dir)
+    runtime = Runtime.resolve(params.device, params.precision, option="finetune.device")
+    model = runtime.place(model)
+    whole = forward_ms_per_row(model, random_images(runtime, preprocessing), runtime)
+    layer = forward_ms_per_row(model.head, random_features(runtime, model.head.in_features), runtime)
+    return {
+        "forward_ms_per_image": round(whole, 6),
+        "head_ms_per_image": round(layer, 6),
+        "params_total": count_parameters(model),
+    }
