@@ -97,7 +97,8 @@ def head_predictor(head_path: Path, store_path: Path, device: str = "auto") -> P
             "(other weights or code); rerun extract"
         )
     draft = preprocessing.draft(bool(attrs["jpeg_draft"]))
-    # Laid out as extract ran the backbone, so a photo of the store gets its stored embedding, bit for bit.
+    # Laid out as extract ran the backbone, so a photo of the store gets its stored embedding (bit for bit when the
+    # batch and the thread count are extract's too: CPU kernels may sum in another order for another batch).
     runtime = Runtime.resolve(device, attrs["precision"], option="--device", channels_last=True)
     # Decoded as the store was: torchvision's decoder where extract used it (libjpeg-turbo off a GPU).
     jpeg = jpeg_decoder(decoder, runtime.device, preprocessing)
