@@ -186,6 +186,7 @@ def test_kill_minus_nine_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp
     assert resumed_bytes == read_store(clean / "features.h5").features.tobytes()
 
 
+@pytest.mark.integration  # two stage processes; tests/test_store.py holds the lock's fast test
 def test_a_second_extract_on_the_same_cache_fails_at_once(image_folder, tmp_path):
     prepare_manifest(image_folder, tmp_path / "manifest.csv")
     params_file = _params_file(tmp_path, batch_size=8)
