@@ -11,12 +11,12 @@ import click
 from pipeline.core.config import load_params
 from pipeline.core.errors import user_errors
 from pipeline.core.io import write_json
-from pipeline.features.store import read_store
+from pipeline.features.store import read_split_sizes, read_store
 from pipeline.heads.persistence import load_head, save_head
 from pipeline.heads.registry import HeadError
 from pipeline.heads.selection import check_head_params, train_head
 from pipeline.results.metrics import write_model_metrics
-from pipeline.results.scoring import check_has_test_rows, score_head
+from pipeline.results.scoring import check_has_test_rows, score_head, train_accuracy
 
 PathArg = click.Path(path_type=Path)
 
@@ -36,17 +36,20 @@ def main(name: str, features: Path, out: Path, curve: Path, metrics: Path, param
     if name not in config.heads:
         raise HeadError(f"no head '{name}' under heads in {params}; defined: {', '.join(config.heads)}")
     check_head_params(name, config.heads[name])  # a misconfigured head fails before the store is read
-    store = read_store(features)
-    check_has_test_rows(store, features)  # before the fit, not after it
-    head = train_head(store, name, config.heads[name])
+    check_has_test_rows(read_split_sizes(features), features)  # before the fit, not after it
+    fit_rows = read_store(features, splits=("train", "val"))  # test's features stay on disk until the fit is done
+    head = train_head(fit_rows, name, config.heads[name])
     save_head(head, out)
     write_json(curve, head.val_curve)
     click.echo(
         f"head@{head.model_name}: {head.kind} with {head.hyperparameters}, chosen on {head.selection}, "
         f"in {head.fit_seconds:.1f}s -> {out}"
     )
+    on_train = train_accuracy(head, fit_rows)
+    del fit_rows
     # Scored as saved: the file the report, the audit and export read is the one these metrics describe.
-    scored = score_head(store, features, load_head(out, store), config.evaluate)
+    test = read_store(features, splits=("test",))
+    scored = score_head(test, features, load_head(out, test), config.evaluate, train_accuracy=on_train)
     click.echo(f"head@{head.model_name}: {write_model_metrics(metrics, scored)}")
 
 

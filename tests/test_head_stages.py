@@ -9,11 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.core.config import HeadParams
 from pipeline.core.errors import PipelineError
 from pipeline.features.store import SPLIT_CODES, read_store, write_store
 from pipeline.finetuning.live import log_epochs
+from pipeline.heads.selection import train_head
 from pipeline.results.metrics import read_predictions
-from tests.conftest import REPO
+from pipeline.results.scoring import train_accuracy
+from tests.conftest import REPO, make_store
 
 # Runs one stage's click command in this process, then reports which of the heavy modules it imported: the
 # networks' libraries, and DVC's repository (which DVCLive opens to start a session).
@@ -95,3 +98,17 @@ def test_scoring_needs_no_commit_and_fine_tuning_curves_say_to_commit(tmp_path: 
     monkeypatch.chdir(project)
     with pytest.raises(PipelineError, match=r"commit once \(git add -A && git commit -m start\), then run"):
         log_epochs(project / "live", [{"val_loss": 1.0}], ("val_loss",), best_epoch=1)
+
+
+def test_train_accuracy_is_measured_on_at_most_a_seeded_sample_of_the_training_rows():
+    """The report's overfitting gap needs the train accuracy; on a million rows it is a sample's, not k-NN's
+    quadratic pass over every training image."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 30)
+    store = make_store(rng.normal(size=(90, 8)) + np.eye(3, 8)[labels] * 2, labels, np.tile([0, 0, 1], 30), list("abc"))
+    head = train_head(store, "knn", HeadParams(kind="knn", grid={"n_neighbors": [3]}))
+    x, y = store.subset("train")
+    every = float((head.predict_proba(x).argmax(1) == y).mean())
+    assert train_accuracy(head, store) == every  # fewer rows than the cap: all of them
+    sampled = train_accuracy(head, store, at_most=10)
+    assert sampled == train_accuracy(head, store, at_most=10) and sampled * 10 == round(sampled * 10)  # seeded, 10 rows

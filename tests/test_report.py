@@ -64,12 +64,12 @@ def test_head_rows_add_the_backbones_extract_metrics_to_the_heads_own():
     store = blobs(dim=96)  # test_resnet's feature size
     head = train_head(store, "logreg", HeadParams(grid={"C": [1.0]}))
     scores = {"accuracy": 0.9, "macro_f1": 0.9, "ece": 0.05}
-    metrics = {"logreg": {**scores, "fit_seconds": 0.1, "head_ms_per_image": 0.25}}
+    metrics = {"logreg": {**scores, "fit_seconds": 0.1, "head_ms_per_image": 0.25, "train_accuracy": 0.95}}
     extraction = {"tiny": {"extraction_seconds": 2.0, "backbone_params": 1000, "forward_ms_per_image": 4.5}}
     (row,) = head_rows(store, [head], metrics, extraction, "tiny")
     assert row.params_updated == 96 * 3 + 3
     assert row.params_total == 1000 + row.params_updated
-    assert row.gap == pytest.approx(row.train_accuracy - 0.9)
+    assert (row.train_accuracy, row.gap) == (0.95, pytest.approx(0.05))  # measured by the head stage
     assert (row.train_seconds, row.fit_seconds) == (pytest.approx(2.1), 0.1)  # extraction + fit, and the fit
     assert row.inference_ms == pytest.approx(4.5 + 0.25)  # the backbone's shared forward pass plus the head's own
     assert row.chosen_on == f"{head.val_curve[0]['val_accuracy']:.4f} (5-fold CV)"

@@ -47,6 +47,25 @@ def test_store_round_trip(tmp_path):
         assert f["features"].chunks is not None and f["features"].dtype == np.float32
 
 
+def test_reading_some_splits_gives_their_rows_of_the_whole_store_in_block_sized_reads(tmp_path, monkeypatch):
+    """A head reads train and val to fit, then test to score: the same rows, in store order, as the whole store's
+    subsets, read a few rows at a time (blocks smaller than the store here) so the other splits never load."""
+    monkeypatch.setattr("pipeline.features.store.READ_BLOCK_ROWS", 4)
+    path = tmp_path / "tiny.h5"
+    features = _write(path)
+    whole = read_store(path)
+    for splits in (("train", "val"), ("test",), ("val",)):
+        part = read_store(path, splits=splits)
+        np.testing.assert_array_equal(part.features, whole.subset(*splits)[0])
+        np.testing.assert_array_equal(part.labels, whole.subset(*splits)[1])
+        assert part.paths == whole.paths_of(*splits) and part.split_sizes()["train"] == whole.split_sizes()["train"] * (
+            "train" in splits
+        )
+    fit = read_store(path, splits=("train", "val"))
+    assert fit.subset("train", "val")[0] is fit.features  # every row wanted: the array itself, not a copy
+    np.testing.assert_array_equal(fit.subset("val")[0], features[6:8])
+
+
 def test_reader_refuses_another_fingerprint_or_classes_naming_both(tmp_path):
     path = tmp_path / "s.h5"
     _write(path)

@@ -23,9 +23,14 @@ from pipeline.features.hdf5 import (
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 
+# Rows of `features` read from the file at a time when only some splits are wanted: 64 MB of 1,280 floats.
+READ_BLOCK_ROWS = 1 << 13
+
+
 @dataclass
 class FeatureStore:
-    """A feature store read into memory: row i of every array is manifest row i."""
+    """A feature store read into memory: row i of every array is usable manifest row i (of the splits read, in
+    store order, when `read_store` was given some)."""
 
     features: np.ndarray  # float32 [N, D]
     labels: np.ndarray  # int64 [N]
@@ -43,8 +48,11 @@ class FeatureStore:
         return str(self.attrs["fingerprint"])
 
     def subset(self, *splits: str) -> tuple[np.ndarray, np.ndarray]:
-        """Features and labels of the rows in the given splits, in store order."""
+        """Features and labels of the rows in the given splits, in store order: the arrays themselves (no copy)
+        when every row is in them."""
         mask = np.isin(self.split, [SPLIT_CODES[s] for s in splits])
+        if mask.all():
+            return self.features, self.labels
         return self.features[mask], self.labels[mask]
 
     def paths_of(self, *splits: str) -> list[str]:
@@ -95,6 +103,13 @@ def write_store(
         _encode_attrs(f, attrs)
 
 
+def read_split_sizes(path: Path) -> dict[str, int]:
+    """How many rows each split has, without reading any features."""
+    with _open(path, STORE_FIX) as f:
+        split = f["split"][:]
+    return {name: int((split == code).sum()) for name, code in SPLIT_CODES.items()}
+
+
 def read_attrs(path: Path) -> dict:
     """A store's attributes (JSON values decoded), without reading the features (the seal is checked)."""
     with _open(path, STORE_FIX) as f:
@@ -104,24 +119,45 @@ def read_attrs(path: Path) -> dict:
 
 
 def read_store(
-    path: Path, expect_fingerprint: str | None = None, expect_classes: Sequence[str] | None = None
+    path: Path,
+    expect_fingerprint: str | None = None,
+    expect_classes: Sequence[str] | None = None,
+    splits: Sequence[str] | None = None,
 ) -> FeatureStore:
-    """Read a whole store, refusing one built by another model or for other classes, or a damaged one."""
+    """Read a store, or only the rows of `splits` (a head trains on train and val, then scores test: the features of
+    the others never enter memory), refusing one built by another model or for other classes, or a damaged one."""
     with _open(path, STORE_FIX) as f:
         attrs = _decode_attrs(f.attrs)
         check_matches(path, attrs, expect_fingerprint, expect_classes)
         _check_declared_sizes(path, f, STORE_FIX)
         try:
+            split = f["split"][:]
+            keep = np.ones(len(split), bool) if splits is None else np.isin(split, [SPLIT_CODES[s] for s in splits])
+            paths = [p.decode() if isinstance(p, bytes) else p for p in f["paths"][:]]
             return FeatureStore(
-                features=f["features"][:],
-                labels=f["labels"][:],
-                split=f["split"][:],
-                paths=[p.decode() if isinstance(p, bytes) else p for p in f["paths"][:]],
-                sha256=[h.decode() for h in f["sha256"][:]],
+                features=f["features"][:] if keep.all() else _rows(f["features"], keep),
+                labels=f["labels"][:][keep],
+                split=split[keep],
+                paths=[p for p, k in zip(paths, keep, strict=True) if k],
+                sha256=[h.decode() for h, k in zip(f["sha256"][:], keep, strict=True) if k],
                 attrs=attrs,
             )
         except (OSError, KeyError) as err:  # fletcher32 failed, or a dataset is missing
             raise StoreError(f"{path}: cannot be read as a feature store ({err}); {STORE_FIX}") from err
+
+
+def _rows(dataset: h5py.Dataset, keep: np.ndarray) -> np.ndarray:
+    """The rows of `dataset` where `keep` is true, read a block at a time into one array: memory holds them and
+    one block, never the whole dataset."""
+    out = np.empty((int(keep.sum()), dataset.shape[1]), dtype=dataset.dtype)
+    filled = 0
+    for start in range(0, len(keep), READ_BLOCK_ROWS):
+        wanted = keep[start : start + READ_BLOCK_ROWS]
+        if wanted.any():
+            block = dataset[start : start + len(wanted)][wanted]
+            out[filled : filled + len(block)] = block
+            filled += len(block)
+    return out
 
 
 def check_matches(

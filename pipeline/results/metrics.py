@@ -116,6 +116,7 @@ def model_record(
     costs: dict,
     hyperparameters: dict,
     params: EvaluateParams,
+    train_accuracy: float | None = None,
 ) -> Scored:
     """The one schema of every model's test metrics, and each test image's answer.
 
@@ -133,6 +134,7 @@ def model_record(
         "trainable_params": trainable_params,
         "fit_seconds": fit_seconds,
         **costs,
+        **({} if train_accuracy is None else {"train_accuracy": train_accuracy}),
         "hyperparameters": hyperparameters,
     }
     confidence = [round(float(c), 6) for c in proba.max(axis=1)]

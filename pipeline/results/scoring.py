@@ -22,15 +22,35 @@ def evaluate_head(store_path: Path, head_path: Path, params: EvaluateParams | No
     return score_head(store, store_path, load_head(head_path, store), params)
 
 
-def check_has_test_rows(store: FeatureStore, store_path: Path) -> None:
-    if not store.split_sizes()["test"]:
+# The training rows a head's train accuracy (the report's overfitting gap) is computed on, at most: a seeded sample
+# beyond that, so that it costs what scoring the test split costs, not a pass over a million rows (k-NN's quadratic).
+TRAIN_ACCURACY_ROWS = 10_000
+
+
+def train_accuracy(head: TrainedHead, store: FeatureStore, at_most: int = TRAIN_ACCURACY_ROWS, seed: int = 0) -> float:
+    """The head's accuracy on the store's training rows (a seeded sample of `at_most` when there are more)."""
+    x, y = store.subset("train")
+    if len(y) > at_most:
+        rows = np.sort(np.random.default_rng(seed).choice(len(y), at_most, replace=False))
+        x, y = x[rows], y[rows]
+    return float((head.predict_proba(x).argmax(1) == y).mean())
+
+
+def check_has_test_rows(sizes: FeatureStore | dict[str, int], store_path: Path) -> None:
+    """Refuse a store without test rows (`sizes`: the store, or its split sizes)."""
+    if not (sizes if isinstance(sizes, dict) else sizes.split_sizes())["test"]:
         raise StoreError(f"{store_path} has no test images to score; set prepare.test_fraction above 0")
 
 
 def score_head(
-    store: FeatureStore, store_path: Path, head: TrainedHead, params: EvaluateParams | None = None
+    store: FeatureStore,
+    store_path: Path,
+    head: TrainedHead,
+    params: EvaluateParams | None = None,
+    train_accuracy: float | None = None,
 ) -> Scored:
-    """`evaluate_head` for a head in memory, trained on `store` (the head stage scores what it just trained)."""
+    """`evaluate_head` for a head in memory, trained on `store` (the head stage scores what it just trained, and
+    records its `train_accuracy`)."""
     check_has_test_rows(store, store_path)
     x_test, y_test = store.subset("test")
     return model_record(
@@ -48,6 +68,7 @@ def score_head(
         trainable_params=head.trainable_params,
         fit_seconds=round(head.fit_seconds, 3),
         costs={"head_ms_per_image": round(head_ms_per_image(head, store.features), 6)},
+        **({} if train_accuracy is None else {"train_accuracy": train_accuracy}),
         hyperparameters=head.hyperparameters,
         params=params or EvaluateParams(),
     )
