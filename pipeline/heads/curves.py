@@ -19,12 +19,15 @@ ALL = 0  # learning-curve size meaning "every training image"
 
 
 def subsample_train(store: FeatureStore, per_class: int, seed: int) -> FeatureStore:
-    """The store with at most `per_class` train rows of each class (seeded); val and test rows unchanged."""
+    """The store with at most `per_class` train rows of each class (seeded); val and test rows unchanged. Every
+    training image (`ALL`): the store itself, not a copy of its features."""
+    if per_class == ALL:
+        return store
     rng = np.random.default_rng(seed)
     keep = store.split != SPLIT_CODES["train"]
     for label in np.unique(store.labels):
         rows = np.flatnonzero((store.split == SPLIT_CODES["train"]) & (store.labels == label))
-        keep[rows if per_class == ALL else rng.permutation(rows)[:per_class]] = True
+        keep[rng.permutation(rows)[:per_class]] = True
     return replace(
         store,
         features=store.features[keep],
