@@ -210,20 +210,33 @@ class CosineCentroids(ClassifierMixin, BaseEstimator):
 
     Hand-written because NearestCentroid ranks by euclidean distance to the raw means and has no cosine
     scores. The means are taken over L2-normalised rows, so every image weighs the same whatever its norm.
+    Rows are normalised `ROWS_PER_BLOCK` at a time, in fit and in scoring: memory holds the rows given plus one
+    block, never a normalised copy of them all.
     """
+
+    ROWS_PER_BLOCK = 8192
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> CosineCentroids:
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
         check_classification_targets(y)
         self.classes_, y_index = np.unique(y, return_inverse=True)
-        unit = normalize(X)
-        means = np.stack([unit[y_index == k].mean(axis=0, dtype=np.float64) for k in range(len(self.classes_))])
-        self.centroids_ = normalize(means)
+        sums = np.zeros((len(self.classes_), X.shape[1]))
+        for start in range(0, len(X), self.ROWS_PER_BLOCK):
+            block = slice(start, start + self.ROWS_PER_BLOCK)
+            order = np.argsort(y_index[block], kind="stable")  # each class's rows together, for one sum per class
+            present, first = np.unique(y_index[block][order], return_index=True)
+            sums[present] += np.add.reduceat(normalize(X[block])[order], first, axis=0, dtype=np.float64)
+        self.centroids_ = normalize(sums / np.bincount(y_index)[:, None])
         return self
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         check_is_fitted(self)
-        return normalize(validate_data(self, X, dtype=[np.float64, np.float32], reset=False)) @ self.centroids_.T
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        scores = np.empty((len(X), len(self.classes_)), dtype=np.result_type(X.dtype, self.centroids_.dtype))
+        for start in range(0, len(X), self.ROWS_PER_BLOCK):
+            block = slice(start, start + self.ROWS_PER_BLOCK)
+            scores[block] = normalize(X[block]) @ self.centroids_.T
+        return scores
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         best = self.decision_function(X).argmax(axis=1)  # first: unfitted, this raises NotFittedError
