@@ -271,6 +271,8 @@ class AuditParams:
     # The label of the extract.backbones entry whose embeddings are searched for copies and label errors (the
     # threshold belongs to one backbone's cosine space); None: the first entry.
     backbone: str | None = None
+    # Where the near-copy search runs: auto (a CUDA GPU when there is one), cpu or cuda.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.duplicate_threshold <= 1.0:
