@@ -160,6 +160,7 @@ class HeadParams:
     # auto: cross-validation when val is too small to separate grid points (pipeline.heads.selection.MIN_VAL_IMAGES).
     selection: Literal["auto", "val", "cv"] = "auto"
     cv_folds: int = 5  # at least 2 (checked with the head's name by pipeline.heads.selection.check_head_params)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,10 @@ class FeatureStore:
         mask = np.isin(self.split, [SPLIT_CODES[s] for s in splits])
         return self.features[mask], self.labels[mask]
 
+    def rows(self, *splits: str) -> np.ndarray:
+        """Row numbers of the rows in the given splits, in store order (the rows of `subset`)."""
+        return np.flatnonzero(np.isin(self.split, [SPLIT_CODES[s] for s in splits]))
+
     def paths_of(self, *splits: str) -> list[str]:
         """Image paths of the rows in the given splits, in store order (the order of `subset`)."""
         mask = np.isin(self.split, [SPLIT_CODES[s] for s in splits])
