@@ -340,10 +340,8 @@ def test_the_knn_head_gives_cosine_kneighbors_probabilities(weights, dtype):
     rng = np.random.default_rng(1)
     x = rng.normal(size=(200, 8)).astype(dtype) + 0.3
     y = rng.integers(0, 5, size=200)
-    x[40:50], y[40:50] = (
-        3 * x[:10],
-        y[:10],
-    )  # the same directions: zero distances, which distance weighting treats apart
+    x[40:50] = 3 * x[:10]  # the same directions: zero distances, which distance weighting treats apart
+    y[40:50] = y[:10]  # and the same labels: which of two copies ranks first (a tie) changes no vote
     queries = np.vstack([rng.normal(size=(100, 8)).astype(dtype), x[:20]])
     for k in (1, 7):
         before = KNeighborsClassifier(k, weights=weights, metric="cosine", algorithm="brute").fit(x, y)

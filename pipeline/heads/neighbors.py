@@ -27,7 +27,7 @@ from sklearn.preprocessing import normalize
 # Rows per block on the CPU: a 4,096 x 8,192 float32 block of cosines is 128 MiB, plus a mask and the two blocks
 # of rows. Large enough for BLAS to run at full speed; each query block reads the reference rows once.
 CPU_BLOCKS = (4096, 8192)
-# On a GPU: the block's cosines and their int64 keys, about 1.5 GiB.
+# On a GPU: the block's cosines and their int64 keys, 2 GiB at most.
 CUDA_BLOCKS = (8192, 16384)
 # A GPU keeps the normalised reference rows between query blocks when they take at most this share of its free
 # memory; otherwise they are copied again for each query block.
@@ -112,11 +112,21 @@ def _width(array: np.ndarray) -> int:
     return 4 * (array.shape[1] if np.ndim(array) == 2 else 1)
 
 
-def _rows(array: np.ndarray, rows: np.ndarray | None, start: int, stop: int) -> np.ndarray:
-    """Rows start:stop of the searched rows, as a new float32 array (normalised in place next)."""
-    if rows is None:
+def _rows(
+    array: np.ndarray, rows: np.ndarray | None, start: int, stop: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Rows start:stop of the searched rows as float32, copied into `out` or a new array (normalised in place next)."""
+    if out is None and rows is None:
         return np.array(array[start:stop], dtype=np.float32, order="C")
-    return np.asarray(array[rows[start:stop]], dtype=np.float32, order="C")  # fancy indexing copies already
+    if out is None:
+        return np.asarray(array[rows[start:stop]], dtype=np.float32, order="C")  # fancy indexing copies already
+    if rows is None:
+        np.copyto(out, array[start:stop], casting="unsafe")
+    elif array.dtype == np.float32:
+        np.take(array, rows[start:stop], axis=0, out=out)
+    else:
+        out[...] = array[rows[start:stop]]
+    return out
 
 
 def _reference_blocks(
@@ -125,7 +135,7 @@ def _reference_blocks(
     """(position of its first row, normalised block) for each block of the searched reference rows, in order."""
     n = _count(reference, rows)
     for start in range(0, n, size):
-        yield start, search.reference_block(start, lambda s=start: _rows(reference, rows, s, min(s + size, n)))
+        yield start, search.reference_block(reference, rows, start, min(start + size, n))
 
 
 def _keys(cosines: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -145,9 +155,20 @@ def _decode(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _NumpySearch:
-    """The CPU search: numpy and its float32 BLAS; nothing is kept between blocks."""
+    """The CPU search: numpy and its float32 BLAS. Each block's reference rows, cosines and mask are written into
+    the same buffers, block after block (a fresh 100 MB array each time costs the kernel's page zeroing too)."""
 
     on_gpu = False
+
+    def __init__(self):
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def _buffer(self, name: str, shape: tuple[int, int], dtype: type) -> np.ndarray:
+        """A C-contiguous array of `shape`, the same memory each time `name` asks again (grown when too small)."""
+        size = shape[0] * shape[1]
+        if name not in self._buffers or self._buffers[name].size < size:
+            self._buffers[name] = np.empty(size, dtype=dtype)
+        return self._buffers[name][:size].reshape(shape)
 
     @contextmanager
     def exact(self) -> Iterator[None]:
@@ -156,12 +177,19 @@ class _NumpySearch:
     def unit(self, block: np.ndarray) -> np.ndarray:
         return normalize(block, copy=False)
 
-    def reference_block(self, start: int, read) -> np.ndarray:
-        return self.unit(read())
+    def reference_block(self, reference: np.ndarray, rows: np.ndarray | None, start: int, stop: int) -> np.ndarray:
+        out = self._buffer("reference", (stop - start, reference.shape[1]), np.float32)
+        return self.unit(_rows(reference, rows, start, stop, out))
+
+    def _cosines(self, q: np.ndarray, r: np.ndarray) -> np.ndarray:
+        return np.matmul(q, r.T, out=self._buffer("cosines", (len(q), len(r)), np.float32))
+
+    def _mask(self, compare, cosines: np.ndarray, bound) -> np.ndarray:
+        return compare(cosines, bound, out=self._buffer("mask", cosines.shape, np.bool_))
 
     def at_least(self, q: np.ndarray, r: np.ndarray, threshold: float):
-        cosines = q @ r.T
-        i, j = np.nonzero(cosines >= threshold)
+        cosines = self._cosines(q, r)
+        i, j = np.nonzero(self._mask(np.greater_equal, cosines, np.float32(threshold)))
         return i, j, cosines[i, j]
 
     def top_keys(self, q: np.ndarray, blocks: Iterator[tuple[int, np.ndarray]], k: int) -> np.ndarray:
@@ -176,13 +204,13 @@ class _NumpySearch:
         top = np.full((n, k), _NO_KEY, dtype=np.int64)
         bound = np.full(n, -np.inf, dtype=np.float32)
         for offset, r in blocks:
-            cosines = q @ r.T
+            cosines = self._cosines(q, r)
             width = cosines.shape[1]
             if offset == 0 and width >= k:
                 kth = np.partition(cosines, width - k, axis=1)[:, width - k]
-                rows, cols = np.nonzero(cosines >= kth[:, None])
+                rows, cols = np.nonzero(self._mask(np.greater_equal, cosines, kth[:, None]))
             else:
-                rows, cols = np.nonzero(cosines > bound[:, None])
+                rows, cols = np.nonzero(self._mask(np.greater, cosines, bound[:, None]))
             if not len(rows):
                 continue
             keys = _keys(cosines[rows, cols], cols + offset)
@@ -226,11 +254,11 @@ class _TorchSearch:
         norms = self.torch.linalg.vector_norm(x, dim=1, keepdim=True)
         return x / self.torch.where(norms < 10 * np.finfo(np.float32).eps, 1.0, norms)
 
-    def reference_block(self, start: int, read):
+    def reference_block(self, reference: np.ndarray, rows: np.ndarray | None, start: int, stop: int):
         if self.cache is None:
-            return self.unit(read())
+            return self.unit(_rows(reference, rows, start, stop))
         if start not in self.cache:
-            self.cache[start] = self.unit(read())
+            self.cache[start] = self.unit(_rows(reference, rows, start, stop))
         return self.cache[start]
 
     def at_least(self, q, r, threshold: float):
@@ -239,17 +267,26 @@ class _TorchSearch:
         return i.cpu().numpy(), j.cpu().numpy(), cosines[i, j].cpu().numpy()
 
     def _keys(self, cosines, offset: int):
+        """`_keys` on the device, in place where it can be: at most 16 bytes a pair (cosine, int32 order, key)."""
         torch = self.torch
-        bits = (cosines + 0.0).view(torch.int32)
-        ordered = bits ^ ((bits >> 31) & _LOW_31)
-        positions = torch.arange(offset, offset + cosines.shape[1], device=self.device, dtype=torch.int64)
-        return (ordered.to(torch.int64) << 32) | (_LOW_32 - positions)
+        cosines += 0.0  # -0.0 becomes 0.0
+        bits = cosines.view(torch.int32)
+        ordered = bits >> 31
+        ordered &= _LOW_31
+        ordered ^= bits
+        keys = ordered.to(torch.int64)
+        del ordered
+        keys <<= 32
+        keys |= _LOW_32 - torch.arange(offset, offset + cosines.shape[1], device=self.device, dtype=torch.int64)
+        return keys
 
     def top_keys(self, q, blocks: Iterator[tuple[int, object]], k: int) -> np.ndarray:
         top = None
         for offset, r in blocks:
             keys = self._keys(q @ r.T, offset)
+            keys = self.torch.topk(keys, min(k, keys.shape[1]), dim=1).values
             if top is not None:
                 keys = self.torch.cat([top, keys], dim=1)
-            top = self.torch.topk(keys, min(k, keys.shape[1]), dim=1, sorted=True).values
-        return top.cpu().numpy()
+                keys = self.torch.topk(keys, min(k, keys.shape[1]), dim=1).values
+            top = keys
+        return top.cpu().numpy()  # topk's values come largest first
