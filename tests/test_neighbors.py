@@ -7,6 +7,7 @@ import pytest
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import normalize
 
+from pipeline.heads import neighbors
 from pipeline.heads.neighbors import pairs_at_least, top_k
 
 # Blocks far smaller than the data, so that queries and references span several blocks (and a block holds fewer
@@ -122,3 +123,34 @@ def test_the_torch_search_on_the_cpu_gives_the_numpy_answer(blocks):
     for a, b in zip(got[:2], expected[:2], strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(got[2], expected[2], atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_share", [neighbors.CUDA_CACHE_SHARE, 0.0])
+@pytest.mark.parametrize("blocks", [None, (128, 256)])
+def test_the_cuda_search_gives_the_numpy_answer(blocks, cache_share, monkeypatch):
+    """On a CUDA GPU (pytest -m gpu): the same neighbours and pairs as numpy, cosines to float32 rounding, exact ties
+    as the dense order, with the reference blocks kept on the GPU between query blocks and copied again each time.
+    The default tier has no GPU to run this."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    monkeypatch.setattr(neighbors, "CUDA_CACHE_SHARE", cache_share)
+    reference, queries = random_rows(3000, dim=64), random_rows(500, dim=64, seed=1)
+    queries[:10] = reference[:10] + 0.001
+    expected, got = (
+        top_k(queries, reference, 20, blocks=blocks),
+        top_k(queries, reference, 20, blocks=blocks, device="cuda"),
+    )
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_allclose(got[0], expected[0], atol=1e-6)
+    tied, tied_queries = tied_rows(300), tied_rows(40, seed=1)
+    cosines, positions = top_k(tied_queries, tied, 30, blocks=blocks, device="cuda")
+    expected_cosines, expected_positions = dense_order(tied_queries, tied)
+    np.testing.assert_array_equal(positions, expected_positions[:, :30])
+    np.testing.assert_array_equal(cosines, expected_cosines[:, :30])
+    got, expected = (pairs_at_least(queries, reference, 0.3, blocks=blocks, device=d) for d in ("cuda", None))
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_allclose(got[2], expected[2], atol=1e-6)
+    assert torch.get_float32_matmul_precision() == "highest"  # put back as it was (the default)
