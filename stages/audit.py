@@ -31,7 +31,7 @@ def main(features, heads, metrics, data, out, summary, params) -> None:
     p = load_params(params)
     _, chosen = chosen_file(head_files(features, heads, p.extract.backbones, p.heads))
     store = read_store(features / f"{p.audit_backbone}.h5")  # one backbone's cosine space: audit.backbone
-    pairs = cross_split_duplicates(store, p.audit.duplicate_threshold)
+    pairs = cross_split_duplicates(store, p.audit.duplicate_threshold, p.audit.device)
     issues = label_issues(store, p.audit.folds, p.audit.seed)
     models = [chosen.model_name, "finetune"]
     wrong = {m: misclassified(read_predictions(metrics / m / "predictions.csv")) for m in models}

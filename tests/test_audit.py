@@ -143,6 +143,30 @@ def test_pairs_come_most_similar_first():
     assert [p.similarity for p in pairs] == pytest.approx([1.0, 0.99, 0.96], abs=1e-5)
 
 
+@pytest.mark.parametrize("threshold", [0.9, 0.3])
+def test_the_pairs_are_every_cross_split_pair_of_the_dense_cosine_matrix(threshold):
+    """Brute force: every pair of rows in different splits whose float64 cosine, rounded to 6 decimals, reaches the
+    threshold (0.3: most pairs of a class, thousands in all)."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 75)
+    features = (rng.normal(size=(300, 16)) + 3 * np.eye(4, 16)[labels]).astype(np.float32)
+    features[[10, 20, 30]] = features[0] + 0.01  # near-copies
+    store = make_store(features, labels, rng.integers(0, 3, size=300), list("abcd"))
+    store.sha256 = [f"{i:064x}" for i in range(300)]
+    unit = features.astype(np.float64) / np.linalg.norm(features.astype(np.float64), axis=1, keepdims=True)
+    cosines = np.round(unit @ unit.T, 6)
+    expected = {
+        (f"{i}.png", f"{j}.png") if store.split[i] < store.split[j] else (f"{j}.png", f"{i}.png"): cosines[i, j]
+        for i in range(300)
+        for j in range(i + 1, 300)
+        if store.split[i] != store.split[j] and cosines[i, j] >= threshold
+    }
+    pairs = cross_split_duplicates(store, threshold, device="cpu")
+    assert len(expected) >= (1000 if threshold < 0.5 else 3)  # the copies; most pairs of a class
+    assert {(p.path_a, p.path_b): p.similarity for p in pairs} == pytest.approx(expected, abs=1e-6)
+    assert len(pairs) == len(expected)
+
+
 def test_a_threshold_outside_cosine_range_is_refused():
     with pytest.raises(ValueError, match=r"threshold must be a cosine similarity in \[-1, 1\], got 1.5"):
         cross_split_duplicates(_random_store(), threshold=1.5)

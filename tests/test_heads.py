@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import Normalizer, normalize
+from sklearn.preprocessing import normalize
 
 from pipeline.core.config import HeadParams
 from pipeline.features.hdf5 import StoreError, load_arrays, save_arrays, sealed_h5
@@ -172,11 +171,14 @@ def test_refit_on_train_val_learns_a_class_seen_only_in_val(kind):
     assert (refit.n_train, refit.n_val) == (40, 24)
 
 
-def test_knn_keeps_the_rows_it_was_fitted_on(blobs):
+def test_knn_keeps_the_row_numbers_of_the_rows_it_was_fitted_on(blobs):
     refit = train_head(blobs, "knn", HeadParams(kind="knn", grid={"n_neighbors": [3]}))
     train_only = train_head(blobs, "knn", HeadParams(kind="knn", grid={"n_neighbors": [3]}, refit_on_train_val=False))
-    assert len(refit.model.named_steps["clf"].reference_) == 90 + 36
-    assert len(train_only.model.named_steps["clf"].reference_) == 90
+    for head, splits in ((refit, ("train", "val")), (train_only, ("train",))):
+        clf = head.model.named_steps["clf"]
+        np.testing.assert_array_equal(clf.reference_rows_, blobs.rows(*splits))  # 90 + 36, then 90
+        np.testing.assert_array_equal(clf.reference_labels_, blobs.subset(*splits)[1])
+        assert clf._reference is blobs.features  # searched where they lie: no copy of the rows is kept
 
 
 def test_the_test_split_is_never_read(trained, blobs):
@@ -308,18 +310,18 @@ DATASETS = {
     + ["clf.estimator_.n_iter_", "clf.estimator_.solver_"],
     "linear_svm": [*SCALER, *CALIBRATED, *SUB, "clf.estimator_.coef_", "clf.estimator_.intercept_"]
     + ["clf.estimator_.n_iter_"],
-    "knn": ["normalize.n_features_in_", "clf.classes_", "clf.n_features_in_", "clf.reference_"]
-    + ["clf.reference_labels_"],
+    # Row numbers of the store, not embeddings: the head reads its reference rows from the store it was trained on.
+    "knn": ["clf.classes_", "clf.n_features_in_", "clf.reference_labels_", "clf.reference_rows_"],
     "centroid": [*CALIBRATED, *SUB, "clf.estimator_.centroids_"],
 }
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_head_file_holds_the_public_fitted_attributes_as_datasets(trained, tmp_path, kind):
+def test_a_head_file_holds_the_public_fitted_attributes_as_datasets(trained, blobs, tmp_path, kind):
     save_head(trained[kind], tmp_path / "head.h5")
     arrays, _ = load_arrays(tmp_path / "head.h5")
     assert sorted(arrays) == sorted(DATASETS[kind])
-    loaded = load_head(tmp_path / "head.h5").model.named_steps["clf"]
+    loaded = load_head(tmp_path / "head.h5", blobs).model.named_steps["clf"]
     if kind in ("ridge", "linear_svm", "centroid"):
         assert type(loaded.temperature_) is float  # 0-d datasets come back as Python scalars
     if kind == "ridge":
@@ -330,19 +332,26 @@ def test_a_head_file_holds_the_public_fitted_attributes_as_datasets(trained, tmp
 
 @pytest.mark.parametrize("weights", ["uniform", "distance"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_the_knn_head_gives_cosine_kneighbors_probabilities_bit_for_bit(weights, dtype):
-    # What the knn head was before CosineNeighbors: the same Normalizer, then KNeighborsClassifier.
+def test_the_knn_head_gives_cosine_kneighbors_probabilities(weights, dtype):
+    """KNeighborsClassifier(metric="cosine", algorithm="brute")'s neighbours and votes, its distance weighting with its
+    rule for zero distances included. Bit for bit on float32 rows (the store's): both normalise as `normalize` does
+    and take one float32 matrix product of the same shape. float64 rows are searched in float32 here, in float64
+    there: the same neighbours, distance-weighted votes equal to float32 rounding."""
     rng = np.random.default_rng(1)
     x = rng.normal(size=(200, 8)).astype(dtype) + 0.3
-    x[40:50] = 3 * x[:10]  # the same directions: zero distances, which distance weighting treats apart
     y = rng.integers(0, 5, size=200)
+    x[40:50] = 3 * x[:10]  # the same directions: zero distances, which distance weighting treats apart
+    y[40:50] = y[:10]  # and the same labels: which of two copies ranks first (a tie) changes no vote
     queries = np.vstack([rng.normal(size=(100, 8)).astype(dtype), x[:20]])
     for k in (1, 7):
-        knn = KNeighborsClassifier(k, weights=weights, metric="cosine", algorithm="brute")
-        before = Pipeline([("normalize", Normalizer()), ("clf", knn)]).fit(x, y)
+        before = KNeighborsClassifier(k, weights=weights, metric="cosine", algorithm="brute").fit(x, y)
         now = HEADS["knn"].build({"n_neighbors": k, "weights": weights}).fit(x, y)
-        np.testing.assert_array_equal(now.predict_proba(queries), before.predict_proba(queries))
         np.testing.assert_array_equal(now.predict(queries), before.predict(queries))
+        if dtype == np.float32 or weights == "uniform":
+            np.testing.assert_array_equal(now.predict_proba(queries), before.predict_proba(queries))
+        else:
+            # Where float64 finds a distance of 1e-16 float32 finds 0, and the other neighbours' votes go to 0.
+            np.testing.assert_allclose(now.predict_proba(queries), before.predict_proba(queries), atol=1e-5)
 
 
 def test_loading_a_missing_head_file_says_to_train_it(tmp_path):
@@ -382,8 +391,9 @@ def test_a_head_file_in_another_format_is_refused(trained, tmp_path, change, mes
         load_head(tmp_path / "head.h5")
 
 
-# Run in a fresh interpreter: load a saved head and predict, then train and save one. The head stages
-# must stay light: none of these may be imported (skops, for one, imports torch through scikit-learn).
+# Run in a fresh interpreter: load a saved head and predict, then train and save one (a knn head too: its search
+# runs in numpy on a machine without a GPU). The head stages must stay light: none of these may be imported
+# (skops, for one, imports torch through scikit-learn).
 NO_TORCH = """
 import sys
 import numpy as np
@@ -400,6 +410,8 @@ store = FeatureStore(
     paths=[""] * 60, sha256=[""] * 60, attrs={"classes": ["a", "b", "c"], "fingerprint": "f"},
 )
 save_head(train_head(store, "h", HeadParams(kind="ridge")), sys.argv[1] + ".new")
+save_head(train_head(store, "k", HeadParams(kind="knn", grid={"n_neighbors": [1, 3]})), sys.argv[1] + ".knn")
+load_head(sys.argv[1] + ".knn", store).predict_proba(store.features)
 print([m for m in ("torch", "torchvision", "timm", "skops") if m in sys.modules])
 """
 
@@ -467,7 +479,7 @@ def test_a_crafted_head_file_is_one_line_error_not_a_traceback(trained, tmp_path
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "knn"])  # a knn head file holds no real numbers
 def test_a_head_with_a_nan_is_refused_at_load(trained, tmp_path, kind):
     path = tmp_path / "head.h5"
     save_head(trained[kind], path)
@@ -481,6 +493,68 @@ def test_a_head_with_a_nan_is_refused_at_load(trained, tmp_path, kind):
     _edit(path, arrays=poison)
     with pytest.raises(StoreError, match=rf"head\.h5: {re.escape(key)} holds 1 non-finite value.*rerun the head stage"):
         load_head(path)
+
+
+def test_a_knn_head_reads_its_reference_rows_from_its_store_and_is_refused_without_it(trained, blobs, tmp_path):
+    path, store_path = tmp_path / "knn.h5", tmp_path / "store.h5"
+    save_head(trained["knn"], path)
+    with pytest.raises(StoreError) as err:
+        load_head(path)
+    assert str(err.value) == (
+        f"{path}: a knn head reads its reference embeddings from the feature store it was trained on (fingerprint "
+        "abc); give that store (--features data/features/<backbone>.h5)"
+    )
+    write_store(store_path, labels=blobs.labels, split=blobs.split, paths=blobs.paths, sha256=blobs.sha256,
+                feature_chunks=iter([blobs.features]), feature_dim=DIM, attrs=blobs.attrs)  # fmt: skip
+    expected = trained["knn"].predict_proba(blobs.features)
+    for store in (blobs, store_path):  # in memory (the head stage, the report), or its file (predict, HeadFile)
+        np.testing.assert_array_equal(load_head(path, store).predict_proba(blobs.features), expected)
+    files = head_files(tmp_path, tmp_path, ["store"], ["knn"])
+    files[0].path.parent.mkdir()
+    save_head(replace(trained["knn"], backbone="store"), files[0].path)
+    np.testing.assert_array_equal(files[0].load().predict_proba(blobs.features), expected)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda a: a.update({"clf.reference_rows_": a["clf.reference_rows_"] + 1000}), "are not rows of the feature"),
+        (lambda a: a.update({"clf.reference_labels_": (a["clf.reference_labels_"] + 1) % 3}), "with the labels it"),
+        (lambda a: a.update({"clf.reference_rows_": a["clf.reference_rows_"][:-1]}), "reference_rows_ of shape"),
+        (lambda a: a.update({"clf.reference_rows_": a["clf.reference_rows_"] * 1.0}), "and type float64"),
+        # A knn head of the old format, whose file copied every reference embedding.
+        (lambda a: a.update({"clf.reference_": np.ones((3, DIM))}), "saved with copies of its reference embeddings"),
+    ],
+    ids=["rows-out-of-range", "other-labels", "one-row-short", "real-row-numbers", "old-format"],
+)
+def test_a_knn_head_whose_rows_do_not_fit_its_store_is_a_one_line_error(trained, blobs, tmp_path, change, message):
+    path = tmp_path / "knn.h5"
+    save_head(trained["knn"], path)
+    rewrite(path, change)
+    with pytest.raises(StoreError, match=rf"knn\.h5: .*{message}.*rerun the head stage") as err:
+        load_head(path, blobs)
+    assert "\n" not in str(err.value)
+
+
+def test_a_knn_head_not_yet_pointed_at_its_store_is_not_saved(blobs, tmp_path):
+    head = replace(
+        train_head(blobs, "knn", HeadParams(kind="knn")), model=HEADS["knn"].build({}).fit(*blobs.subset("train"))
+    )
+    with pytest.raises(ValueError, match="a knn head is saved once it searches its feature store's rows"):
+        save_head(head, tmp_path / "knn.h5")
+
+
+def test_the_knn_grid_from_one_search_is_each_point_fitted_on_its_own(monkeypatch):
+    """The sweep finds the held-out rows' neighbours once, for the largest k, and derives every (k, weighting) from
+    them: the same curve, choice and model as fitting and scoring each point from scratch, fold by fold."""
+    store = blob_store({"train": (40, 40, 40), "val": (6, 6, 6), "test": (5, 5, 5)}, separation=1.5)
+    params = HeadParams(kind="knn", grid={"n_neighbors": [1, 4, 15], "weights": ["uniform", "distance"]}, cv_folds=3)
+    swept = train_head(store, "knn", params)
+    monkeypatch.setitem(HEADS, "knn", replace(HEADS["knn"], sweep=None))
+    fitted = train_head(store, "knn", params)
+    assert swept.val_curve == fitted.val_curve and len(swept.val_curve) == 6
+    assert swept.hyperparameters == fitted.hyperparameters
+    np.testing.assert_array_equal(swept.predict_proba(store.features), fitted.predict_proba(store.features))
 
 
 def test_a_head_is_refused_against_a_store_of_another_manifest_naming_both(trained, blobs, tmp_path):

@@ -160,6 +160,7 @@ class HeadParams:
     # auto: cross-validation when val is too small to separate grid points (pipeline.heads.selection.MIN_VAL_IMAGES).
     selection: Literal["auto", "val", "cv"] = "auto"
     cv_folds: int = 5  # at least 2 (checked with the head's name by pipeline.heads.selection.check_head_params)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,8 @@ class AuditParams:
     # The label of the extract.backbones entry whose embeddings are searched for copies and label errors (the
     # threshold belongs to one backbone's cosine space); None: the first entry.
     backbone: str | None = None
+    # Where the near-copy search runs: auto (a CUDA GPU when there is one), cpu or cuda.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.duplicate_threshold <= 1.0:

@@ -55,6 +55,10 @@ class FeatureStore:
             return self.features, self.labels
         return self.features[mask], self.labels[mask]
 
+    def rows(self, *splits: str) -> np.ndarray:
+        """Row numbers of the rows in the given splits, in store order (the rows of `subset`)."""
+        return np.flatnonzero(np.isin(self.split, [SPLIT_CODES[s] for s in splits]))
+
     def paths_of(self, *splits: str) -> list[str]:
         """Image paths of the rows in the given splits, in store order (the order of `subset`)."""
         mask = np.isin(self.split, [SPLIT_CODES[s] for s in splits])

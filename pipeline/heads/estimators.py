@@ -11,12 +11,14 @@ from scipy.optimize import minimize, minimize_scalar
 from scipy.special import log_softmax, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import normalize
 from sklearn.utils import Tags, check_scalar, get_tags
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
+
+from pipeline.core.accelerator import use_cuda
+from pipeline.heads.neighbors import top_k
 
 log = logging.getLogger(__name__)
 
@@ -210,20 +212,33 @@ class CosineCentroids(ClassifierMixin, BaseEstimator):
 
     Hand-written because NearestCentroid ranks by euclidean distance to the raw means and has no cosine
     scores. The means are taken over L2-normalised rows, so every image weighs the same whatever its norm.
+    Rows are normalised `ROWS_PER_BLOCK` at a time, in fit and in scoring: memory holds the rows given plus one
+    block, never a normalised copy of them all.
     """
+
+    ROWS_PER_BLOCK = 8192
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> CosineCentroids:
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
         check_classification_targets(y)
         self.classes_, y_index = np.unique(y, return_inverse=True)
-        unit = normalize(X)
-        means = np.stack([unit[y_index == k].mean(axis=0, dtype=np.float64) for k in range(len(self.classes_))])
-        self.centroids_ = normalize(means)
+        sums = np.zeros((len(self.classes_), X.shape[1]))
+        for start in range(0, len(X), self.ROWS_PER_BLOCK):
+            block = slice(start, start + self.ROWS_PER_BLOCK)
+            order = np.argsort(y_index[block], kind="stable")  # each class's rows together, for one sum per class
+            present, first = np.unique(y_index[block][order], return_index=True)
+            sums[present] += np.add.reduceat(normalize(X[block])[order], first, axis=0, dtype=np.float64)
+        self.centroids_ = normalize(sums / np.bincount(y_index)[:, None])
         return self
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         check_is_fitted(self)
-        return normalize(validate_data(self, X, dtype=[np.float64, np.float32], reset=False)) @ self.centroids_.T
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        scores = np.empty((len(X), len(self.classes_)), dtype=np.result_type(X.dtype, self.centroids_.dtype))
+        for start in range(0, len(X), self.ROWS_PER_BLOCK):
+            block = slice(start, start + self.ROWS_PER_BLOCK)
+            scores[block] = normalize(X[block]) @ self.centroids_.T
+        return scores
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         best = self.decision_function(X).argmax(axis=1)  # first: unfitted, this raises NotFittedError
@@ -231,40 +246,83 @@ class CosineCentroids(ClassifierMixin, BaseEstimator):
 
 
 class CosineNeighbors(ClassifierMixin, BaseEstimator):
-    """k nearest neighbours by cosine distance; probabilities are the neighbours' (weighted) vote fractions.
+    """k nearest neighbours by cosine similarity; probabilities are the neighbours' (weighted) vote fractions.
 
-    KNeighborsClassifier with metric="cosine" and algorithm="brute" does the work, but it keeps its fitted
-    rows in private attributes; here they are public (`reference_`, `reference_labels_`), so a head saves
-    as plain arrays. Each prediction fits a KNeighborsClassifier on them again: a brute-force fit only
-    validates and keeps the rows, so it costs little, and nothing but the public state is ever needed.
-    The metric and the algorithm are not arguments: cosine is what this head is, and it is no tree metric,
-    so brute force (blocked matrix products) is the fast way in 1,000+ dimensions anyway.
+    The answers of KNeighborsClassifier(metric="cosine", algorithm="brute"): the same neighbours, the same votes,
+    its distance weighting (1 / (1 - cosine); a row with neighbours at distance 0 gets its votes from those alone).
+    The search is pipeline.heads.neighbors' exact blocked one (float32; ties go to the earlier fitted row), on a
+    CUDA GPU when `device` says so (auto: when there is one). The metric is no argument: cosine is what this head is.
+
+    Fitting only validates and keeps the rows (no copy). `use_store_rows` then has the head search the same rows
+    where they lie in the feature store, and a head file records their row numbers (`reference_rows_`, None until
+    then) and labels, not the embeddings: a loaded head reads them from its store (pipeline.heads.persistence).
     """
 
-    def __init__(self, n_neighbors: int = 5, *, weights: str = "uniform"):
+    def __init__(self, n_neighbors: int = 5, *, weights: str = "uniform", device: str = "auto"):
         self.n_neighbors = n_neighbors
         self.weights = weights
+        self.device = device
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> CosineNeighbors:
         check_scalar(self.n_neighbors, "n_neighbors", Integral, min_val=1)
         if self.weights not in ("uniform", "distance"):  # a callable could not be saved with the head
             raise ValueError(f"weights must be 'uniform' or 'distance', got {self.weights!r}")
-        # Validated as KNeighborsClassifier validates them (dtype kept, C order): the very rows it would keep.
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         X, y = validate_data(self, X, y, order="C")
         check_classification_targets(y)
         self.classes_ = np.unique(y)
-        self.reference_, self.reference_labels_ = X, y
+        self.reference_labels_, self.reference_rows_ = y, None
+        self._reference = X
         return self
 
-    def _neighbors(self) -> KNeighborsClassifier:
+    def use_store_rows(self, features: np.ndarray, rows: np.ndarray) -> CosineNeighbors:
+        """Search rows `rows` of `features` (the feature store's), which are the rows it was fitted on, in order: the
+        same answers, without keeping a copy of them."""
         check_is_fitted(self)
-        knn = KNeighborsClassifier(self.n_neighbors, weights=self.weights, metric="cosine", algorithm="brute")
-        return knn.fit(self.reference_, self.reference_labels_)
+        rows = np.asarray(rows)
+        if rows.dtype.kind not in "iu" or rows.shape != np.shape(self.reference_labels_):
+            raise ValueError(f"{len(self.reference_labels_)} row numbers expected, got {rows.dtype} {rows.shape}")
+        if np.ndim(features) != 2 or features.shape[1] != self.n_features_in_:
+            raise ValueError(f"rows of {self.n_features_in_} features expected, got shape {np.shape(features)}")
+        if rows.size and (rows.min() < 0 or rows.max() >= len(features)):
+            raise ValueError(f"row numbers must be in [0, {len(features)}), got {rows.min()} to {rows.max()}")
+        self._reference, self.reference_rows_ = features, rows.astype(np.int64)
+        return self
+
+    def neighbors(self, X: np.ndarray, n_neighbors: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's `n_neighbors` (default: the head's) most cosine-similar fitted rows, most similar first:
+        (cosines float32, positions among the fitted rows), both [n, n_neighbors]."""
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, order="C")
+        k, fitted = n_neighbors or self.n_neighbors, len(self.reference_labels_)
+        if k > fitted:  # KNeighborsClassifier's words
+            raise ValueError(f"Expected n_neighbors <= n_samples_fit, but n_neighbors = {k}, n_samples_fit = {fitted}")
+        device = "cuda" if use_cuda(self.device, "the knn head's device (heads.<name>.device)") else None
+        return top_k(X, self._reference, k, reference_rows=self.reference_rows_, device=device)
+
+    def proba_from(self, cosines: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """predict_proba from neighbours already found (`neighbors`, for this k or more): the first `n_neighbors` of
+        each row vote. KNeighborsClassifier's arithmetic: float32 weights summed in float64, nearest first."""
+        cosines, positions = cosines[:, : self.n_neighbors], positions[:, : self.n_neighbors]
+        labels = np.searchsorted(self.classes_, self.reference_labels_)[positions]
+        n, n_classes = labels.shape[0], len(self.classes_)
+        if self.weights == "uniform":
+            weights = np.ones(labels.shape)
+        else:
+            distances = np.clip(1 - cosines, 0.0, 2.0)  # float32, as cosine_distances gives them
+            with np.errstate(divide="ignore"):
+                weights = 1.0 / distances
+            exact = np.isinf(weights)
+            at_zero = exact.any(axis=1)
+            weights[at_zero] = exact[at_zero]
+        cells = (np.arange(n)[:, None] * n_classes + labels).ravel()
+        votes = np.bincount(cells, weights=weights.ravel(), minlength=n * n_classes).reshape(n, n_classes)
+        return votes / votes.sum(axis=1, keepdims=True)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        knn = self._neighbors()
-        return knn.predict_proba(validate_data(self, X, reset=False))
+        return self.proba_from(*self.neighbors(X))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        knn = self._neighbors()
-        return knn.predict(validate_data(self, X, reset=False))
+        best = self.predict_proba(X).argmax(axis=1)  # first: unfitted, this raises NotFittedError
+        return self.classes_[best]

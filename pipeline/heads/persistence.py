@@ -15,14 +15,19 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
 from pipeline.features.hdf5 import HEAD_FIX, StoreError, load_arrays, save_arrays
-from pipeline.features.store import FeatureStore, read_attrs
+from pipeline.features.store import FeatureStore, read_attrs, read_store
 from pipeline.heads.registry import HEADS, HeadKind
 from pipeline.heads.trained import TrainedHead, chosen_head, full_proba
 
 
 def save_head(head: TrainedHead, path: Path) -> None:
     """Write the head to HDF5: each public fitted attribute of its pipeline as a dataset named by its path
-    (`scale.mean_`, `clf.estimator_.coef_`), the rest as attributes. Plain arrays: no pickle, no code."""
+    (`scale.mean_`, `clf.estimator_.coef_`), the rest as attributes. Plain arrays: no pickle, no code. A head that
+    keeps store rows (knn) writes their row numbers (`clf.reference_rows_`), not their embeddings."""
+    if HEADS[head.kind].reads_store and getattr(head.model[-1], "reference_rows_", None) is None:
+        raise ValueError(
+            f"{head.name}: a {head.kind} head is saved once it searches its feature store's rows (train_head)"
+        )
     save_arrays(
         path,
         _fitted_arrays(head.model),
@@ -44,18 +49,25 @@ def save_head(head: TrainedHead, path: Path) -> None:
     )
 
 
-def load_head(path: Path, store: FeatureStore | None = None) -> TrainedHead:
-    """Load a head, checking that its file is intact and consistent (classes, shapes, finite numbers); given the
-    store it will score, refuse it if it was trained on another one (`check_trained_on`)."""
+def load_head(path: Path, store: FeatureStore | Path | None = None, store_attrs: dict | None = None) -> TrainedHead:
+    """Load a head, checking that its file is intact and consistent (classes, shapes, finite numbers).
+
+    `store`: the feature store it will be used with, in memory or its file (whose attributes the caller may have
+    read: `store_attrs`); the head is refused if it was trained on another one (`check_trained_on`). A knn head keeps
+    only the row numbers of its reference rows and reads them from that store (its file, when given a path): it
+    cannot be loaded without it.
+    """
     arrays, attrs = load_arrays(path)
     if attrs.get("kind") not in HEADS:
         raise StoreError(f"{path}: not a head file (kind {attrs.get('kind')!r})")
     if "manifest_sha256" not in attrs:
         raise StoreError(f"{path}: saved before heads recorded the split they were trained on; {HEAD_FIX}")
+    kind = HEADS[attrs["kind"]]
+    if kind.reads_store and "clf.reference_" in arrays:
+        raise StoreError(f"{path}: a {attrs['kind']} head saved with copies of its reference embeddings; {HEAD_FIX}")
     _check_arrays(path, arrays)
     hyperparameters = _decoded(attrs["hyperparameters"])
-    model = _restore(path, HEADS[attrs["kind"]], hyperparameters, arrays)
-    _check_predicts(path, model, attrs["classes"])
+    model = _restore(path, kind, hyperparameters, arrays)
     head = TrainedHead(
         name=attrs["name"],
         kind=attrs["kind"],
@@ -73,8 +85,35 @@ def load_head(path: Path, store: FeatureStore | None = None) -> TrainedHead:
         backbone=attrs.get("backbone", ""),
     )
     if store is not None:
-        check_trained_on(head, store.attrs, path, "the feature store")
+        in_memory = isinstance(store, FeatureStore)
+        store_attrs = store.attrs if in_memory else store_attrs or read_attrs(store)
+        check_trained_on(head, store_attrs, path, "the feature store" if in_memory else store)
+    if kind.reads_store:
+        _search_store_rows(path, head, store)
+    _check_predicts(path, model, attrs["classes"])
     return head
+
+
+def _search_store_rows(path: Path, head: TrainedHead, store: FeatureStore | Path | None) -> None:
+    """Point a knn head at its reference rows in the store it was trained on (its fingerprint already checked), once
+    the rows are known to hold the labels it was trained on."""
+    clf = head.model[-1]
+    if store is None:
+        raise StoreError(
+            f"{path}: a {head.kind} head reads its reference embeddings from the feature store it was trained on "
+            f"(fingerprint {head.store_fingerprint}); give that store (--features data/features/<backbone>.h5)"
+        )
+    if not isinstance(store, FeatureStore):
+        store = read_store(store, expect_fingerprint=head.store_fingerprint)
+    _check_shapes(path, head.model)  # the row numbers and labels agree before they index anything
+    rows, labels = np.asarray(clf.reference_rows_), np.asarray(clf.reference_labels_)
+    in_store = not rows.size or (rows.min() >= 0 and rows.max() < len(store.labels))
+    if not in_store or not np.array_equal(store.labels[rows], labels):
+        raise StoreError(
+            f"{path}: its {len(rows)} reference rows are not rows of the feature store with the labels it was "
+            f"trained on; {HEAD_FIX}"
+        )
+    clf.use_store_rows(store.features, rows)
 
 
 def check_trained_on(head: TrainedHead, store_attrs: dict, path: Path, store: Path | str) -> None:
@@ -183,12 +222,12 @@ def _check_shapes(path: Path, model: Pipeline) -> None:
                     f"{path}: inconsistent head file ({where}.{name} has shape {np.shape(value)}, expected "
                     f"{expected} for {features} features and {classes} classes); {HEAD_FIX}"
                 )
-        if "reference_" in state:  # k-NN's kept rows: one label each
-            rows, labels = np.shape(state["reference_"]), np.shape(state.get("reference_labels_"))
-            if rows[1:] != (features,) or labels != rows[:1]:
+        if "reference_labels_" in state:  # k-NN's reference rows: one row number and one label each
+            rows, labels = np.asarray(state.get("reference_rows_")), np.shape(state["reference_labels_"])
+            if rows.dtype.kind not in "iu" or rows.ndim != 1 or rows.shape != labels:
                 raise StoreError(
-                    f"{path}: inconsistent head file ({where}.reference_ of shape {rows} with labels of shape "
-                    f"{labels}, for {features} features); {HEAD_FIX}"
+                    f"{path}: inconsistent head file ({where}.reference_rows_ of shape {rows.shape} and type "
+                    f"{rows.dtype} with labels of shape {labels}); {HEAD_FIX}"
                 )
 
     for name, step in model.steps:
@@ -305,12 +344,16 @@ class HeadFile:
 
     def load(self, store_attrs: dict | None = None) -> TrainedHead:
         """The head, refused unless it was trained on this store (checked on its attributes, `store_attrs` when the
-        caller has read them: no features read)."""
-        head = load_head(self.path)
-        check_trained_on(head, store_attrs or read_attrs(self.store), self.path, self.store)
+        caller has read them: no features read, but for a knn head, which reads its reference rows from the store)."""
+        head = load_head(self.path, self.store, store_attrs or read_attrs(self.store))
         if head.model_name != self.model_name:  # a store written before stores carried their label
             raise StoreError(f"{self.path} is named {head.model_name!r}, not {self.model_name!r}; {HEAD_FIX}")
         return head
+
+
+def head_kind(path: Path) -> str:
+    """A head file's kind, from its attributes alone: no model is built and no store is needed."""
+    return str(load_arrays(path)[1].get("kind"))
 
 
 def load_heads(files: list[HeadFile]) -> list[TrainedHead]:

@@ -6,11 +6,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.preprocessing import StandardScaler
 
+from pipeline.core.accelerator import use_cuda
 from pipeline.core.errors import PipelineError
 from pipeline.heads.estimators import CosineCentroids, CosineNeighbors, LbfgsLinearSVC, TemperatureScaled
 
@@ -36,6 +38,9 @@ class HeadKind:
     # points, calibrated heads calibrated on the held-out rows (pipeline.heads.selection.held_out_proba).
     # None: each point is fitted from scratch.
     sweep: Callable | None = None
+    # The fitted model keeps rows of the feature store it was trained on (k-NN's reference rows): train_head points it
+    # at them in the store (`use_store_rows`), its file holds their row numbers, and loading it needs that store.
+    reads_store: bool = False
 
     def arg_names(self) -> list[str]:
         return sorted(self.estimator().get_params(deep=False))
@@ -55,9 +60,39 @@ def _scaled_calibrated(estimator: BaseEstimator) -> Pipeline:
 
 
 def _knn_pipeline(estimator: BaseEstimator) -> Pipeline:
-    """knn: cosine k-NN; probabilities are the neighbours' vote fractions. Normalised first so that the
-    stored reference rows are the unit vectors the neighbours are found among."""
-    return Pipeline([("normalize", Normalizer()), ("clf", estimator)])
+    """knn: cosine k-NN; probabilities are the neighbours' vote fractions. No normaliser: the search normalises
+    each block of rows itself, and the reference rows stay the store's own."""
+    return Pipeline([("clf", estimator)])
+
+
+def _knn_sweep(
+    kind: HeadKind,
+    fixed: dict,
+    points: list[dict],
+    fit: tuple[np.ndarray, np.ndarray],
+    held_out: tuple[np.ndarray, np.ndarray],
+    n_classes: int,
+    name: str,
+) -> list[tuple[Pipeline, np.ndarray]]:
+    """knn's grid from one search: the held-out rows' neighbours among the fit rows are found once, for the largest
+    k of the grid, and every point (k, weighting) votes with the first k of them. The probabilities are those of
+    each point's own predict_proba: the exact search's first k neighbours are its k nearest, in the same order."""
+    use_cuda(fixed.get("device", "auto"), f"heads.{name}.device")  # a missing GPU is named by its key, up front
+    models = []
+    for point in points:
+        args = {**fixed, **point}
+        try:
+            models.append(kind.build(args).fit(*fit))
+        except (TypeError, ValueError) as err:  # as pipeline.heads.selection fits a point
+            raise HeadError(f"heads.{name}: {kind.estimator.__name__} could not be fitted with {args}: {err}") from err
+    largest = max(models, key=lambda m: m[-1].n_neighbors)[-1]
+    found = largest.neighbors(held_out[0])
+    fitted = []
+    for model in models:
+        full = np.zeros((len(held_out[0]), n_classes))  # as pipeline.heads.trained.full_proba expands them
+        full[:, model.classes_] = model[-1].proba_from(*found)
+        fitted.append((model, full / full.sum(axis=1, keepdims=True)))
+    return fitted
 
 
 def _centroid_pipeline(estimator: BaseEstimator) -> Pipeline:
@@ -75,6 +110,6 @@ HEADS: dict[str, HeadKind] = {
     "linear_svm": HeadKind(
         LbfgsLinearSVC, _scaled_calibrated, trainable=("estimator_.coef_", "estimator_.intercept_", "temperature_")
     ),
-    "knn": HeadKind(CosineNeighbors, _knn_pipeline, row_bounded=("n_neighbors",)),
+    "knn": HeadKind(CosineNeighbors, _knn_pipeline, row_bounded=("n_neighbors",), sweep=_knn_sweep, reads_store=True),
     "centroid": HeadKind(CosineCentroids, _centroid_pipeline, trainable=("estimator_.centroids_", "temperature_")),
 }

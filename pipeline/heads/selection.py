@@ -76,6 +76,8 @@ def train_head(store: FeatureStore, name: str, params: HeadParams) -> TrainedHea
     fixed = {**kind.defaults, **params.args}
     if "random_state" in kind.arg_names() and "random_state" not in fixed:
         fixed["random_state"] = params.seed
+    if "device" in kind.arg_names() and "device" not in fixed:
+        fixed["device"] = params.device
     x_fit, y_fit = store.subset("train", "val")
     folds, how = selection_method(params, y_fit, len(y_val))
     start = time.perf_counter()
@@ -86,6 +88,9 @@ def train_head(store: FeatureStore, name: str, params: HeadParams) -> TrainedHea
         x_refit, y_refit = (x_fit, y_fit) if params.refit_on_train_val else (x_train, y_train)
         with _explained_ill_conditioning(name, chosen):
             model = _fit(kind, {**fixed, **chosen}, x_refit, y_refit, name, temperature=best.get("temperature"))
+    if kind.reads_store:  # search the fitted rows where they lie in the store: its file keeps their row numbers
+        splits = ("train", "val") if params.refit_on_train_val else ("train",)
+        model[-1].use_store_rows(store.features, store.rows(*splits))
     fit_seconds = time.perf_counter() - start
     log.debug("head %s: chose %s (held-out accuracy %.4f, %s)", name, chosen, best["val_accuracy"], how)
     return TrainedHead(

@@ -27,12 +27,13 @@ from cleanlab.filter import find_label_issues
 from cleanlab.rank import get_label_quality_scores
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
-from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from pipeline.core.accelerator import use_cuda
 from pipeline.core.io import write_csv
 from pipeline.features.store import SPLIT_CODES, FeatureStore
+from pipeline.heads.neighbors import pairs_at_least
 from pipeline.results import thumbnails
 from pipeline.results.metrics import PREDICTIONS_HEADER
 
@@ -80,25 +81,26 @@ class LabelIssue:
     score: float
 
 
-def cross_split_duplicates(store: FeatureStore, threshold: float) -> list[DuplicatePair]:
+def cross_split_duplicates(store: FeatureStore, threshold: float, device: str = "auto") -> list[DuplicatePair]:
     """Every pair of images in different splits with embedding cosine >= `threshold` (as reported, to 6
     decimals), and every pair of identical files (same sha256) in different splits; each unordered pair once,
     most similar first.
 
-    Exact: a radius search (scikit-learn's `NearestNeighbors.radius_neighbors`, brute force) of each val and
-    test row among the train rows, then of each test row among the val rows, on L2-normalised rows, where
-    cosine >= t is Euclidean distance <= sqrt(2 - 2t). scikit-learn computes the distances in chunks of
-    `working_memory`, so memory holds the rows, one chunk of distances and the pairs found, never an N x N
-    matrix. A radius search rather than k nearest neighbours: it cannot miss the (k+1)-th copy of a photo. Its
-    answer grows with the pairs above the threshold, so a threshold far below near-copies' (0.5) lists most
-    pairs of a class; `benchmarks/duplicate_threshold.py` measures where copies and distinct photos fall.
+    Exact: each val and test row is compared with every train row, then each test row with every val row, by
+    pipeline.heads.neighbors' blocked search (`device`: auto, cpu or cuda, where it runs; auto is a CUDA GPU when
+    there is one). Memory holds the store, one block of cosines and the pairs found, never an N x N matrix; the
+    rows are read where they lie in the store. Every pair, not k nearest neighbours: it cannot miss the (k+1)-th
+    copy of a photo. The answer grows with the pairs above the threshold, so a threshold far below near-copies'
+    (0.5) lists most pairs of a class; `benchmarks/duplicate_threshold.py` measures where copies and distinct
+    photos fall.
     """
     if not -1.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {threshold}")
+    on = "cuda" if use_cuda(device, "audit.device") else None
     found: dict[tuple[int, int], tuple[float, bool]] = {}
     train, val, test = (np.flatnonzero(store.split == SPLIT_CODES[s]) for s in ("train", "val", "test"))
     for reference, queries in ((train, np.concatenate([val, test])), (val, test)):
-        for i, j, similarity in _near_pairs(store.features, reference, queries, threshold):
+        for i, j, similarity in _near_pairs(store.features, reference, queries, threshold, on):
             found[(i, j)] = (similarity, False)
     for i, j in _identical_files(store):
         found[(i, j)] = (1.0, True)
@@ -107,19 +109,14 @@ def cross_split_duplicates(store: FeatureStore, threshold: float) -> list[Duplic
 
 
 def _near_pairs(
-    features: np.ndarray, reference: np.ndarray, queries: np.ndarray, threshold: float
+    features: np.ndarray, reference: np.ndarray, queries: np.ndarray, threshold: float, device: str | None
 ) -> Iterator[tuple[int, int, float]]:
     """(reference row, query row, cosine) for each query row's reference rows with cosine >= `threshold`."""
     if not len(reference) or not len(queries):
         return
-    radius = float(np.sqrt(max(0.0, 2.0 - 2.0 * (threshold - SEARCH_MARGIN))))
-    index = NearestNeighbors(radius=radius, algorithm="brute", metric="euclidean")
-    index.fit(_unit_rows(features, reference))
-    neighbours = index.radius_neighbors(_unit_rows(features, queries), return_distance=False, sort_results=False)
-    counts = np.fromiter((len(n) for n in neighbours), dtype=np.int64, count=len(neighbours))
-    if not counts.sum():
-        return
-    q, r = np.repeat(np.arange(len(queries)), counts), np.concatenate(neighbours).astype(np.int64)
+    q, r, _ = pairs_at_least(
+        features, features, threshold - SEARCH_MARGIN, query_rows=queries, reference_rows=reference, device=device
+    )
     for start in range(0, len(q), PAIR_BLOCK):
         i, j = reference[r[start : start + PAIR_BLOCK]], queries[q[start : start + PAIR_BLOCK]]
         cosine = np.round(_cosine(features[i], features[j]), SIMILARITY_DECIMALS)
@@ -133,14 +130,6 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     dots = np.einsum("ij,ij->i", a, b)
     return np.clip(np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0), -1.0, 1.0)
-
-
-def _unit_rows(features: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """A float32 copy of `features[rows]` scaled to unit L2 norm (an all-zero row stays zero: cosine 0)."""
-    unit = np.asarray(features[rows], dtype=np.float32)  # fancy indexing copies: scaled in place below
-    norms = np.linalg.norm(unit, axis=1, keepdims=True)
-    unit /= np.where(norms > 0, norms, 1.0)
-    return unit
 
 
 def _identical_files(store: FeatureStore) -> Iterator[tuple[int, int]]:

@@ -25,7 +25,7 @@ from pipeline.features.backbones import backbone_of_store
 from pipeline.features.store import read_attrs
 from pipeline.finetuning.model import load_finetuned
 from pipeline.heads.estimators import CosineCentroids, TemperatureScaled, scores_per_class
-from pipeline.heads.persistence import HeadFile, load_head, load_heads
+from pipeline.heads.persistence import HeadFile, head_kind, load_head, load_heads
 from pipeline.heads.trained import TrainedHead, chosen_head
 from pipeline.serving.onnx_predict import INPUT, OUTPUT, OnnxPredictor
 from pipeline.serving.predict import Predictor, finetuned_predictor, head_predictor
@@ -253,7 +253,7 @@ def _check_head(name: str, heads: dict[str, HeadFile]) -> None:
     if name not in heads:
         valid = ", ".join([CHOSEN_ON_VAL, FINETUNE, *heads])
         raise ExportError(f"export.models: unknown model '{name}'; valid: {valid}")
-    kind = load_head(heads[name].path).kind
+    kind = head_kind(heads[name].path)  # a knn head is refused without reading its store
     if kind not in LINEAR_HEADS:
         raise ExportError(refusal(name, kind))
 

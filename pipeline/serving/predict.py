@@ -17,7 +17,7 @@ from pipeline.data.preprocessing import Preprocessing
 from pipeline.features.backbones import backbone_of_store, fingerprint
 from pipeline.features.store import read_attrs
 from pipeline.finetuning.model import load_finetuned
-from pipeline.heads.persistence import check_trained_on, load_head
+from pipeline.heads.persistence import load_head
 from pipeline.heads.trained import TrainedHead
 from pipeline.serving.answers import Prediction, Rejected
 
@@ -85,8 +85,7 @@ def head_predictor(head_path: Path, store_path: Path, device: str = "auto") -> P
     """A head with the backbone and preprocessing of the store it was trained on: the same features (fingerprint),
     split (manifest) and class names."""
     attrs = read_attrs(store_path)
-    head = load_head(head_path)
-    check_trained_on(head, attrs, head_path, store_path)
+    head = load_head(head_path, store_path, attrs)  # a knn head reads its reference rows from the store
     backbone = backbone_of_store(attrs)
     preprocessing = Preprocessing.from_dict(attrs["preprocessing"])
     decoder = attrs.get("decoder", PILLOW)  # stores written before the choice were all Pillow's
