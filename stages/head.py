@@ -35,9 +35,11 @@ def main(name: str, features: Path, out: Path, curve: Path, metrics: Path, param
     config = load_params(params)
     if name not in config.heads:
         raise HeadError(f"no head '{name}' under heads in {params}; defined: {', '.join(config.heads)}")
-    check_head_params(name, config.heads[name])  # a misconfigured head fails before the store is read
+    kind = check_head_params(name, config.heads[name])  # a misconfigured head fails before the store is read
     check_has_test_rows(read_split_sizes(features), features)  # before the fit, not after it
-    fit_rows = read_store(features, splits=("train", "val"))  # test's features stay on disk until the fit is done
+    # Test's features stay on disk until the fit is done; but a head that searches its rows where they lie in the
+    # store (knn: its file keeps their row numbers) holds the whole store, rows numbered as in the file.
+    fit_rows = read_store(features, splits=None if kind.reads_store else ("train", "val"))
     head = train_head(fit_rows, name, config.heads[name])
     save_head(head, out)
     write_json(curve, head.val_curve)
@@ -46,9 +48,9 @@ def main(name: str, features: Path, out: Path, curve: Path, metrics: Path, param
         f"in {head.fit_seconds:.1f}s -> {out}"
     )
     on_train = train_accuracy(head, fit_rows)
+    test = fit_rows if kind.reads_store else read_store(features, splits=("test",))
     del fit_rows
     # Scored as saved: the file the report, the audit and export read is the one these metrics describe.
-    test = read_store(features, splits=("test",))
     scored = score_head(test, features, load_head(out, test), config.evaluate, train_accuracy=on_train)
     click.echo(f"head@{head.model_name}: {write_model_metrics(metrics, scored)}")
 
