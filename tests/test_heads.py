@@ -400,6 +400,8 @@ store = FeatureStore(
     paths=[""] * 60, sha256=[""] * 60, attrs={"classes": ["a", "b", "c"], "fingerprint": "f"},
 )
 save_head(train_head(store, "h", HeadParams(kind="ridge")), sys.argv[1] + ".new")
+for kind in ("logreg", "linear_svm"):  # device: auto decides without torch on a machine without a GPU
+    train_head(store, "h", HeadParams(kind=kind, grid={"C": [0.1, 1.0]}))
 print([m for m in ("torch", "torchvision", "timm", "skops") if m in sys.modules])
 """
 

@@ -160,6 +160,9 @@ class HeadParams:
     # auto: cross-validation when val is too small to separate grid points (pipeline.heads.selection.MIN_VAL_IMAGES).
     selection: Literal["auto", "val", "cv"] = "auto"
     cv_folds: int = 5  # at least 2 (checked with the head's name by pipeline.heads.selection.check_head_params)
+    # Where logreg and linear_svm are fitted: auto = CUDA when the machine has it and the fit is large enough to be
+    # worth starting it (pipeline.heads.linear.solver_device), else the CPU; cuda without a GPU is an error.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -169,7 +169,7 @@ class LbfgsLinearSVC(ClassifierMixin, BaseEstimator):
         self.classes_, y_index = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
             raise ValueError(f"LbfgsLinearSVC needs at least two classes; the data has one class: {self.classes_[0]!r}")
-        objective = Objective(X, self.hinge_loss(y, y_index))
+        objective = Objective(X, self.hinge_loss(y, self.classes_, y_index))
         result = minimise(objective, self.C, np.zeros(objective.size), self.stopping(objective.gradient_scale(1.0)))
         if result.nit >= self.max_iter:
             warnings.warn(f"LbfgsLinearSVC did not converge in {self.max_iter} iterations", ConvergenceWarning, 2)
@@ -183,14 +183,14 @@ class LbfgsLinearSVC(ClassifierMixin, BaseEstimator):
         check_scalar(self.tol, "tol", Real, min_val=0.0, include_boundaries="neither")
         check_scalar(self.max_iter, "max_iter", Integral, min_val=1)
 
-    def hinge_loss(self, y: np.ndarray, y_index: np.ndarray) -> Loss:
-        """The objective's loss for labels y (y_index: their index in classes_): one problem for two classes, one
+    def hinge_loss(self, y: np.ndarray, classes: np.ndarray, y_index: np.ndarray) -> Loss:
+        """The objective's loss for labels y (y_index: their index in `classes`): one problem for two classes, one
         per class otherwise; a dict class_weight is keyed by the labels themselves, as in LinearSVC."""
-        weights = np.ones(len(self.classes_))
+        weights = np.ones(len(classes))
         if self.class_weight is not None:
-            weights = compute_class_weight(self.class_weight, classes=self.classes_, y=y)
+            weights = compute_class_weight(self.class_weight, classes=classes, y=y)
         scaling = float(self.intercept_scaling) if self.fit_intercept else 0.0
-        return Loss("squared_hinge", y_index, len(self.classes_), weights, bias_scale=scaling)
+        return Loss("squared_hinge", y_index, len(classes), weights, bias_scale=scaling)
 
     def stopping(self, unit_gradient_scale: float) -> Stopping:
         """Stop when the largest gradient entry is below tol times that at w = 0, for this C (the gradient at 0
