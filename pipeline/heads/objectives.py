@@ -19,11 +19,11 @@ def row_blocks(n_rows: int, rows: int = ROWS) -> list[slice]:
     return [slice(start, min(start + rows, n_rows)) for start in range(0, n_rows, rows)]
 
 
-def fitted_scaler(x: np.ndarray) -> StandardScaler:
-    """StandardScaler().fit(x), one block at a time: its fit subtracts the mean from a float64 copy of the
-    whole matrix (twice the features, in float64), its partial_fit does the same to one block."""
+def fitted_scaler(x: np.ndarray, rows: int = 4096) -> StandardScaler:
+    """StandardScaler().fit(x), `rows` at a time: its fit subtracts the mean from a float64 copy of the whole
+    matrix (twice the features, in float64), its partial_fit does the same to one block."""
     scaler = StandardScaler()
-    for block in row_blocks(len(x)):
+    for block in row_blocks(len(x), rows):
         scaler.partial_fit(x[block])
     return scaler
 
