@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/heads.py --synthetic                  # 50,000 x 1,280, 100 classes
     .venv/bin/python benchmarks/heads.py --synthetic --rows 5000      # a quick check
     .venv/bin/python benchmarks/heads.py --synthetic --overlap 0.8    # overlapping classes, correlated features
+    .venv/bin/python benchmarks/heads.py --synthetic --device cuda    # logreg and linear_svm on the GPU
 
 Each head runs in a fresh subprocess, so one head's memory never shows in another's peak. Peak RSS is the
 child's whole peak (features included); "data MB" is the peak after loading the features, before fitting.
@@ -12,6 +13,7 @@ Timings are wall-clock on a shared machine: treat them as approximate.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import subprocess
@@ -82,13 +84,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def measure_head(name: str, params_path: Path, store_path: Path | None, synthetic: dict, threads: int | None) -> dict:
+def measure_head(
+    name: str, params_path: Path, store_path: Path | None, synthetic: dict, threads: int | None, device: str | None
+) -> dict:
     """Train one head (in this process, which the parent started for it alone) and report."""
     if threads:
         threadpool_limits(limits=threads)  # BLAS and OpenMP pools alike
     store = read_store(store_path) if store_path else synthetic_store(**synthetic)
     data_mb = peak_rss_mb()
-    head = train_head(store, name, load_params(params_path).heads[name])
+    params = load_params(params_path).heads[name]
+    head = train_head(store, name, dataclasses.replace(params, device=device) if device else params)
     fit_peak_mb = peak_rss_mb()
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -115,8 +120,11 @@ def measure_head(name: str, params_path: Path, store_path: Path | None, syntheti
     }
 
 
-def run_child(name: str, params: Path, store: Path | None, synthetic: dict, threads: int | None, timeout: int) -> dict:
+def run_child(
+    name: str, params: Path, store: Path | None, synthetic: dict, threads: int | None, device: str | None, timeout: int
+) -> dict:
     args = [sys.executable, __file__, "--measure-one", name, "--params", str(params)]
+    args += [f"--device={device}"] if device else []
     args += [f"--threads={threads}"] if threads else []
     args += ["--store", str(store)] if store else ["--synthetic"]
     args += [f"--rows={synthetic['rows']}", f"--dim={synthetic['dim']}", f"--classes={synthetic['n_classes']}"]
@@ -157,6 +165,9 @@ def print_table(title: str, rows: list[dict]) -> None:
 @click.option("--params", type=click.Path(exists=True, path_type=Path), default=REPO / "params.yaml", show_default=True)
 @click.option("--head", "heads", multiple=True, help="Only these heads (names under `heads`); default: all.")
 @click.option("--threads", type=int, help="Limit BLAS/OpenMP threads per head (default: the libraries' own).")
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Override heads.<name>.device (logreg, linear_svm)."
+)
 @click.option("--timeout", default=900, show_default=True, help="Seconds before a head's process is killed.")
 @click.option("--measure-one", hidden=True, help="Internal: measure one head in this process, print JSON.")
 def main(
@@ -171,13 +182,14 @@ def main(
     params: Path,
     heads: tuple[str, ...],
     threads: int | None,
+    device: str | None,
     timeout: int,
     measure_one: str | None,
 ) -> None:
     spec = {"rows": rows, "dim": dim, "n_classes": n_classes, "separation": separation}
     spec |= {"overlap": overlap, "spread": spread}
     if measure_one:
-        click.echo(json.dumps(measure_head(measure_one, params, store, spec, threads)))
+        click.echo(json.dumps(measure_head(measure_one, params, store, spec, threads, device)))
         return
     if not store and not synthetic:
         raise click.UsageError("give --store PATH, --synthetic, or both")
@@ -192,7 +204,7 @@ def main(
     for title, path in targets:
         results = []
         for name in names:
-            results.append(run_child(name, params, path, spec, threads, timeout))
+            results.append(run_child(name, params, path, spec, threads, device, timeout))
             click.echo(f"  {name}: {results[-1].get('fit_s', results[-1].get('error'))}", err=True)
         print_table(title, results)
 

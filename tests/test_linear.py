@@ -13,12 +13,14 @@ from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.preprocessing import StandardScaler
 
 from pipeline.core.config import HeadParams
+from pipeline.features.hdf5 import load_arrays
 from pipeline.features.store import SPLIT_CODES
 from pipeline.heads import linear
 from pipeline.heads.estimators import LbfgsLinearSVC
 from pipeline.heads.linear import fit_logistic, nvidia_present, path_refit, path_sweep, ridge_refit, ridge_sweep
 from pipeline.heads.linear_torch import TorchSolver
 from pipeline.heads.objectives import Loss, Objective
+from pipeline.heads.persistence import load_head, save_head
 from pipeline.heads.registry import HEADS
 from pipeline.heads.selection import held_out_proba, train_head
 from tests.conftest import make_store
@@ -259,3 +261,19 @@ def test_the_paths_never_copy_the_features(kind):
     assert len(fitted) == len(grid[kind])
     # Blocks of rows and the labels' sorting, never a copy of the 15 MB of features (let alone a float64 one).
     assert peak < 0.75 * x.nbytes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["logreg", "linear_svm"])
+def test_on_cuda_a_head_is_the_cpu_head_in_the_same_file_format(kind, tmp_path):
+    store, grid = probe_store(), {"C": [1e-4, 1e-2, 1.0]}
+    cpu = train_head(store, kind, HeadParams(kind=kind, grid=grid, selection="val", device="cpu"))
+    cuda = train_head(store, kind, HeadParams(kind=kind, grid=grid, selection="val", device="cuda"))
+    assert cuda.hyperparameters == cpu.hyperparameters
+    save_head(cuda, tmp_path / "cuda.h5")
+    save_head(cpu, tmp_path / "cpu.h5")
+    assert sorted(load_arrays(tmp_path / "cuda.h5")[0]) == sorted(load_arrays(tmp_path / "cpu.h5")[0])
+    x_test, _ = store.subset("test")
+    loaded = load_head(tmp_path / "cuda.h5", store)
+    np.testing.assert_allclose(loaded.predict_proba(x_test), cpu.predict_proba(x_test), atol=1e-3)
