@@ -230,6 +230,14 @@ class LinearPath:
         """`model` fitted from theta = `start`, and its theta (the next point's start)."""
         estimator = _classifier(model)
         theta, n_iter = self.solver.minimise(estimator.C, start, self.stopping(estimator))
+        if n_iter == 0 and np.any(start):
+            log.info(
+                "%s C=%s: its warm start (the previous C's solution) already meets tol=%s, so both points are the same "
+                "model; a lower tol separates them",
+                type(estimator).__name__,
+                estimator.C,
+                estimator.tol,
+            )
         if n_iter >= estimator.max_iter:
             warnings.warn(
                 f"{type(estimator).__name__}: L-BFGS did not converge in {estimator.max_iter} iterations (C="
