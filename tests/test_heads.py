@@ -412,6 +412,8 @@ store = FeatureStore(
 save_head(train_head(store, "h", HeadParams(kind="ridge")), sys.argv[1] + ".new")
 save_head(train_head(store, "k", HeadParams(kind="knn", grid={"n_neighbors": [1, 3]})), sys.argv[1] + ".knn")
 load_head(sys.argv[1] + ".knn", store).predict_proba(store.features)
+for kind in ("logreg", "linear_svm"):  # device: auto decides without torch on a machine without a GPU
+    train_head(store, "h", HeadParams(kind=kind, grid={"C": [0.1, 1.0]}))
 print([m for m in ("torch", "torchvision", "timm", "skops") if m in sys.modules])
 """
 

@@ -160,6 +160,9 @@ class HeadParams:
     # auto: cross-validation when val is too small to separate grid points (pipeline.heads.selection.MIN_VAL_IMAGES).
     selection: Literal["auto", "val", "cv"] = "auto"
     cv_folds: int = 5  # at least 2 (checked with the head's name by pipeline.heads.selection.check_head_params)
+    # Where logreg and linear_svm are fitted and knn searches: auto = CUDA when the machine has it and the work is
+    # large enough to be worth starting it (pipeline.heads.linear.solver_device, pipeline.heads.neighbors), else the
+    # CPU; cuda without a GPU is an error. The other heads run on the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

@@ -7,8 +7,8 @@ import warnings
 from numbers import Integral, Real
 
 import numpy as np
-from scipy.optimize import minimize, minimize_scalar
-from scipy.special import log_softmax, softmax
+from scipy.optimize import minimize_scalar
+from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.preprocessing import normalize
@@ -19,6 +19,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pipeline.core.accelerator import use_cuda
 from pipeline.heads.neighbors import top_k
+from pipeline.heads.objectives import Loss, Objective, Stopping, minimise
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,18 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
     keeps falling as T goes to 0: T then stops at the lower bound and the probabilities saturate.
     """
     logits = np.asarray(logits, dtype=np.float64)
-    rows = np.arange(len(targets))
     spread = float(np.log(np.std(logits) or 1.0))
+    # log softmax(l / T)[target] = (l[target] - max l) / T - log sum exp((l - max l) / T): the shifted logits are
+    # computed once, each step of the search then costs one exp over them.
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    true_shifted = shifted[np.arange(len(targets)), targets]
+    scaled = np.empty_like(shifted)
 
     def mean_log_loss(log_t: float) -> float:
-        return -float(np.mean(log_softmax(logits / np.exp(log_t), axis=1)[rows, targets]))
+        inverse = np.exp(-log_t)
+        np.multiply(shifted, inverse, out=scaled)
+        np.exp(scaled, out=scaled)
+        return float(np.mean(np.log(scaled.sum(axis=1)) - true_shifted * inverse))
 
     best = minimize_scalar(
         mean_log_loss, bounds=(spread - 7.0, spread + 7.0), method="bounded", options={"xatol": 1e-6}
@@ -48,6 +56,15 @@ def scores_per_class(logit: np.ndarray, axis: int = 0) -> np.ndarray:
     along `axis`, where `logit` has length 1: softmax([0, z]) = [1 - sigmoid(z), sigmoid(z)]. The map being affine,
     this holds for its scores and, row for row, for its coefficients and intercept."""
     return np.concatenate([np.zeros_like(logit), logit], axis=axis)
+
+
+def check_args(estimator: BaseEstimator) -> None:
+    """The estimator's own checks of its arguments, which its fit runs first: a `check_params` method of ours, or
+    the parameter constraints scikit-learn's estimators declare (what their fit validates first)."""
+    if hasattr(estimator, "check_params"):
+        estimator.check_params()
+    elif hasattr(estimator, "_parameter_constraints"):
+        estimator._validate_params()
 
 
 class TemperatureScaled(ClassifierMixin, BaseEstimator):
@@ -79,12 +96,16 @@ class TemperatureScaled(ClassifierMixin, BaseEstimator):
 
     def calibrate(self, X: np.ndarray, y: np.ndarray) -> TemperatureScaled:
         """Fit T on (X, y); rows of a class the estimator never saw cannot be scored and are left out."""
+        return self.calibrate_logits(self._logits(X), y)
+
+    def calibrate_logits(self, logits: np.ndarray, y: np.ndarray) -> TemperatureScaled:
+        """`calibrate` from the rows' scores, one per class [N, n_classes] (a solver that computed them already)."""
         known = np.isin(y, self.classes_)
         if not known.any():
             log.warning("no calibration rows of a known class: temperature left at %s", self.temperature_)
             return self
         targets = np.searchsorted(self.classes_, y[known])
-        self.temperature_ = fit_temperature(self._logits(X[known]), targets)
+        self.temperature_ = fit_temperature(logits[known], targets)
         return self
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
@@ -143,59 +164,39 @@ class LbfgsLinearSVC(ClassifierMixin, BaseEstimator):
         self.max_iter = max_iter
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> LbfgsLinearSVC:
-        check_scalar(self.C, "C", Real, min_val=0.0, include_boundaries="neither")
-        check_scalar(self.tol, "tol", Real, min_val=0.0, include_boundaries="neither")
-        check_scalar(self.max_iter, "max_iter", Integral, min_val=1)
+        self.check_params()
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64], order="C")
         check_classification_targets(y)
         self.classes_, y_index = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
             raise ValueError(f"LbfgsLinearSVC needs at least two classes; the data has one class: {self.classes_[0]!r}")
-        signs, costs = self._problems(y, y_index, X.dtype)
-        n_features, n_problems = X.shape[1], signs.shape[1]
-        scaling = float(self.intercept_scaling) if self.fit_intercept else 0.0
-
-        def loss_and_gradient(theta: np.ndarray) -> tuple[float, np.ndarray]:
-            w, v = theta[:-n_problems].reshape(n_features, n_problems), theta[-n_problems:]
-            slack = 1.0 - signs * (X @ w.astype(X.dtype) + (scaling * v).astype(X.dtype))
-            np.maximum(slack, 0.0, out=slack)
-            weighted = costs * slack
-            loss = 0.5 * float(theta @ theta) + float(np.sum(weighted * slack, dtype=np.float64))
-            d_scores = -2.0 * signs * weighted
-            grad_w = w + X.T @ d_scores
-            grad_v = v + scaling * d_scores.sum(axis=0, dtype=np.float64)
-            return loss, np.concatenate([grad_w.ravel(), grad_v])
-
-        theta0 = np.zeros((n_features + 1) * n_problems)
-        scale = np.abs(loss_and_gradient(theta0)[1]).max()
-        result = minimize(
-            loss_and_gradient,
-            theta0,
-            jac=True,
-            method="L-BFGS-B",
-            options={"maxiter": self.max_iter, "gtol": self.tol * scale},
-        )
+        objective = Objective(X, self.hinge_loss(y, self.classes_, y_index))
+        result = minimise(objective, self.C, np.zeros(objective.size), self.stopping(objective.gradient_scale(1.0)))
         if result.nit >= self.max_iter:
             warnings.warn(f"LbfgsLinearSVC did not converge in {self.max_iter} iterations", ConvergenceWarning, 2)
         self.n_iter_ = int(result.nit)
-        w, v = result.x[:-n_problems].reshape(n_features, n_problems), result.x[-n_problems:]
-        self.coef_ = np.ascontiguousarray(w.T)
-        self.intercept_ = scaling * v
+        self.coef_, self.intercept_ = objective.coefficients(result.x)
         return self
 
-    def _problems(self, y: np.ndarray, y_index: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-        """Targets (+1 / -1) and per-row costs, [N, n_problems]: one problem, or one per class."""
-        n_classes = len(self.classes_)
-        weights = np.ones(n_classes)
-        if self.class_weight is not None:  # a dict is keyed by the labels themselves, as in LinearSVC
-            weights = compute_class_weight(self.class_weight, classes=self.classes_, y=y)
-        if n_classes == 2:
-            positive = (y_index == 1)[:, None]
-            costs = np.where(positive, weights[1], weights[0])
-        else:
-            positive = y_index[:, None] == np.arange(n_classes)
-            costs = np.where(positive, weights, 1.0)
-        return np.where(positive, 1.0, -1.0).astype(dtype), (self.C * costs).astype(dtype)
+    def check_params(self) -> None:
+        """The arguments' checks, which fit runs first (and a path of fits, before its first)."""
+        check_scalar(self.C, "C", Real, min_val=0.0, include_boundaries="neither")
+        check_scalar(self.tol, "tol", Real, min_val=0.0, include_boundaries="neither")
+        check_scalar(self.max_iter, "max_iter", Integral, min_val=1)
+
+    def hinge_loss(self, y: np.ndarray, classes: np.ndarray, y_index: np.ndarray) -> Loss:
+        """The objective's loss for labels y (y_index: their index in `classes`): one problem for two classes, one
+        per class otherwise; a dict class_weight is keyed by the labels themselves, as in LinearSVC."""
+        weights = np.ones(len(classes))
+        if self.class_weight is not None:
+            weights = compute_class_weight(self.class_weight, classes=classes, y=y)
+        scaling = float(self.intercept_scaling) if self.fit_intercept else 0.0
+        return Loss("squared_hinge", y_index, len(classes), weights, bias_scale=scaling)
+
+    def stopping(self, unit_gradient_scale: float) -> Stopping:
+        """Stop when the largest gradient entry is below tol times that at w = 0, for this C (the gradient at 0
+        is C times `unit_gradient_scale`, that at C = 1)."""
+        return Stopping(gtol=self.tol * self.C * unit_gradient_scale, max_iter=self.max_iter)
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         check_is_fitted(self)

@@ -14,7 +14,14 @@ from sklearn.preprocessing import StandardScaler
 
 from pipeline.core.accelerator import use_cuda
 from pipeline.core.errors import PipelineError
-from pipeline.heads.estimators import CosineCentroids, CosineNeighbors, LbfgsLinearSVC, TemperatureScaled
+from pipeline.heads.estimators import (
+    CosineCentroids,
+    CosineNeighbors,
+    LbfgsLinearSVC,
+    TemperatureScaled,
+    check_args,
+)
+from pipeline.heads.linear import path_refit, path_sweep, ridge_refit, ridge_sweep
 
 
 class HeadError(PipelineError):
@@ -35,15 +42,27 @@ class HeadKind:
     # Fits a whole grid on one (fit rows, held-out rows) pair at once, reusing work from point to point (one
     # factorisation, a warm-started path, neighbours found once): sweep(kind, fixed args, points, (x, y) to fit,
     # (x, y) held out, n_classes, head name) -> [(fitted pipeline, held-out probabilities), ...] in the order of
-    # points, calibrated heads calibrated on the held-out rows (pipeline.heads.selection.held_out_proba).
-    # None: each point is fitted from scratch.
+    # points (any iterable: selection scores each pair as it comes), calibrated heads calibrated on the held-out
+    # rows (pipeline.heads.selection.held_out_proba), or None where it cannot sweep these arguments. Every point's
+    # arguments pass `check` first. None: each point is fitted from scratch.
     sweep: Callable | None = None
     # The fitted model keeps rows of the feature store it was trained on (k-NN's reference rows): train_head points it
     # at them in the store (`use_store_rows`), its file holds their row numbers, and loading it needs that store.
     reads_store: bool = False
+    # Fits the chosen point on train+val as `sweep` fits it: refit(kind, args, (x, y), head name, start=the grid's
+    # model of that point (fitted on other rows: a warm start), temperature=the chosen one or None) -> fitted
+    # pipeline, or None where it cannot fit these arguments. None: kind.build(args).fit(x, y).
+    refit: Callable | None = None
+    # Whether sweep and refit run on CUDA too: they then take device= ("cpu" or "cuda", heads.<name>.device resolved).
+    gpu: bool = False
 
     def arg_names(self) -> list[str]:
         return sorted(self.estimator().get_params(deep=False))
+
+    def check(self, args: dict) -> None:
+        """The estimator's own checks of `args`, which its fit runs first; a sweep fits many points at once, so
+        each point is checked before any fit (a bad value fails as it would in the point's own fit)."""
+        check_args(self.estimator(**{**self.defaults, **args}))
 
     def build(self, args: dict) -> Pipeline:
         return self.wrap(self.estimator(**{**self.defaults, **args}))
@@ -103,12 +122,29 @@ def _centroid_pipeline(estimator: BaseEstimator) -> Pipeline:
 # Adding a kind of head is one entry here; `trainable` is explained in TrainedHead.trainable_params. Its steps
 # must predict from public fitted attributes alone: save_head writes only those (pipeline.heads.persistence).
 HEADS: dict[str, HeadKind] = {
-    "logreg": HeadKind(LogisticRegression, _scaled, trainable=("coef_", "intercept_"), defaults={"max_iter": 1000}),
+    "logreg": HeadKind(
+        LogisticRegression,
+        _scaled,
+        trainable=("coef_", "intercept_"),
+        defaults={"max_iter": 1000},
+        sweep=path_sweep,
+        refit=path_refit,
+        gpu=True,
+    ),
     "ridge": HeadKind(
-        RidgeClassifier, _scaled_calibrated, trainable=("estimator_.coef_", "estimator_.intercept_", "temperature_")
+        RidgeClassifier,
+        _scaled_calibrated,
+        trainable=("estimator_.coef_", "estimator_.intercept_", "temperature_"),
+        sweep=ridge_sweep,
+        refit=ridge_refit,
     ),
     "linear_svm": HeadKind(
-        LbfgsLinearSVC, _scaled_calibrated, trainable=("estimator_.coef_", "estimator_.intercept_", "temperature_")
+        LbfgsLinearSVC,
+        _scaled_calibrated,
+        trainable=("estimator_.coef_", "estimator_.intercept_", "temperature_"),
+        sweep=path_sweep,
+        refit=path_refit,
+        gpu=True,
     ),
     "knn": HeadKind(CosineNeighbors, _knn_pipeline, row_bounded=("n_neighbors",), sweep=_knn_sweep, reads_store=True),
     "centroid": HeadKind(CosineCentroids, _centroid_pipeline, trainable=("estimator_.centroids_", "temperature_")),

@@ -18,8 +18,9 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
 
 from pipeline.core.config import HeadParams
-from pipeline.features.store import FeatureStore
+from pipeline.features.store import SPLIT_CODES, FeatureStore
 from pipeline.heads.estimators import TemperatureScaled
+from pipeline.heads.linear import IllConditioned, solver_device
 from pipeline.heads.registry import HEADS, HeadError, HeadKind
 from pipeline.heads.trained import STORE_ATTRS, TrainedHead, full_proba, grid_rank
 
@@ -65,8 +66,7 @@ def train_head(store: FeatureStore, name: str, params: HeadParams) -> TrainedHea
     chosen point's temperature (the median over folds) is kept for the refit model.
     """
     kind = check_head_params(name, params)
-    x_train, y_train = store.subset("train")
-    x_val, y_val = store.subset("val")
+    y_train, y_val, y_fit = _labels(store, "train"), _labels(store, "val"), _labels(store, "train", "val")
     if len(y_train) == 0 or len(y_val) == 0:
         raise HeadError(
             f"heads.{name}: the store has {len(y_train)} train and {len(y_val)} val rows; selecting a head "
@@ -76,18 +76,20 @@ def train_head(store: FeatureStore, name: str, params: HeadParams) -> TrainedHea
     fixed = {**kind.defaults, **params.args}
     if "random_state" in kind.arg_names() and "random_state" not in fixed:
         fixed["random_state"] = params.seed
-    if "device" in kind.arg_names() and "device" not in fixed:
+    if "device" in kind.arg_names() and "device" not in fixed:  # an estimator that places its own work (knn)
         fixed["device"] = params.device
-    x_fit, y_fit = store.subset("train", "val")
     folds, how = selection_method(params, y_fit, len(y_val))
+    on = _where(kind, params, name, len(y_fit), store.features.shape[1], n_classes)
     start = time.perf_counter()
-    held_out = _fits_and_held_out((x_train, y_train), (x_val, y_val), (x_fit, y_fit), folds, params.seed)
-    curve, best, model = _sweep(kind, fixed, params.grid, held_out, n_classes, name)
+    held_out = _fits_and_held_out(store, folds, params.seed)
+    curve, best, model = _sweep(kind, fixed, params.grid, held_out, n_classes, name, on)
+    del held_out  # the sweep's rows go before the refit's come: the features and one working copy at a time
     chosen = {k: best[k] for k in params.grid}
     if params.refit_on_train_val or folds:  # cross-validation's fold models are not kept
-        x_refit, y_refit = (x_fit, y_fit) if params.refit_on_train_val else (x_train, y_train)
+        refit_rows = store.subset("train", "val") if params.refit_on_train_val else store.subset("train")
         with _explained_ill_conditioning(name, chosen):
-            model = _fit(kind, {**fixed, **chosen}, x_refit, y_refit, name, temperature=best.get("temperature"))
+            model = _refit(kind, {**fixed, **chosen}, refit_rows, name, model, best.get("temperature"), on)
+        del refit_rows
     if kind.reads_store:  # search the fitted rows where they lie in the store: its file keeps their row numbers
         splits = ("train", "val") if params.refit_on_train_val else ("train",)
         model[-1].use_store_rows(store.features, store.rows(*splits))
@@ -111,18 +113,34 @@ def train_head(store: FeatureStore, name: str, params: HeadParams) -> TrainedHea
     )
 
 
+def _labels(store: FeatureStore, *splits: str) -> np.ndarray:
+    """The labels of the rows in `splits`, in store order (store.subset's, without copying their features)."""
+    return store.labels[np.isin(store.split, [SPLIT_CODES[s] for s in splits])]
+
+
+def _where(kind: HeadKind, params: HeadParams, name: str, rows: int, features: int, n_classes: int) -> dict:
+    """The device argument of a kind whose solvers run on CUDA too (`HeadKind.gpu`), from heads.<name>.device:
+    auto picks CUDA when the driver is there and the work is worth it. device: cuda without CUDA is an error, for
+    any kind; the other kinds run on the CPU."""
+    option = f"heads.{name}.device"
+    if not kind.gpu:
+        places_itself = "device" in kind.arg_names()  # its estimator takes the setting (knn's search)
+        if params.device == "cuda" and not places_itself and solver_device("cuda", option, 0) == "cuda":
+            log.info("%s: the %s head has no CUDA solver; it runs on the CPU", option, params.kind)
+        return {}
+    device = solver_device(params.device, option, rows * features * (1 if n_classes == 2 else n_classes))
+    log.debug("heads.%s: fitted on %s", name, device)
+    return {"device": device}
+
+
 def _fits_and_held_out(
-    train: tuple[np.ndarray, np.ndarray],
-    val: tuple[np.ndarray, np.ndarray],
-    train_val: tuple[np.ndarray, np.ndarray],
-    folds: int,
-    seed: int,
+    store: FeatureStore, folds: int, seed: int
 ) -> list[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]]:
     """(rows to fit, rows to score) pairs: train and val, or the `folds` stratified folds of train+val (in
     store order)."""
     if not folds:
-        return [(train, val)]
-    x, y = train_val
+        return [(store.subset("train"), store.subset("val"))]
+    x, y = store.subset("train", "val")
     splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y)
     return [((x[a], y[a]), (x[b], y[b])) for a, b in splits]
 
@@ -150,11 +168,13 @@ def _sweep(
     held_out: list[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]],
     n_classes: int,
     name: str,
+    on: dict,
 ) -> tuple[list[dict], dict, Pipeline]:
     """Fit every grid point on each (fit rows, held-out rows) pair and score it on the held-out rows: the curve
     (one record per point: mean held-out accuracy and log loss, their spread over folds), the best point's
     record and its model fitted on the first pair. A kind with a sweep of its own (`HeadKind.sweep`) fits the
-    whole grid of a pair at once, reusing its work from point to point; the others fit point by point."""
+    whole grid of a pair at once, reusing its work from point to point (`on`: its device); the others, and the
+    arguments it cannot sweep, fit point by point."""
     smallest_fit = min(len(fit[1]) for fit, _ in held_out)
     points = [p for p in _grid_points(kind, grid) if not _too_big(kind, {**fixed, **p}, smallest_fit, name)]
     if not points:
@@ -162,19 +182,43 @@ def _sweep(
         raise HeadError(
             f"heads.{name}.grid: every value of {bounded} exceeds the {smallest_fit} rows a point is fitted on"
         )
-    if kind.sweep is None:
+    fitted = _swept(kind, fixed, points, held_out, n_classes, name, on) if kind.sweep is not None else None
+    if fitted is None:
         fitted = _point_by_point(kind, fixed, points, held_out, n_classes, name)
-    else:
-        fitted = [kind.sweep(kind, fixed, points, fit, out, n_classes, name) for fit, out in held_out]
     curve, best, best_model = [], None, None
     for i, point in enumerate(points):
-        scores = [_scores(proba, y_out, n_classes, model) for (model, proba), (_, (_, y_out)) in
-                  zip((fold[i] for fold in fitted), held_out, strict=True)]  # fmt: skip
+        scores = [fold[i][1] for fold in fitted]
         record = {**point, **_pooled(scores, [len(y_out) for _, (_, y_out) in held_out])}
         curve.append(record)
         if best is None or grid_rank(record) > grid_rank(best):
             best, best_model = record, fitted[0][i][0]
     return curve, best, best_model
+
+
+def _swept(
+    kind: HeadKind,
+    fixed: dict,
+    points: list[dict],
+    held_out: list[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]],
+    n_classes: int,
+    name: str,
+    on: dict,
+) -> list[list[tuple[Pipeline, dict]]] | None:
+    """The kind's own sweep on each pair, each point's (model, held-out scores) as it comes (its probabilities are
+    not kept); None where it cannot sweep these arguments. Every point is checked before any fit; an
+    ill-conditioned point is explained once, whatever the folds."""
+    for point in points:
+        with _fit_errors(kind, name, {**fixed, **point}):
+            kind.check({**fixed, **point})
+    fitted = []
+    with _explained_ill_conditioning(name, None):
+        for fit, (x_out, y_out) in held_out:
+            with _fit_errors(kind, name, fixed):
+                sweep = kind.sweep(kind, fixed, points, fit, (x_out, y_out), n_classes, name, **on)
+                if sweep is None:
+                    return None
+                fitted.append([(model, _scores(proba, y_out, n_classes, model)) for model, proba in sweep])
+    return fitted
 
 
 def _point_by_point(
@@ -184,15 +228,16 @@ def _point_by_point(
     held_out: list[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]],
     n_classes: int,
     name: str,
-) -> list[list[tuple[Pipeline, np.ndarray]]]:
-    """The plain sweep: each point fitted from scratch on each pair's fit rows, then its probabilities on the
-    pair's held-out rows (`held_out_proba`); an ill-conditioned point is explained once, whatever the folds."""
-    fitted: list[list[tuple[Pipeline, np.ndarray]]] = [[] for _ in held_out]
+) -> list[list[tuple[Pipeline, dict]]]:
+    """The plain sweep: each point fitted from scratch on each pair's fit rows, then scored on the pair's
+    held-out rows (`held_out_proba`); an ill-conditioned point is explained once, whatever the folds."""
+    fitted: list[list[tuple[Pipeline, dict]]] = [[] for _ in held_out]
     for point in points:
         with _explained_ill_conditioning(name, point):
             for pair, ((x, y), (x_out, y_out)) in zip(fitted, held_out, strict=True):
                 model = _fit(kind, {**fixed, **point}, x, y, name)
-                pair.append((model, held_out_proba(model, x_out, y_out, n_classes)))
+                proba = held_out_proba(model, x_out, y_out, n_classes)
+                pair.append((model, _scores(proba, y_out, n_classes, model)))
     return fitted
 
 
@@ -240,9 +285,36 @@ def _fit(
     model = kind.build(args)
     if temperature is not None:
         model.set_params(clf__temperature=temperature)
-    try:
+    with _fit_errors(kind, name, args):
         return model.fit(x, y)
-    except (TypeError, ValueError) as err:  # a bad value (scikit-learn's InvalidParameterError is both)
+
+
+def _refit(
+    kind: HeadKind,
+    args: dict,
+    rows: tuple[np.ndarray, np.ndarray],
+    name: str,
+    start: Pipeline,
+    temperature: float | None,
+    on: dict,
+) -> Pipeline:
+    """The chosen point fitted on `rows` by the kind's own refit (warm-started from `start`, the grid's model of
+    that point), or by its fit; a calibrated head keeps `temperature`."""
+    if kind.refit is not None:
+        with _fit_errors(kind, name, args):
+            model = kind.refit(kind, args, rows, name, start=start, temperature=temperature, **on)
+        if model is not None:
+            return model
+    return _fit(kind, args, *rows, name, temperature=temperature)
+
+
+@contextmanager
+def _fit_errors(kind: HeadKind, name: str, args: dict) -> Iterator[None]:
+    """A bad value (scikit-learn's InvalidParameterError is both a TypeError and a ValueError) as one line naming
+    the head and its arguments."""
+    try:
+        yield
+    except (TypeError, ValueError) as err:
         raise HeadError(f"heads.{name}: {kind.estimator.__name__} could not be fitted with {args}: {err}") from err
 
 
@@ -254,20 +326,25 @@ def _ill_conditioned(w: warnings.WarningMessage) -> bool:
 
 
 @contextmanager
-def _explained_ill_conditioning(name: str, point: dict) -> Iterator[None]:
+def _explained_ill_conditioning(name: str, point: dict | None) -> Iterator[None]:
     """Say once, in words, when a grid point's least-squares system is ill-conditioned (ridge with a small
     alpha on about as many features as rows), instead of a library warning per fit. Such a fit may be inexact;
-    its held-out score decides whether it is used. Other warnings pass through unchanged."""
+    its held-out score decides whether it is used. Other warnings pass through unchanged. `point`: the point
+    fitted inside, or None for a sweep, whose warnings name their points (pipeline.heads.linear.IllConditioned)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
-    if any(_ill_conditioned(w) for w in caught):
-        log.info(
-            "heads.%s: %s: ill-conditioned least squares (the solver warned), so this fit may be inexact; its "
-            "held-out score decides whether it is used",
-            name,
-            point or "the fit",
-        )
+    explained: list = []
+    for w in caught:
+        which = w.message.point if isinstance(w.message, IllConditioned) else point
+        if _ill_conditioned(w) and which not in explained:
+            explained.append(which)
+            log.info(
+                "heads.%s: %s: ill-conditioned least squares (the solver warned), so this fit may be inexact; its "
+                "held-out score decides whether it is used",
+                name,
+                which or "the fit",
+            )
     for w in caught:
         if not _ill_conditioned(w):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

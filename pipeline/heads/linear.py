@@ -1,0 +1,446 @@
+"""The linear heads' grids as paths: every ridge alpha from one eigendecomposition of the Gram matrix, every logreg
+and linear_svm C by L-BFGS warm-started from the previous C, on the CPU (numpy) or on CUDA (torch). Features are
+read as they are, never copied or standardised; each point gives the pipeline the registry builds, with the fitted
+attributes its own fit gives, so head files, scoring, export and the fine-tuning warm start are unchanged."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.linalg import LinAlgWarning, eigh
+from scipy.special import softmax
+from sklearn.base import BaseEstimator, clone
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression, RidgeClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.class_weight import compute_class_weight
+
+from pipeline.heads.estimators import LbfgsLinearSVC, TemperatureScaled, check_args, scores_per_class
+from pipeline.heads.objectives import (
+    Loss,
+    Objective,
+    Stopping,
+    fitted_scaler,
+    folded,
+    minimise,
+    row_blocks,
+    scores,
+    unfolded,
+)
+
+log = logging.getLogger(__name__)
+
+Rows = tuple[np.ndarray, np.ndarray]  # (features, labels)
+
+# Rows per block of the Gram matrix: its float64 copy of a block is 4096 x features x 8 bytes.
+GRAM_ROWS = 4096
+
+# `device: auto` runs on CUDA when the work of one pass over the rows (rows x features x outputs multiply-adds)
+# reaches this: below it, starting torch and CUDA costs more than the whole CPU fit.
+WORTH_A_GPU = 10**10
+
+
+class IllConditioned(LinAlgWarning):
+    """A ridge point's system is numerically singular (alpha tiny against the Gram matrix's largest eigenvalue, and
+    features nearly collinear): its solution may be inexact. `point` names the grid point."""
+
+    def __init__(self, point: dict):
+        super().__init__(f"ill-conditioned least squares at {point}")
+        self.point = point
+
+
+# --- where the solvers run ---------------------------------------------------------------------------------------
+
+
+def nvidia_present() -> bool:
+    """Whether this machine has an NVIDIA GPU, asked of the driver's files: importing torch to ask costs seconds,
+    which a head stage on a CPU machine must not spend."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or Path("/dev/nvidia0").exists()
+
+
+def solver_device(requested: str, option: str, work: int) -> str:
+    """'cuda' (torch) or 'cpu' (numpy) for a head's `device` setting (`option` names it in errors). auto: CUDA when
+    the driver is present and the work (`WORTH_A_GPU`) is worth starting it; cuda without CUDA is an error. torch is
+    imported only where CUDA is asked for or present (pipeline.core.device decides, as for every torch device)."""
+    if requested == "cpu" or (requested == "auto" and (work < WORTH_A_GPU or not nvidia_present())):
+        return "cpu"
+    from pipeline.core.device import resolve_device  # imports torch
+
+    device = resolve_device("cuda" if requested == "cuda" else "auto", option)
+    return "cuda" if device.type == "cuda" else "cpu"
+
+
+class NumpySolver:
+    """The CPU solver: scipy's L-BFGS-B on objectives.Objective (float32 products, float64 sums)."""
+
+    def __init__(self, x: np.ndarray, loss: Loss, mean: np.ndarray, scale: np.ndarray):
+        self.objective = Objective(x, loss, mean, scale)
+
+    def minimise(self, C: float, start: np.ndarray, stopping: Stopping) -> tuple[np.ndarray, int]:
+        result = minimise(self.objective, C, start, stopping)
+        return result.x, int(result.nit)
+
+    def value(self, theta: np.ndarray, C: float) -> float:
+        return self.objective(theta, C)[0]
+
+    def gradient_scale(self, C: float) -> float:
+        return self.objective.gradient_scale(C)
+
+    def scores(self, x: np.ndarray, a: np.ndarray, c: np.ndarray) -> np.ndarray:
+        return scores(x, a, c)
+
+
+def make_solver(device: str, x: np.ndarray, loss: Loss, mean: np.ndarray, scale: np.ndarray) -> Any:
+    if device == "cpu":
+        return NumpySolver(x, loss, mean, scale)
+    from pipeline.heads.linear_torch import TorchSolver  # imports torch: CUDA was asked for and is there
+
+    return TorchSolver(device, x, loss, mean, scale)
+
+
+# --- fitted pipelines from coefficients ----------------------------------------------------------------------------
+
+
+def supports(estimator: BaseEstimator) -> bool:
+    """Whether the solvers here minimise this estimator's objective exactly as configured; the others are fitted
+    by their own fit, point by point."""
+    params = estimator.get_params(deep=False)
+    if isinstance(estimator, LbfgsLinearSVC):
+        return True
+    if isinstance(estimator, RidgeClassifier):
+        return params["fit_intercept"] and not params["positive"] and params["solver"] in ("auto", "cholesky", "svd")
+    if isinstance(estimator, LogisticRegression):
+        return (
+            params["solver"] == "lbfgs"
+            and params["fit_intercept"]
+            and not params["dual"]
+            and params["penalty"] in ("deprecated", "l2")
+            and params["l1_ratio"] in (0, None)
+            and np.isfinite(params["C"])
+        )
+    return False
+
+
+def _classifier(model: Pipeline) -> BaseEstimator:
+    """The linear estimator of a head's pipeline (inside TemperatureScaled for ridge and linear_svm)."""
+    step = model.steps[-1][1]
+    return step.estimator if isinstance(step, TemperatureScaled) else step
+
+
+def _fitted(
+    model: Pipeline,
+    scaler: StandardScaler,
+    classes: np.ndarray,
+    coef: np.ndarray,
+    intercept: np.ndarray,
+    n_iter: int | None,
+    temperature: float | None = None,
+) -> Pipeline:
+    """`model` (unfitted, from the registry) with the fitted attributes its fit would have set: the scaler's, and
+    the linear estimator's coef_ [P, d] and intercept_ [P] in the shapes and types that estimator keeps."""
+    model.steps[0] = (model.steps[0][0], copy.deepcopy(scaler))
+    step = model.steps[-1][1]
+    estimator = clone(step.estimator) if isinstance(step, TemperatureScaled) else step
+    n_features = coef.shape[1]
+    estimator.classes_, estimator.n_features_in_ = classes, n_features
+    estimator.coef_, estimator.intercept_ = coef, np.asarray(intercept, dtype=np.float64)
+    if isinstance(estimator, RidgeClassifier):
+        estimator.coef_ = coef[0] if len(classes) == 2 else coef  # RidgeClassifier keeps two classes' row flat
+        estimator.n_iter_, estimator.solver_ = None, "svd"  # an eigendecomposition of X'X: the SVD of X
+    elif isinstance(estimator, LogisticRegression):
+        estimator.n_iter_ = np.array([n_iter], dtype=np.int32)
+    else:
+        estimator.n_iter_ = int(n_iter)
+    if isinstance(step, TemperatureScaled):
+        step.estimator_, step.classes_, step.n_features_in_ = estimator, classes, n_features
+        step.temperature = temperature
+        step.temperature_ = 1.0 if temperature is None else float(temperature)
+    return model
+
+
+def proba_from_scores(model: Pipeline, logits: np.ndarray, y_out: np.ndarray, n_classes: int) -> np.ndarray:
+    """pipeline.heads.selection.held_out_proba, from the held-out rows' scores [N, P] the solver computed (no
+    standardised copy of the rows): a calibrated head fits its temperature on them first."""
+    per_class = scores_per_class(logits, axis=1) if logits.shape[1] == 1 else logits
+    step = model.steps[-1][1]
+    if isinstance(step, TemperatureScaled):
+        step.calibrate_logits(per_class, y_out)
+        per_class = per_class / step.temperature_
+    proba = softmax(per_class, axis=1)
+    full = np.zeros((len(proba), n_classes))
+    full[:, model.classes_] = proba  # as pipeline.heads.trained.full_proba: an unseen class keeps 0
+    return full / full.sum(axis=1, keepdims=True)
+
+
+# --- logistic regression and the squared-hinge SVM: warm-started L-BFGS paths ---------------------------------------
+
+
+def _loss(estimator: BaseEstimator, y: np.ndarray, classes: np.ndarray, y_index: np.ndarray) -> Loss:
+    if isinstance(estimator, LbfgsLinearSVC):
+        return estimator.hinge_loss(y, classes, y_index)
+    weights = np.ones(len(classes))
+    if estimator.class_weight is not None:
+        weights = compute_class_weight(estimator.class_weight, classes=classes, y=y)
+    return Loss("logistic", y_index, len(classes), weights)
+
+
+class LinearPath:
+    """One (fit rows) set of a logistic or squared-hinge head: its scaler and solver, fits along C from a start."""
+
+    def __init__(self, model: Pipeline, fit: Rows, device: str):
+        x, y = fit
+        self.classes, y_index = np.unique(y, return_inverse=True)
+        self.estimator = _classifier(model)
+        self.scaler = fitted_scaler(x)
+        loss = _loss(self.estimator, y, self.classes, y_index)
+        self.solver = make_solver(device, x, loss, self.scaler.mean_, self.scaler.scale_)
+        self.n_features, self.n_outputs = x.shape[1], loss.n_outputs
+        self.bias_scale = loss.bias_scale
+        self.unit_gradient_scale: float | None = None
+
+    def stopping(self, estimator: BaseEstimator) -> Stopping:
+        if isinstance(estimator, LbfgsLinearSVC):
+            if self.unit_gradient_scale is None:
+                self.unit_gradient_scale = self.solver.gradient_scale(1.0)
+            return estimator.stopping(self.unit_gradient_scale)
+        return Stopping.like_scikit_learn(estimator.tol, estimator.max_iter)
+
+    def start_from(self, model: Pipeline | None) -> np.ndarray:
+        """theta of a fitted head of the same kind and classes (its function of raw rows kept under this path's
+        scaler), or zeros."""
+        size = (self.n_features + 1) * self.n_outputs
+        if model is None or not np.array_equal(model.classes_, self.classes):
+            return np.zeros(size)
+        scaler, estimator = model.steps[0][1], model.steps[-1][1]
+        estimator = estimator.estimator_ if isinstance(estimator, TemperatureScaled) else estimator
+        a, c = folded(np.atleast_2d(estimator.coef_), estimator.intercept_, scaler.mean_, scaler.scale_)
+        coef, intercept = unfolded(a, c, self.scaler.mean_, self.scaler.scale_)
+        bias = intercept / self.bias_scale if self.bias_scale else np.zeros(self.n_outputs)
+        return np.concatenate([coef.ravel(), bias])
+
+    def fit(self, model: Pipeline, start: np.ndarray, temperature: float | None = None) -> tuple[Pipeline, np.ndarray]:
+        """`model` fitted from theta = `start`, and its theta (the next point's start)."""
+        estimator = _classifier(model)
+        theta, n_iter = self.solver.minimise(estimator.C, start, self.stopping(estimator))
+        if n_iter == 0 and np.any(start):
+            log.info(
+                "%s C=%s: its warm start (the previous C's solution) already meets tol=%s, so both points are the same "
+                "model; a lower tol separates them",
+                type(estimator).__name__,
+                estimator.C,
+                estimator.tol,
+            )
+        if n_iter >= estimator.max_iter:
+            warnings.warn(
+                f"{type(estimator).__name__}: L-BFGS did not converge in {estimator.max_iter} iterations (C="
+                f"{estimator.C}); raise max_iter",
+                ConvergenceWarning,
+                2,
+            )
+        coef = theta[: self.n_features * self.n_outputs].reshape(self.n_outputs, self.n_features).copy()
+        intercept = self.bias_scale * theta[-self.n_outputs :]
+        return _fitted(model, self.scaler, self.classes, coef, intercept, n_iter, temperature), theta
+
+    def held_out(self, model: Pipeline, out: Rows, n_classes: int) -> np.ndarray:
+        estimator = model.steps[-1][1]
+        estimator = estimator.estimator_ if isinstance(estimator, TemperatureScaled) else estimator
+        a, c = folded(np.atleast_2d(estimator.coef_), estimator.intercept_, self.scaler.mean_, self.scaler.scale_)
+        return proba_from_scores(model, self.solver.scores(out[0], a, c), out[1], n_classes)
+
+
+def _by_c(points: list[dict]) -> bool:
+    """A path needs a grid of C alone (or no grid): points ascending in C, the strongest regularisation first."""
+    return all(set(point) <= {"C"} for point in points)
+
+
+def path_sweep(
+    kind: Any,
+    fixed: dict,
+    points: list[dict],
+    fit: Rows,
+    out: Rows,
+    n_classes: int,
+    name: str,
+    *,
+    device: str = "cpu",
+) -> Iterator[tuple[Pipeline, np.ndarray]] | None:
+    """HeadKind.sweep of logreg and linear_svm: the grid of C as one warm-started path (ascending C, each fit
+    starting from the previous solution). None where the arguments ask for another solver or the grid varies
+    more than C: the points are then fitted one by one."""
+    models = [kind.build({**fixed, **point}) for point in points]
+    if not _by_c(points) or not all(supports(_classifier(m)) for m in models) or len(np.unique(fit[1])) < 2:
+        return None
+    return _walk(models, fit, out, n_classes, device)
+
+
+def _walk(models: list[Pipeline], fit: Rows, out: Rows, n_classes: int, device: str) -> Iterator:
+    path = LinearPath(models[0], fit, device)
+    theta = path.start_from(None)
+    for model in models:
+        fitted, theta = path.fit(model, theta)
+        yield fitted, path.held_out(fitted, out, n_classes)
+
+
+def path_refit(
+    kind: Any,
+    args: dict,
+    fit: Rows,
+    name: str,
+    *,
+    start: Pipeline | None = None,
+    temperature: float | None = None,
+    device: str = "cpu",
+) -> Pipeline | None:
+    """HeadKind.refit of logreg and linear_svm: the chosen point on (x, y), warm-started from `start` (the grid's
+    model of that point, same classes), with `temperature` kept. None where path_sweep would give None."""
+    model = kind.build(args)
+    if not supports(_classifier(model)) or len(np.unique(fit[1])) < 2:
+        return None
+    path = LinearPath(model, fit, device)
+    return path.fit(model, path.start_from(start), temperature)[0]
+
+
+def fit_logistic(
+    x: np.ndarray,
+    y: np.ndarray,
+    C: float = 1.0,
+    *,
+    class_weight: dict | str | None = None,
+    tol: float = 1e-4,
+    max_iter: int = 1000,
+    start: Pipeline | None = None,
+    device: str = "cpu",
+) -> Pipeline:
+    """One logistic regression on (x, y), as the logreg head fits it: a fitted Pipeline of StandardScaler and
+    multinomial LogisticRegression (binomial for two classes), the very attributes their own fit gives, minimising
+    scikit-learn's objective without copying x. `start`: such a pipeline to warm-start from (a neighbouring C, or
+    the fit of an overlapping fold; used when its classes are the same). device: cpu (numpy) or cuda (torch)."""
+    estimator = LogisticRegression(C=C, class_weight=class_weight, tol=tol, max_iter=max_iter)
+    check_args(estimator)
+    model = Pipeline([("scale", StandardScaler()), ("clf", estimator)])
+    if len(np.unique(y)) < 2:
+        return model.fit(x, y)  # scikit-learn's own error
+    path = LinearPath(model, (x, y), device)
+    return path.fit(model, path.start_from(start))[0]
+
+
+# --- ridge: one eigendecomposition for every alpha -----------------------------------------------------------------
+
+
+class RidgeGram:
+    """RidgeClassifier's least squares on standardised rows, (Z'WZ + alpha I) coef = Z'WY (centred by their
+    weighted means), for every alpha from one eigendecomposition of Z'WZ. Z'WZ comes from the raw rows: X'WX
+    accumulated in float64 a block at a time about the scaler's mean, then centred and scaled, never from a
+    standardised copy of X. W: the rows' class weights."""
+
+    def __init__(self, estimator: RidgeClassifier, fit: Rows):
+        x, y = fit
+        self.classes, y_index = np.unique(y, return_inverse=True)
+        self.scaler = fitted_scaler(x)
+        weights = np.ones(len(self.classes))
+        if estimator.class_weight is not None:
+            weights = compute_class_weight(estimator.class_weight, classes=self.classes, y=y)
+        row_weight = None if np.all(weights == 1.0) else weights[y_index]
+        n_outputs = 1 if len(self.classes) == 2 else len(self.classes)
+        gram, cross, offset, target_sum, total = self._sums(x, self.scaler.mean_, y_index, n_outputs, row_weight)
+        # Centred on the weighted means (the offsets from the scaler's mean), then standardised.
+        scale = self.scaler.scale_
+        gram = (gram - np.outer(offset, offset) / total) / np.outer(scale, scale)
+        cross = (cross - np.outer(offset, target_sum) / total) / scale[:, None]
+        self.eigenvalues, self.eigenvectors = eigh(gram)
+        self.eigenvalues = np.maximum(self.eigenvalues, 0.0)  # a Gram matrix has none below 0; rounding gives -1e-13
+        self.projected = self.eigenvectors.T @ cross
+        self.mean_row, self.mean_target = offset / total / scale, target_sum / total
+
+    @staticmethod
+    def _sums(
+        x: np.ndarray, mean: np.ndarray, y_index: np.ndarray, n_outputs: int, row_weight: np.ndarray | None
+    ) -> tuple:
+        """sum_i w_i (x_i - m)(x_i - m)', sum_i w_i (x_i - m) y_i', sum_i w_i (x_i - m), sum_i w_i y_i, sum_i w_i;
+        m the scaler's mean, y_i = +-1 per output (RidgeClassifier's targets)."""
+        n_features = x.shape[1]
+        gram, cross = np.zeros((n_features, n_features)), np.zeros((n_features, n_outputs))
+        offset, target_sum, total = np.zeros(n_features), np.zeros(n_outputs), 0.0
+        for block in row_blocks(len(x), GRAM_ROWS):
+            rows = x[block].astype(np.float64)
+            rows -= mean
+            labels = y_index[block]
+            targets = (labels[:, None] == (np.arange(n_outputs) + (n_outputs == 1))).astype(np.float64) * 2.0 - 1.0
+            if row_weight is not None:
+                w = row_weight[block]
+                offset += w @ rows
+                target_sum += w @ targets
+                total += float(w.sum())
+                root = np.sqrt(w)[:, None]
+                rows *= root
+                targets *= root
+            else:
+                offset += rows.sum(axis=0)
+                target_sum += targets.sum(axis=0)
+                total += len(rows)
+            gram += rows.T @ rows  # numpy calls BLAS's syrk for a.T @ a: half the products
+            cross += rows.T @ targets
+        return gram, cross, offset, target_sum, total
+
+    def coefficients(self, alpha: float) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(coef_ [P, d], intercept_ [P], whether the system is numerically singular) at alpha."""
+        inverse = 1.0 / (self.eigenvalues + alpha)
+        coef = (self.eigenvectors @ (self.projected * inverse[:, None])).T
+        intercept = self.mean_target - coef @ self.mean_row
+        largest, smallest = self.eigenvalues[-1] + alpha, self.eigenvalues[0] + alpha
+        singular = smallest <= len(self.eigenvalues) * np.finfo(float).eps * largest
+        return coef, intercept, bool(singular)
+
+    def fit(self, model: Pipeline, alpha: float, point: dict, temperature: float | None = None) -> Pipeline:
+        coef, intercept, singular = self.coefficients(alpha)
+        if singular:
+            warnings.warn(IllConditioned(point), stacklevel=2)
+        return _fitted(model, self.scaler, self.classes, coef, intercept, None, temperature)
+
+
+def ridge_sweep(
+    kind: Any, fixed: dict, points: list[dict], fit: Rows, out: Rows, n_classes: int, name: str, **_: Any
+) -> Iterator[tuple[Pipeline, np.ndarray]] | None:
+    """HeadKind.sweep of ridge: every alpha from one Gram matrix and its eigendecomposition, O(d^2 K) each. None
+    where the arguments ask for another solver (positive, no intercept, an iterative solver) or the grid varies
+    more than alpha."""
+    models = [kind.build({**fixed, **point}) for point in points]
+    if not all(set(point) <= {"alpha"} for point in points) or not all(supports(_classifier(m)) for m in models):
+        return None
+    if len(np.unique(fit[1])) < 2:
+        return None
+    return _ridge_walk(models, points, fit, out, n_classes)
+
+
+def _ridge_walk(models: list[Pipeline], points: list[dict], fit: Rows, out: Rows, n_classes: int) -> Iterator:
+    gram = RidgeGram(_classifier(models[0]), fit)
+    for model, point in zip(models, points, strict=True):
+        fitted = gram.fit(model, _classifier(model).alpha, point)
+        a, c = folded(np.atleast_2d(fitted[-1].estimator_.coef_), fitted[-1].estimator_.intercept_,
+                      gram.scaler.mean_, gram.scaler.scale_)  # fmt: skip
+        yield fitted, proba_from_scores(fitted, scores(out[0], a, c), out[1], n_classes)
+
+
+def ridge_refit(
+    kind: Any,
+    args: dict,
+    fit: Rows,
+    name: str,
+    *,
+    start: Pipeline | None = None,
+    temperature: float | None = None,
+    **_: Any,
+) -> Pipeline | None:
+    """HeadKind.refit of ridge: the chosen alpha on (x, y), by the sweep's solver (`start` is of no use to it)."""
+    model = kind.build(args)
+    if not supports(_classifier(model)) or len(np.unique(fit[1])) < 2:
+        return None
+    return RidgeGram(_classifier(model), fit).fit(model, _classifier(model).alpha, args, temperature)
