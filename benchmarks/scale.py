@@ -104,6 +104,7 @@ FEATURE_DIM = 1280
 DEFAULT_ROWS = (10_000, 100_000, 1_000_000)
 BLOCK_ROWS = 8192  # rows generated and written at a time: 42 MB of float32
 ASSUMED_IMAGES_PER_SECOND = 100.0  # extraction cost written to the extract metrics (the report adds it to heads)
+LITE0_BACKBONE_PARAMS = 3_371_008  # efficientnet_lite0 without its classifier (metrics/extract of the sample)
 # Generator knobs (see the module docstring); GENERATOR_VERSION changes whenever they or the drawing do.
 GENERATOR_VERSION = 1
 SHARED_SCALES = (3.0, 2.4, 2.0, 1.6, 1.3, 1.1, 1.0, 0.9)  # std of the rows along the shared directions
@@ -290,7 +291,8 @@ def extract_metrics(spec: Spec, written: Written) -> dict:
         seconds=assumed + written.seconds, compute_seconds=assumed, write_seconds=written.seconds,
         extraction_seconds=assumed, device="cpu", precision="fp32", fingerprint=spec.fingerprint(), label=LABEL,
         backbone=BACKBONE, image_size=IMAGE_SIZE, size_reason="synthetic", feature_dim=FEATURE_DIM,
-        logme=written.logme,
+        logme=written.logme, backbone_params=LITE0_BACKBONE_PARAMS,
+        forward_ms_per_image=1000 / ASSUMED_IMAGES_PER_SECOND, forward_device="cpu",
     )  # fmt: skip
     return result.metrics()
 

@@ -26,7 +26,9 @@ from pipeline.heads.estimators import LbfgsLinearSVC, TemperatureScaled, check_a
 from pipeline.heads.objectives import (
     Loss,
     Objective,
+    Preconditioner,
     Stopping,
+    blocks,
     fitted_scaler,
     folded,
     minimise,
@@ -81,11 +83,14 @@ def solver_device(requested: str, option: str, work: int) -> str:
 class NumpySolver:
     """The CPU solver: scipy's L-BFGS-B on objectives.Objective (float32 products, float64 sums)."""
 
-    def __init__(self, x: np.ndarray, loss: Loss, mean: np.ndarray, scale: np.ndarray):
-        self.objective = Objective(x, loss, mean, scale)
+    def __init__(self, x: np.ndarray, loss: Loss, mean: np.ndarray, scale: np.ndarray, take: np.ndarray | None = None):
+        self.objective = Objective(x, loss, mean, scale, take)
+        self.preconditioner: Preconditioner | None = None  # built at the first fit, then kept for every C
 
     def minimise(self, C: float, start: np.ndarray, stopping: Stopping) -> tuple[np.ndarray, int]:
-        result = minimise(self.objective, C, start, stopping)
+        if self.preconditioner is None:
+            self.preconditioner = Preconditioner(self.objective.x, self.objective.scale, self.objective.take)
+        result = minimise(self.objective, C, start, stopping, self.preconditioner)
         return result.x, int(result.nit)
 
     def value(self, theta: np.ndarray, C: float) -> float:
@@ -98,12 +103,16 @@ class NumpySolver:
         return scores(x, a, c)
 
 
-def make_solver(device: str, x: np.ndarray, loss: Loss, mean: np.ndarray, scale: np.ndarray) -> Any:
+def make_solver(
+    device: str, x: np.ndarray, loss: Loss, mean: np.ndarray, scale: np.ndarray, take: np.ndarray | None = None
+) -> Any:
+    """The solver of `loss` on x's rows `take` (None: all): numpy reads them a block at a time, torch copies them to
+    the GPU."""
     if device == "cpu":
-        return NumpySolver(x, loss, mean, scale)
+        return NumpySolver(x, loss, mean, scale, take)
     from pipeline.heads.linear_torch import TorchSolver  # imports torch: CUDA was asked for and is there
 
-    return TorchSolver(device, x, loss, mean, scale)
+    return TorchSolver(device, x if take is None else x[take], loss, mean, scale)
 
 
 # --- fitted pipelines from coefficients ----------------------------------------------------------------------------
@@ -193,15 +202,16 @@ def _loss(estimator: BaseEstimator, y: np.ndarray, classes: np.ndarray, y_index:
 
 
 class LinearPath:
-    """One (fit rows) set of a logistic or squared-hinge head: its scaler and solver, fits along C from a start."""
+    """One (fit rows) set of a logistic or squared-hinge head: its scaler and solver, fits along C from a start.
+    `take`: the rows of fit's features fitted (row numbers; fit's labels are theirs), None for all of them."""
 
-    def __init__(self, model: Pipeline, fit: Rows, device: str):
+    def __init__(self, model: Pipeline, fit: Rows, device: str, take: np.ndarray | None = None):
         x, y = fit
         self.classes, y_index = np.unique(y, return_inverse=True)
         self.estimator = _classifier(model)
-        self.scaler = fitted_scaler(x)
+        self.scaler = fitted_scaler(x, take)
         loss = _loss(self.estimator, y, self.classes, y_index)
-        self.solver = make_solver(device, x, loss, self.scaler.mean_, self.scaler.scale_)
+        self.solver = make_solver(device, x, loss, self.scaler.mean_, self.scaler.scale_, take)
         self.n_features, self.n_outputs = x.shape[1], loss.n_outputs
         self.bias_scale = loss.bias_scale
         self.unit_gradient_scale: float | None = None
@@ -318,18 +328,28 @@ def fit_logistic(
     max_iter: int = 1000,
     start: Pipeline | None = None,
     device: str = "cpu",
+    take: np.ndarray | None = None,
 ) -> Pipeline:
     """One logistic regression on (x, y), as the logreg head fits it: a fitted Pipeline of StandardScaler and
     multinomial LogisticRegression (binomial for two classes), the very attributes their own fit gives, minimising
     scikit-learn's objective without copying x. `start`: such a pipeline to warm-start from (a neighbouring C, or
-    the fit of an overlapping fold; used when its classes are the same). device: cpu (numpy) or cuda (torch)."""
+    the fit of an overlapping fold; used when its classes are the same). device: cpu (numpy) or cuda (torch).
+    take: fit x's rows `take` alone (row numbers, y their labels), read a block at a time."""
     estimator = LogisticRegression(C=C, class_weight=class_weight, tol=tol, max_iter=max_iter)
     check_args(estimator)
     model = Pipeline([("scale", StandardScaler()), ("clf", estimator)])
     if len(np.unique(y)) < 2:
-        return model.fit(x, y)  # scikit-learn's own error
-    path = LinearPath(model, (x, y), device)
+        return model.fit(x if take is None else x[take], y)  # scikit-learn's own error
+    path = LinearPath(model, (x, y), device, take)
     return path.fit(model, path.start_from(start))[0]
+
+
+def predict_proba_rows(model: Pipeline, x: np.ndarray, take: np.ndarray) -> np.ndarray:
+    """model.predict_proba(x[take]), a block of rows at a time (no copy of x[take])."""
+    out = np.empty((len(take), len(model.classes_)))
+    for block, rows in blocks(x, take):
+        out[block] = model.predict_proba(rows)
+    return out
 
 
 # --- ridge: one eigendecomposition for every alpha -----------------------------------------------------------------
