@@ -55,13 +55,10 @@ Printed lines (one figure each, so that runs can be compared by a script):
   rows (least squares over the sizes where the stage succeeded): 1 is linear in the rows, 2 quadratic. Fixed costs
   (Python start, imports: 2-30 s) pull it below the true exponent between small sizes.
 
-Measured on 2 cores shared with other engineers' test runs, twice at 10^5 rows x 100 classes (load average 3-11,
-then 2-8): the five heads 2,035 and 2,092 s (logreg 870 / 1,217, linear_svm 602 / 503, knn 495 / 295, ridge 50 / 71,
-centroid 18 / 6), audit 1,308 / 189 s, report 465 / 246 s, learning_curve 89 / 29 s; peaks 3.9 GB (knn) and 4.2 GB
-(report) for a 0.49 GB store. The load moves a stage's time by up to 7x (the audit), so exponents mean something only
-between sizes run at a similar load. learning_curve refits the chosen head, which is not the same at every size
-(logreg at 10^4, centroid at 10^5 here): its exponent compares different work. A default run here skips 10^6:
-memory estimate ~38 GB against ~22 GB available, logreg predicted ~12,000 s.
+Figures measured with it, and the command of each: docs/benchmarks.md ("Heads, audit and report as rows grow").
+The machine's load moves a stage's time by several times (the first line prints it), so exponents mean something
+only between sizes run at a similar load. learning_curve refits the chosen head, which need not be the same at every
+size: its exponent may compare different work.
 
 Not measured: extraction (images through the backbone; benchmarks/extract_throughput.py), fine-tuning and its
 evaluation, export, DVC's own overhead (hashing outputs; benchmarks/head_stages.py measures it on real photos).

@@ -25,3 +25,12 @@ def test_synthetic_store_is_a_valid_store_with_realistic_overlap(tmp_path):
     with threadpool_limits(1):  # a few small products: more BLAS threads only wait for each other on a busy machine
         probe = LogisticRegression(C=0.001, max_iter=200).fit(scaler.transform(x_train), y_train)
     assert 0.5 <= probe.score(scaler.transform(x_test), y_test) <= 0.95
+
+
+def test_the_extract_metrics_it_writes_are_the_extract_stages_keys(tmp_path):
+    """The report and the audit read metrics/extract/<backbone>.json: the benchmark's must have every key the
+    stage's ExtractResult.metrics() writes (a field added to ExtractResult fails here, not at 10^5 rows)."""
+    written = scale.Written(logme=0.5, class_cosine=0.8, seconds=1.0)
+    metrics = scale.extract_metrics(scale.Spec(rows=1000, classes=10), written)
+    assert metrics["images"] == 1000 and metrics["feature_dim"] == 1280 and metrics["logme"] == 0.5
+    assert metrics["backbone_params"] > 0 and metrics["forward_ms_per_image"] > 0

@@ -24,16 +24,18 @@ def evaluate_head(store_path: Path, head_path: Path, params: EvaluateParams | No
 
 # The training rows a head's train accuracy (the report's overfitting gap) is computed on, at most: a seeded sample
 # beyond that, so that it costs what scoring the test split costs, not a pass over a million rows (k-NN's quadratic).
-TRAIN_ACCURACY_ROWS = 10_000
+# Train accuracy is a gauge of overfitting (its gap to test accuracy), not a result: 5,000 rows measure it within
+# about 1.4 points (95%), and spare k-NN a search of every training row at 10^5 rows and more.
+TRAIN_ACCURACY_ROWS = 5_000
 
 
 def train_accuracy(head: TrainedHead, store: FeatureStore, at_most: int = TRAIN_ACCURACY_ROWS, seed: int = 0) -> float:
-    """The head's accuracy on the store's training rows (a seeded sample of `at_most` when there are more)."""
-    x, y = store.subset("train")
-    if len(y) > at_most:
-        rows = np.sort(np.random.default_rng(seed).choice(len(y), at_most, replace=False))
-        x, y = x[rows], y[rows]
-    return float((head.predict_proba(x).argmax(1) == y).mean())
+    """The head's accuracy on the store's training rows (a seeded sample of `at_most` when there are more), read
+    where they lie in the store: a copy of the sample alone."""
+    rows = store.rows("train")
+    if len(rows) > at_most:
+        rows = rows[np.sort(np.random.default_rng(seed).choice(len(rows), at_most, replace=False))]
+    return float((head.predict_proba(store.features[rows]).argmax(1) == store.labels[rows]).mean())
 
 
 def check_has_test_rows(sizes: FeatureStore | dict[str, int], store_path: Path) -> None:
