@@ -19,7 +19,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pipeline.core.accelerator import use_cuda
 from pipeline.heads.neighbors import top_k
-from pipeline.heads.objectives import Loss, Objective, Preconditioner, Stopping, minimise
+from pipeline.heads.objectives import Loss, Objective, Stopping, minimise, preconditioned
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class LbfgsLinearSVC(ClassifierMixin, BaseEstimator):
             raise ValueError(f"LbfgsLinearSVC needs at least two classes; the data has one class: {self.classes_[0]!r}")
         objective = Objective(X, self.hinge_loss(y, self.classes_, y_index))
         stopping = self.stopping(objective.gradient_scale(1.0))
-        result = minimise(objective, self.C, np.zeros(objective.size), stopping, Preconditioner(X, np.ones(X.shape[1])))
+        result = minimise(objective, self.C, np.zeros(objective.size), stopping, preconditioned(objective))
         if result.nit >= self.max_iter:
             warnings.warn(f"LbfgsLinearSVC did not converge in {self.max_iter} iterations", ConvergenceWarning, 2)
         self.n_iter_ = int(result.nit)

@@ -32,6 +32,7 @@ from pipeline.heads.objectives import (
     fitted_scaler,
     folded,
     minimise,
+    preconditioned,
     row_blocks,
     scores,
     unfolded,
@@ -85,11 +86,11 @@ class NumpySolver:
 
     def __init__(self, x: np.ndarray, loss: Loss, mean: np.ndarray, scale: np.ndarray, take: np.ndarray | None = None):
         self.objective = Objective(x, loss, mean, scale, take)
-        self.preconditioner: Preconditioner | None = None  # built at the first fit, then kept for every C
+        self.preconditioner: Preconditioner | None | bool = False  # decided at the first fit, kept for every C
 
     def minimise(self, C: float, start: np.ndarray, stopping: Stopping) -> tuple[np.ndarray, int]:
-        if self.preconditioner is None:
-            self.preconditioner = Preconditioner(self.objective.x, self.objective.scale, self.objective.take)
+        if self.preconditioner is False:
+            self.preconditioner = preconditioned(self.objective)
         result = minimise(self.objective, C, start, stopping, self.preconditioner)
         return result.x, int(result.nit)
 
