@@ -12,7 +12,13 @@ from pipeline.core.errors import user_errors
 from pipeline.core.io import write_json
 from pipeline.features.store import read_store
 from pipeline.heads.persistence import chosen_file, head_files
-from pipeline.results.audit import cross_split_duplicates, label_issues, misclassified, write_audit
+from pipeline.results.audit import (
+    cross_split_duplicates,
+    duplicate_threshold,
+    label_issues,
+    misclassified,
+    write_audit,
+)
 from pipeline.results.metrics import read_predictions
 
 PathArg = click.Path(path_type=Path)
@@ -31,14 +37,18 @@ def main(features, heads, metrics, data, out, summary, params) -> None:
     p = load_params(params)
     _, chosen = chosen_file(head_files(features, heads, p.extract.backbones, p.heads))
     store = read_store(features / f"{p.audit_backbone}.h5")  # one backbone's cosine space: audit.backbone
-    pairs = cross_split_duplicates(store, p.audit.duplicate_threshold, p.audit.device)
+    threshold, why = duplicate_threshold(store, p.audit.duplicate_threshold, p.audit.seed, p.audit.device)
+    pairs = cross_split_duplicates(store, threshold, p.audit.device)
     issues = label_issues(store, p.audit.folds, p.audit.seed)
     models = [chosen.model_name, "finetune"]
     wrong = {m: misclassified(read_predictions(metrics / m / "predictions.csv")) for m in models}
     counts = write_audit(out, data, (pairs, issues, wrong), p.audit.top)
-    write_json(summary, {"duplicate_threshold": p.audit.duplicate_threshold, **counts})
+    chosen_threshold = {"setting": p.audit.duplicate_threshold, "threshold": threshold, "reason": why}
+    write_json(out / "duplicate_threshold.json", chosen_threshold)
+    write_json(summary, {"duplicate_threshold": threshold, **counts})
+    click.echo(f"audit: duplicate_threshold {threshold} ({why})")
     click.echo(
-        f"audit: {counts['cross_split_pairs']} near-copies across splits (cosine >= {p.audit.duplicate_threshold}), "
+        f"audit: {counts['cross_split_pairs']} near-copies across splits (cosine >= {threshold}), "
         f"{counts['label_issues']} likely label errors, "
         + ", ".join(f"{len(rows)} test images {m} gets wrong" for m, rows in wrong.items())
         + f" -> {out}"

@@ -17,7 +17,16 @@ from pipeline.core.io import write_csv
 from pipeline.features.store import read_store, write_store
 from pipeline.heads.persistence import save_head
 from pipeline.heads.selection import train_head
-from pipeline.results.audit import DuplicatePair, LabelIssue, cross_split_duplicates, label_issues, misclassified, table
+from pipeline.results.audit import (
+    DuplicatePair,
+    LabelIssue,
+    cross_split_duplicates,
+    duplicate_threshold,
+    label_issues,
+    misclassified,
+    nearest_neighbour_cosines,
+    table,
+)
 from pipeline.results.markdown import audit_section
 from pipeline.results.metrics import PREDICTIONS_HEADER
 from stages.audit import main as audit_stage
@@ -172,6 +181,84 @@ def test_a_threshold_outside_cosine_range_is_refused():
         cross_split_duplicates(_random_store(), threshold=1.5)
 
 
+def _pairs_store(partner_cosines: list[float], test_cosines: tuple[float, float]):
+    """Training rows in pairs, each row's nearest other row its partner at the given cosine (any other two rows
+    orthogonal); then two test rows, row 0 turned towards a free axis to the two `test_cosines`."""
+    dim = 2 * len(partner_cosines) + 1
+    axes = np.eye(dim)
+    rows = []
+    for k, cosine in enumerate(partner_cosines):
+        rows += [axes[k], cosine * axes[k] + np.sqrt(1 - cosine**2) * axes[len(partner_cosines) + k]]
+    rows += [c * axes[0] + np.sqrt(1 - c**2) * axes[dim - 1] for c in test_cosines]
+    n = len(rows)
+    store = make_store(np.array(rows), np.arange(n) % 2, [TRAIN] * (n - 2) + [TEST, TEST], ["ant", "bee"])
+    store.sha256 = [f"{i:064x}" for i in range(n)]
+    return store
+
+
+def test_auto_threshold_is_the_99th_percentile_of_the_training_images_nearest_neighbour_cosines():
+    """Nearest-neighbour cosines 0.10, 0.11, ... 0.59, each twice (both rows of a pair): 99th percentile 0.59,
+    below halfway from their median (0.345) to 1. The test row at cosine 0.60 to a training row is a near-copy,
+    the one at 0.58 is not."""
+    cosines = np.round(np.arange(0.10, 0.595, 0.01), 2)
+    store = _pairs_store(list(cosines), (0.60, 0.58))
+    train = np.flatnonzero(store.split == TRAIN)
+    assert nearest_neighbour_cosines(store.features, train, device="cpu") == pytest.approx(
+        np.repeat(cosines, 2), abs=1e-6
+    )
+    threshold, why = duplicate_threshold(store, "auto", device="cpu")
+    assert threshold == 0.59
+    assert why == (
+        "auto: the 99th percentile of the cosine of a training image to its nearest other one, over 100 training "
+        "images (median 0.345; halfway from it to 1, 0.672)"
+    )
+    pairs = cross_split_duplicates(store, threshold, device="cpu")
+    assert [(p.path_a, p.path_b, p.similarity) for p in pairs] == [("0.png", "100.png", 0.6)]
+
+
+def test_auto_threshold_stays_at_or_below_halfway_between_the_median_and_1():
+    """Nearest-neighbour cosines 0.2, 0.4, 0.6, 0.8, 0.9, each twice: the 99th percentile (0.9) is above halfway
+    from the median (0.6) to 1, so 0.8: a fifth of the training images closer than that to another (copies among
+    them) would not hide copies across splits at 0.85."""
+    store = _pairs_store([0.2, 0.4, 0.6, 0.8, 0.9], (0.85, 0.75))
+    threshold, why = duplicate_threshold(store, "auto", device="cpu")
+    assert threshold == 0.8
+    assert why == (
+        "auto: halfway between 1 and the median (0.600) of the cosine of a training image to its nearest other one, "
+        "over 10 training images, below their 99th percentile (0.900)"
+    )
+    pairs = cross_split_duplicates(store, threshold, device="cpu")
+    assert [(p.path_a, p.path_b, p.similarity) for p in pairs] == [("0.png", "10.png", 0.85)]
+
+
+def test_a_number_is_used_as_given():
+    store = _pairs_store([0.5, 0.5], (0.95, 0.85))
+    assert duplicate_threshold(store, 0.9) == (0.9, "audit.duplicate_threshold in params.yaml")
+
+
+def test_nearest_neighbours_of_identical_rows_are_each_other_and_a_sample_gives_the_same_cosines():
+    """Identical rows: each one's nearest other row is a copy (cosine 1), whichever the search ranks first. A sample
+    of the rows gets each sampled row's own nearest-neighbour cosine, against all the rows."""
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(50, 8)).astype(np.float32)
+    features[[7, 8, 9]] = features[3]
+    rows = np.arange(50)
+    unit = features.astype(np.float64) / np.linalg.norm(features.astype(np.float64), axis=1, keepdims=True)
+    dense = unit @ unit.T
+    np.fill_diagonal(dense, -np.inf)
+    every = nearest_neighbour_cosines(features, rows, device="cpu")
+    assert every == pytest.approx(dense.max(axis=1), abs=1e-6)
+    assert every[[3, 7, 8, 9]] == pytest.approx(1.0, abs=1e-6)
+    sample = nearest_neighbour_cosines(features, rows, seed=1, device="cpu", sample=10)
+    assert len(sample) == 10 and np.isin(np.round(sample, 5), np.round(every, 5)).all()
+
+
+def test_auto_needs_two_training_images():
+    store = make_store(np.eye(3), [0, 1, 1], [TRAIN, TEST, TEST], ["ant", "bee"])
+    with pytest.raises(ValueError, match="duplicate_threshold auto needs two training images or more; the store has 1"):
+        duplicate_threshold(store, "auto", device="cpu")
+
+
 def _blobs(per_class: int = 40, seed: int = 0):
     """Three far-apart Gaussian blobs, split train/val/test 60/20/20 within each class.
 
@@ -294,7 +381,10 @@ def test_the_audit_stage_writes_its_csvs_pictures_and_counts_and_the_report_show
     result = CliRunner().invoke(audit_stage, args)
     assert result.exit_code == 0, result.output
     counts = json.loads(summary.read_text())
-    assert counts["duplicate_threshold"] == 0.80 and counts["cross_split_pairs"] >= 1
+    chosen = json.loads((out / "duplicate_threshold.json").read_text())  # params leave it at auto: chosen, and why
+    assert chosen["setting"] == "auto" and chosen["reason"].startswith("auto: ")
+    assert counts["duplicate_threshold"] == chosen["threshold"] and counts["cross_split_pairs"] >= 1
+    assert f"audit: duplicate_threshold {chosen['threshold']} ({chosen['reason']})" in result.output
     assert (counts["misclassified_tiny-logreg"], counts["misclassified_finetune"]) == (1, 0)
     with open(out / "duplicates.csv", newline="") as f:
         first = next(csv.DictReader(f))

@@ -24,6 +24,7 @@ def test_repository_params_load():
     assert params.finetune.backbone == "efficientnet_lite0" and params.finetune.image_size == "auto"
     assert "logreg" in params.heads
     assert isinstance(params.heads["logreg"], HeadParams)
+    assert params.audit.duplicate_threshold == "auto"  # chosen from the embeddings, not tuned to one dataset
 
 
 def test_empty_file_gives_defaults(tmp_path):
@@ -63,6 +64,8 @@ def test_unknown_key_inside_a_head_names_the_head(tmp_path):
         ("heads:\n  logreg:\n    grid:\n      C: 1.0\n", r"heads\.logreg\.grid\.C must be a list"),
         ("heads:\n  logreg:\n    grid:\n      C: [1.0, x]\n", r"heads\.logreg\.grid\.C\[1\] must be a number"),
         ("extract: 3\n", r"extract: expected a mapping"),
+        ("audit:\n  duplicate_threshold: high\n", r"audit\.duplicate_threshold .* must be one of auto; got 'high'"),
+        ("audit:\n  duplicate_threshold: 1.5\n", r"audit\.duplicate_threshold must be in \(0, 1\]; got 1.5"),
     ],
 )
 def test_wrong_types_are_rejected_by_name(tmp_path, text, message):

@@ -261,10 +261,10 @@ class FinetuneCurveParams:
 @dataclass(frozen=True)
 class AuditParams:
     # Cosine similarity of two images' embeddings at or above which images of different splits count as
-    # near-copies. 0.80 separates re-encoded, resized, cropped, flipped or brightened copies of photos from distinct
-    # photos at 224 px with efficientnet_lite0 (benchmarks/duplicate_threshold.py measures both); another backbone
-    # or kind of image wants its own measurement.
-    duplicate_threshold: float = 0.80
+    # near-copies; auto: from the embeddings themselves, the 99th percentile of the training images' cosines to
+    # their nearest neighbours, at most halfway from their median to 1 (pipeline.results.audit.duplicate_threshold
+    # says why; the stage prints its choice).
+    duplicate_threshold: float | Literal["auto"] = "auto"
     folds: int = 5  # cross-validation folds of the out-of-fold probabilities whose label errors cleanlab ranks
     seed: int = 0
     top: int = 24  # images per picture grid in reports/audit/
@@ -279,7 +279,7 @@ class AuditParams:
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.duplicate_threshold <= 1.0:
+        if self.duplicate_threshold != "auto" and not 0.0 < self.duplicate_threshold <= 1.0:
             raise ConfigError(f"audit.duplicate_threshold must be in (0, 1]; got {self.duplicate_threshold}")
         _at_least("audit", self, folds=2, seed=0, top=1)
 

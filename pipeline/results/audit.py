@@ -5,7 +5,8 @@ All three run on the cached embeddings and the models' answers; no image is deco
 - `cross_split_duplicates` measures leakage. A test (or val) image that is a near-copy of a training image (the
   same photo re-encoded, resized, cropped, flipped) is one the heads have in effect already seen: it inflates
   every score the pipeline reports and the comparison between strategies with it. Prepare refuses identical
-  files across splits by default; this finds the copies that differ by a byte, by their embeddings.
+  files across splits by default; this finds the copies that differ by a byte, by their embeddings, at a cosine
+  threshold read from the embedding space itself (`duplicate_threshold`).
 - `label_issues` measures label noise. A mislabelled training image teaches a head the wrong answer and costs it
   accuracy (a mislabelled val image misleads its model selection): cleanlab's confident learning ranks the
   train+val images whose given label a cheap out-of-fold head believes least. The test split is never read.
@@ -31,7 +32,7 @@ from pipeline.core.accelerator import use_cuda
 from pipeline.core.io import write_csv
 from pipeline.features.store import SPLIT_CODES, FeatureStore
 from pipeline.heads.linear import fit_logistic, predict_proba_rows
-from pipeline.heads.neighbors import pairs_at_least
+from pipeline.heads.neighbors import pairs_at_least, top_k
 from pipeline.results import thumbnails
 from pipeline.results.metrics import PREDICTIONS_HEADER
 
@@ -44,6 +45,12 @@ SPLIT_NAMES = {code: name for name, code in SPLIT_CODES.items()}
 SEARCH_MARGIN = 1e-4
 SIMILARITY_DECIMALS = 6
 PAIR_BLOCK = 4096  # candidate pairs whose cosine is computed at once (2 x 4,096 x D float64 gathered)
+# audit.duplicate_threshold: auto measures the nearest neighbour of at most this many training images (a seeded
+# sample, each searched against every training image): one block of queries, and a median and 99th percentile
+# within about 0.005 of the whole split's (two standard errors, for cosines spread as hymenoptera's are).
+NEIGHBOUR_QUERIES = 2000
+NEIGHBOUR_QUANTILE = 0.99
+THRESHOLD_DECIMALS = 3
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,63 @@ class LabelIssue:
     score: float
 
 
+def duplicate_threshold(
+    store: FeatureStore, setting: float | str, seed: int = 0, device: str = "auto"
+) -> tuple[float, str]:
+    """The cosine at or above which two images count as near-copies for `setting` (audit.duplicate_threshold), and
+    why, in words: a number as given; auto: from the training images' embeddings, the cosine of a training image to
+    its nearest other training image, measured for each: their 99th percentile, or halfway between their median and
+    1 if that is lower; to 3 decimals.
+
+    A test image whose nearest training image is no closer than a training image's nearest distinct neighbour
+    usually is, is no copy: the 99th percentile puts the threshold above all but 1% of those distinct neighbours
+    (held-out images' nearest training images fall as the training images' own do: the same spread to 0.01 on
+    hymenoptera), so about 1% of held-out images make false pairs. Real copies among the training images would
+    raise that percentile towards 1 and hide the copies across splits: the threshold never exceeds halfway from
+    the median to 1 (in distances, 1 - cosine: half the typical distance to a nearest neighbour), which such copies
+    cannot move unless they are half the training images. Measured with efficientnet_lite0
+    (`benchmarks/duplicate_threshold.py`, docs/benchmarks.md): hymenoptera photos' 99th percentile is 0.785
+    (median 0.652), where copies of a photo cropped 2-8% per side, 3-10% brighter or darker and re-encoded as JPEG
+    at quality 60-90 all at once score 0.815 or more (each of those alone 0.849 or more) and no distinct photo's
+    nearest neighbour reaches 0.81; on the 8x8 digits (halfway from their median 0.908: 0.954) and generated
+    shapes (their 99th percentile: 0.939), whose distinct images lie close together, it sits above almost all of
+    their distinct pairs, and so above their most modified copies. It reads the embedding space it is applied to, so it follows
+    the backbone, the input size and the kind of image. `seed` draws the training images measured when there are
+    more than NEIGHBOUR_QUERIES; `device` as for `cross_split_duplicates`.
+    """
+    if setting != "auto":
+        return float(setting), "audit.duplicate_threshold in params.yaml"
+    train = np.flatnonzero(store.split == SPLIT_CODES["train"])
+    if len(train) < 2:
+        raise ValueError(f"duplicate_threshold auto needs two training images or more; the store has {len(train)}")
+    nearest = nearest_neighbour_cosines(store.features, train, seed, device)
+    median, high = float(np.median(nearest)), float(np.quantile(nearest, NEIGHBOUR_QUANTILE))
+    halfway = (1 + median) / 2
+    what = f"cosine of a training image to its nearest other one, over {len(nearest)} training images"
+    if high <= halfway:
+        why = f"auto: the 99th percentile of the {what} (median {median:.3f}; halfway from it to 1, {halfway:.3f})"
+    else:
+        why = (
+            f"auto: halfway between 1 and the median ({median:.3f}) of the {what}, below their 99th percentile "
+            f"({high:.3f})"
+        )
+    return round(min(high, halfway), THRESHOLD_DECIMALS), why
+
+
+def nearest_neighbour_cosines(
+    features: np.ndarray, rows: np.ndarray, seed: int = 0, device: str = "auto", sample: int = NEIGHBOUR_QUERIES
+) -> np.ndarray:
+    """The cosine of each of `rows` (at most `sample` of them, drawn with `seed`) to its most similar other row of
+    `rows`: by pipeline.heads.neighbors' exact search, each row's two nearest, itself being one of them (or, among
+    identical rows, another copy at the same cosine)."""
+    rows = np.asarray(rows)
+    queries = rows if len(rows) <= sample else np.sort(np.random.default_rng(seed).choice(rows, sample, replace=False))
+    on = "cuda" if use_cuda(device, "audit.device") else None
+    cosines, positions = top_k(features, features, 2, query_rows=queries, reference_rows=rows, device=on)
+    itself = rows[positions[:, 0]] == queries
+    return np.where(itself, cosines[:, 1], cosines[:, 0]).astype(np.float64)
+
+
 def cross_split_duplicates(store: FeatureStore, threshold: float, device: str = "auto") -> list[DuplicatePair]:
     """Every pair of images in different splits with embedding cosine >= `threshold` (as reported, to 6
     decimals), and every pair of identical files (same sha256) in different splits; each unordered pair once,
@@ -89,8 +153,7 @@ def cross_split_duplicates(store: FeatureStore, threshold: float, device: str = 
     there is one). Memory holds the store, one block of cosines and the pairs found, never an N x N matrix; the
     rows are read where they lie in the store. Every pair, not k nearest neighbours: it cannot miss the (k+1)-th
     copy of a photo. The answer grows with the pairs above the threshold, so a threshold far below near-copies'
-    (0.5) lists most pairs of a class; `benchmarks/duplicate_threshold.py` measures where copies and distinct
-    photos fall.
+    (0.5) lists most pairs of a class; `duplicate_threshold` says which threshold (auto: from the embeddings).
     """
     if not -1.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {threshold}")
