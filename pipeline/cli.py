@@ -68,7 +68,7 @@ def init(path: Path, force: bool) -> None:
         click.echo(f"{DATA_ROOT} already holds the {what}; nothing to copy")
     else:
         how = {
-            (True, False): "as hard links (no second copy: they share PATH's files)",
+            (True, False): "as hard links to the files there (no second copy on disk)",
             (False, True): "as copies (hard links are impossible here: another filesystem)",
             (True, True): f"as hard links ({placed.linked}) and copies ({placed.copied}, where linking failed)",
         }[(bool(placed.linked), bool(placed.copied))]
@@ -86,10 +86,13 @@ def init(path: Path, force: bool) -> None:
         f"dvc add {DATA_ROOT}: {dvc_file} pins these images; DVC's cache keeps one copy of each"
         + (f" ({dvc_file} staged with git add)" if staged else "")
     )
-    click.echo("Next:")
-    click.echo("  dvc repro                    # the pipeline on these images")
-    click.echo(f"  git commit -m 'Data: {path.resolve().name}'  # the commit names the images its results came from")
-    click.echo("  dvc remote add -d storage URL && dvc push  # to share the images (once you have a remote)")
+    steps = [
+        ("dvc repro", "the pipeline on these images"),
+        (f"git commit -m 'Data: {path.resolve().name}'", "the commit names the images its results came from"),
+        ("dvc remote add -d storage URL && dvc push", "share the images, once you have a remote"),
+    ]
+    width = max(len(command) for command, _ in steps)
+    click.echo("Next:\n" + "\n".join(f"  {command:<{width}}  # {why}" for command, why in steps))
 
 
 def _dvc_root(start: Path) -> Path:

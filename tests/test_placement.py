@@ -218,15 +218,15 @@ def test_transfer_init_versions_the_images_with_dvc_add(repo: Path, tmp_path: Pa
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == (
-        f"data/raw: 6 images of 2 classes (flat layout) from {photos}, as hard links (no second copy: they share "
-        "PATH's files)"
+        f"data/raw: 6 images of 2 classes (flat layout) from {photos}, as hard links to the files there (no second "
+        "copy on disk)"
     )
     assert lines[1].startswith("dvc add data/raw: data/raw.dvc pins these images")
     assert lines[2:] == [
         "Next:",
-        "  dvc repro                    # the pipeline on these images",
-        "  git commit -m 'Data: photos'  # the commit names the images its results came from",
-        "  dvc remote add -d storage URL && dvc push  # to share the images (once you have a remote)",
+        "  dvc repro                                  # the pipeline on these images",
+        "  git commit -m 'Data: photos'               # the commit names the images its results came from",
+        "  dvc remote add -d storage URL && dvc push  # share the images, once you have a remote",
     ]
     assert snapshot(photos) == before  # modes included: not turned into DVC's read-only cache
     assert all(os.path.samefile(repo / "data/raw" / rel, photos / rel) for rel in contents(photos))
