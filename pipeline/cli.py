@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import click
 
 from pipeline.core.errors import PipelineError, user_errors
+
+DATA_ROOT = Path("data", "raw")  # prepare's --data in dvc.yaml, relative to the repository's root
 
 
 @click.group()
@@ -45,6 +49,81 @@ def sample_digits(directory: Path) -> None:
         raise PipelineError(f"{directory} exists and is not empty; choose another directory or remove it")
     n = write_digits(directory)
     click.echo(f"wrote {n} images in 10 classes to {directory}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help=f"Replace {DATA_ROOT} when it holds images other than the bundled sample.")
+@user_errors
+def init(path: Path, force: bool) -> None:
+    """Start on your images: put the ImageFolder PATH (PATH/<class>/*.jpg, or train/ val/ test/ folders of class
+    folders) at data/raw in place of the bundled sample, and version it with `dvc add`. PATH is never written."""
+    from pipeline.data.placement import place_images
+
+    path = path.expanduser()  # `make run DATA=~/photos` from a shell that left the ~ as it was
+    root = _dvc_root(Path.cwd())
+    placed = place_images(path, Path(os.path.relpath(root / DATA_ROOT)), force=force)
+    what = f"{placed.images} images of {placed.classes} classes ({placed.layout} layout) from {path}"
+    if placed.found == "the same images":
+        click.echo(f"{DATA_ROOT} already holds the {what}; nothing to copy")
+    else:
+        how = {
+            (True, False): "as hard links to the files there (no second copy on disk)",
+            (False, True): "as copies (hard links are impossible here: another filesystem)",
+            (True, True): f"as hard links ({placed.linked}) and copies ({placed.copied}, where linking failed)",
+        }[(bool(placed.linked), bool(placed.copied))]
+        replacing = f", replacing {placed.found}" if placed.found else ""
+        click.echo(f"{DATA_ROOT}: {what}, {how}{replacing}")
+    if placed.not_files:
+        click.echo(f"  left out {len(placed.not_files)} entries that are not files (e.g. {placed.not_files[0]})")
+    # Linked images keep the inode they share with PATH: --no-relink stops DVC from replacing them with links into
+    # its cache (which, with cache.type hardlink, would make PATH's own files the read-only cache).
+    no_relink = ["--no-relink"] if placed.linked else []
+    _run(root, [sys.executable, "-m", "dvc", "add", "--quiet", *no_relink, str(DATA_ROOT)], "dvc add")
+    dvc_file = DATA_ROOT.with_suffix(".dvc")
+    staged = _git_add(root, dvc_file, DATA_ROOT.parent / ".gitignore")
+    click.echo(
+        f"dvc add {DATA_ROOT}: {dvc_file} pins these images; DVC's cache keeps one copy of each"
+        + (f" ({dvc_file} staged with git add)" if staged else "")
+    )
+    steps = [
+        ("dvc repro", "the pipeline on these images"),
+        (f"git commit -m 'Data: {path.resolve().name}'", "the commit names the images its results came from"),
+        ("dvc remote add -d storage URL && dvc push", "share the images, once you have a remote"),
+    ]
+    width = max(len(command) for command, _ in steps)
+    click.echo("Next:\n" + "\n".join(f"  {command:<{width}}  # {why}" for command, why in steps))
+
+
+def _dvc_root(start: Path) -> Path:
+    for folder in (start, *start.parents):
+        if (folder / ".dvc").is_dir():
+            return folder
+    raise PipelineError(f"{start} is not inside a DVC repository; run this in the project's folder")
+
+
+def _run(cwd: Path, args: list[str], what: str) -> None:
+    """Run a command; its last line of output as the one-line error when it fails."""
+    import subprocess
+
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    if done.returncode:
+        said = (done.stderr + done.stdout).strip().splitlines() or [f"exit status {done.returncode}"]
+        raise PipelineError(f"{what} failed: {said[-1]}")
+
+
+def _git_add(root: Path, *paths: Path) -> bool:
+    """git-add the paths that exist, when `root` is inside a git work tree; whether it was."""
+    import subprocess
+
+    try:
+        inside = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=root, capture_output=True, text=True)
+    except FileNotFoundError:  # no git on this machine
+        return False
+    if inside.stdout.strip() != "true":
+        return False
+    _run(root, ["git", "add", *[str(p) for p in paths if (root / p).exists()]], "git add")
+    return True
 
 
 @main.command()
