@@ -223,7 +223,7 @@ def test_without_ray_the_engine_is_a_one_line_error(tmp_path, images):
                             text=True, timeout=120)  # fmt: skip
     assert failed.returncode == 1
     assert failed.stderr.strip().splitlines() == [
-        "Error: extract.engine is ray but Ray Data is not installed: pip install 'transfer-pipeline[ray]' "
+        "Error: extract.engine is ray but Ray Data is not installed: pip install -e '.[ray]' in the project's folder "
         "(or set extract.engine: local)"
     ]
 

@@ -111,7 +111,7 @@ class ExtractParams:
     # Decode large JPEGs at a reduced scale (never below the resize target) before resizing.
     jpeg_draft: bool = True
     # Where the embeddings are computed: local (this process and its loader) or ray (Ray Data on the cluster that
-    # RAY_ADDRESS names, else a local one; `pip install 'transfer-pipeline[ray]'`). Same cache, same store.
+    # RAY_ADDRESS names, else a local one; `pip install -e '.[ray]'`). Same cache, same store.
     engine: Literal["local", "ray"] = "local"
     ray: RayParams = field(default_factory=RayParams)
 

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from pipeline.features.setup import Setup
 
 RAY_MISSING = (
-    "extract.engine is ray but Ray Data is not installed: pip install 'transfer-pipeline[ray]' "
+    "extract.engine is ray but Ray Data is not installed: pip install -e '.[ray]' in the project's folder "
     "(or set extract.engine: local)"
 )
 
