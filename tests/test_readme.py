@@ -179,8 +179,9 @@ def stage_paths() -> tuple[set[str], set[str]]:
     from dvc.repo import Repo
 
     with Repo(str(REPO)) as repo:
-        stages = list(repo.index.stages)
-        paths = {str(out.def_path) for stage in stages for out in stage.outs}
+        every = list(repo.index.stages)  # dvc.yaml's stages, and data/raw.dvc's (an output, no command)
+        paths = {str(out.def_path) for stage in every for out in stage.outs}
+        stages = [stage for stage in every if stage.cmd]
         for stage in stages:
             paths |= {w for w in stage.cmd.split() if "/" in w and not w.startswith("-")}
     return {stage.addressing.split("@")[0] for stage in stages}, paths

@@ -100,13 +100,9 @@ def duplicate_threshold(
     hymenoptera), so about 1% of held-out images make false pairs. Real copies among the training images would
     raise that percentile towards 1 and hide the copies across splits: the threshold never exceeds halfway from
     the median to 1 (in distances, 1 - cosine: half the typical distance to a nearest neighbour), which such copies
-    cannot move unless they are half the training images. Measured with efficientnet_lite0
-    (`benchmarks/duplicate_threshold.py`, docs/benchmarks.md): hymenoptera photos' 99th percentile is 0.785
-    (median 0.652), where copies of a photo cropped 2-8% per side, 3-10% brighter or darker and re-encoded as JPEG
-    at quality 60-90 all at once score 0.815 or more (each of those alone 0.849 or more) and no distinct photo's
-    nearest neighbour reaches 0.81; on the 8x8 digits (halfway from their median 0.908: 0.954) and generated
-    shapes (their 99th percentile: 0.939), whose distinct images lie close together, it sits above almost all of
-    their distinct pairs, and so above their most modified copies. It reads the embedding space it is applied to, so it follows
+    cannot move unless they are half the training images. What copies and distinct images score on photos, the
+    digits sample and generated shapes: `benchmarks/duplicate_threshold.py` (docs/benchmarks.md). It reads the
+    embedding space it is applied to, so it follows
     the backbone, the input size and the kind of image. `seed` draws the training images measured when there are
     more than NEIGHBOUR_QUERIES; `device` as for `cross_split_duplicates`.
     """
