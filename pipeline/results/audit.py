@@ -102,9 +102,9 @@ def duplicate_threshold(
     the median to 1 (in distances, 1 - cosine: half the typical distance to a nearest neighbour), which such copies
     cannot move unless they are half the training images. What copies and distinct images score on photos, the
     digits sample and generated shapes: `benchmarks/duplicate_threshold.py` (docs/benchmarks.md). It reads the
-    embedding space it is applied to, so it follows
-    the backbone, the input size and the kind of image. `seed` draws the training images measured when there are
-    more than NEIGHBOUR_QUERIES; `device` as for `cross_split_duplicates`.
+    embedding space it is applied to, so it follows the backbone, the input size and the kind of image. `seed`
+    draws the training images measured when there are more than NEIGHBOUR_QUERIES; `device` as for
+    `cross_split_duplicates`.
     """
     if setting != "auto":
         return float(setting), "audit.duplicate_threshold in params.yaml"
