@@ -113,7 +113,7 @@ def extract(
     """Embed every usable manifest row with the backbone `label` of params.backbones (None: the first), computing
     only what the embedding cache lacks; then score the train split's transferability (LogME)."""
     start = time.perf_counter()
-    manifest = read_manifest(manifest_path)
+    manifest = read_manifest(manifest_path, data_root)  # its rows checked before the cache is asked for any
     rows = manifest.ok_rows()
     setup = Setup.resolve(params, label or next(iter(params.backbones)), manifest)
     backbone, runtime = setup.backbone, setup.runtime
