@@ -22,6 +22,7 @@ from PIL import Image
 from pipeline.cli import main as transfer
 from pipeline.core.config import ExtractParams
 from pipeline.core.errors import DataError
+from pipeline.core.io import read_record
 from pipeline.data.manifest import read_manifest
 from pipeline.features.backbones import build_backbone, fingerprint
 from pipeline.features.cache import EmbeddingCache
@@ -58,7 +59,7 @@ def test_store_rows_are_the_backbone_applied_to_each_image(image_folder, tmp_pat
         assert key in store.attrs
     assert store.attrs["versions"]["torch"] == torch.__version__
     # What the report quotes for every model built on this store: the backbone's size and forward pass.
-    metrics = result.metrics()
+    metrics = result.record()
     assert metrics["backbone_params"] == sum(p.numel() for p in backbone.features.parameters())
     assert metrics["forward_ms_per_image"] > 0 and metrics["forward_device"] == "cpu"
 
@@ -79,7 +80,7 @@ def test_second_run_reuses_every_embedding_and_writes_the_same_bytes(image_folde
     # The extraction cost is what computing the embeddings took, not the few ms of reading them back.
     assert 0 < first.extraction_seconds <= first.compute_seconds
     assert second.extraction_seconds == pytest.approx(first.extraction_seconds)
-    assert second.metrics()["extraction_seconds"] == round(first.extraction_seconds, 3)
+    assert second.record()["extraction_seconds"] == round(first.extraction_seconds, 3)
 
 
 def test_adding_ten_images_costs_ten_forward_passes(image_folder, tmp_path):
@@ -113,7 +114,7 @@ def _stage(work: Path, root: Path, params_file: Path) -> list[str]:
     return [
         sys.executable, "-m", "stages.extract", "--data", str(root), "--manifest", str(work / "manifest.csv"),
         "--backbone", "test_resnet", "--out", str(work / "features.h5"), "--cache-dir", str(work / "cache"),
-        "--metrics", str(work / "extract.json"), "--params", str(params_file),
+        "--metrics", str(work / "extract"), "--params", str(params_file),
     ]  # fmt: skip
 
 
@@ -340,7 +341,9 @@ def test_image_size_auto_follows_the_images_and_the_stage_says_so(tmp_path, side
     done = subprocess.run(_stage(work, root, params), cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert f"extract@test_resnet: test_resnet at {size} px (image_size auto: {why}" in done.stdout
-    metrics = json.loads((work / "extract.json").read_text())
+    # Its one metric (LogME) in metrics.json, what it chose and measured beside it in details.json.
+    assert list(json.loads((work / "extract" / "metrics.json").read_text())) == ["logme"]
+    metrics = read_record(work / "extract")
     assert (metrics["image_size"], metrics["feature_dim"], metrics["backbone"]) == (size, 96, "test_resnet")
     assert np.isfinite(metrics["logme"])
     store = read_store(work / "features.h5")
@@ -352,7 +355,7 @@ def test_the_store_metrics_carry_the_logme_of_its_train_split(image_folder, tmp_
     result = run(image_folder, tmp_path)
     store = read_store(result.store)
     x, y = store.subset("train")
-    assert result.metrics()["logme"] == pytest.approx(logme(x, y), abs=1e-6)
+    assert result.record()["logme"] == pytest.approx(logme(x, y), abs=1e-6)
 
 
 def test_transfer_inspect_names_the_stores_label_backbone_and_size(image_folder, tmp_path):
