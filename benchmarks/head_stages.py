@@ -71,7 +71,7 @@ def main(data: Path, repeats: int) -> None:
         params = yaml.safe_load((project / "params.yaml").read_text())
         heads, (backbone,) = list(params["heads"]), list(params["extract"]["backbones"])
         full = timed(project, *dvc, "repro", *TARGETS)
-        extract = json.loads((project / "metrics" / "extract" / f"{backbone}.json").read_text())
+        extract = json.loads((project / "metrics" / "extract" / backbone / "details.json").read_text())
         click.echo(f"{data}: {extract['images']} images, {len(heads)} heads, python {sys.version.split()[0]}")
         click.echo(
             f"dvc repro (prepare, extract, {len(heads)} heads trained and scored): {full:.1f} s wall; "
@@ -83,7 +83,7 @@ def main(data: Path, repeats: int) -> None:
             stage = statistics.median(
                 timed(project, *dvc, "repro", "-f", "-s", f"head@{model}") for _ in range(repeats)
             )
-            fit = json.loads((project / "metrics" / "models" / model / "metrics.json").read_text())["fit_seconds"]
+            fit = json.loads((project / "metrics" / "models" / model / "details.json").read_text())["fit_seconds"]
             click.echo(f"{head:<12} {stage:>13.2f} {fit:>7.2f}")
         status = statistics.median(timed(project, *dvc, "status") for _ in range(repeats))
         torch = statistics.median(timed(project, sys.executable, "-c", "import torch") for _ in range(repeats))

@@ -9,7 +9,7 @@ as DVC runs it, on synthetic feature stores of 10^4, 10^5 and 10^6 rows.
 For each size it lays out a scratch folder like the repository (--work, default a temporary folder; --keep keeps it,
 and a kept store of the same size is reused by the next run): params.yaml copied from the repository with
 extract.backbones = {synthetic: efficientnet_lite0 at 224 px} and finetune.backbone = synthetic,
-data/features/synthetic.h5 and metrics/extract/synthetic.json. Then it runs each stage's command line from
+data/features/synthetic.h5 and metrics/extract/synthetic/. Then it runs each stage's command line from
 dvc.yaml, each in its own process: head@synthetic-<head> for every head of params.yaml's `heads` (its default grid),
 learning_curve, audit, report. A stage running longer than --max-seconds (default 1800) is killed. Stages see the
 repository's code (PYTHONPATH), not an installed copy. Nothing limits their threads (DVC does not): on a shared
@@ -28,7 +28,7 @@ means (~15), and a linear probe is far from 100%: at 10^4 rows x 100 classes the
 rows have a tenth of the images per class, hence a lower accuracy.
 
 What the stages read besides the store, and what is faked:
-- metrics/extract/synthetic.json: ExtractResult.metrics() of pipeline/features/extraction.py. LogME is computed
+- metrics/extract/synthetic/: ExtractResult.record() of pipeline/features/extraction.py. LogME is computed
   (pipeline.features.transferability, on the train rows, as extract does); the extraction cost is assumed, not
   measured: rows / ASSUMED_IMAGES_PER_SECOND (efficientnet_lite0 on 2 CPU cores is of that order).
 - Fine-tuning is not run. The audit always reads metrics/models/finetune/predictions.csv: a copy of the first
@@ -89,6 +89,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere, without installing the package
 
 from pipeline.core.config import load_params  # noqa: E402
+from pipeline.core.io import write_record  # noqa: E402
 from pipeline.data.manifest import _split_sizes  # noqa: E402  (prepare's rule: how many of a class go to val, test)
 from pipeline.data.preprocessing import Preprocessing  # noqa: E402
 from pipeline.features.store import SPLIT_CODES, read_attrs, write_store  # noqa: E402
@@ -279,7 +280,7 @@ def manifest_sha256(names: list[str], paths: list[str], hashes: list[str], split
 
 
 def extract_metrics(spec: Spec, written: Written) -> dict:
-    """metrics/extract/synthetic.json: ExtractResult.metrics(), with an assumed extraction cost."""
+    """metrics/extract/synthetic/: ExtractResult.record(), with an assumed extraction cost."""
     from pipeline.features.extraction import ExtractResult
 
     assumed = spec.rows / ASSUMED_IMAGES_PER_SECOND
@@ -291,7 +292,7 @@ def extract_metrics(spec: Spec, written: Written) -> dict:
         logme=written.logme, backbone_params=LITE0_BACKBONE_PARAMS,
         forward_ms_per_image=1000 / ASSUMED_IMAGES_PER_SECOND, forward_device="cpu",
     )  # fmt: skip
-    return result.metrics()
+    return result.record()
 
 
 # --- the scratch project ---------------------------------------------------------------------------------------
@@ -318,27 +319,27 @@ def write_project_files(folder: Path) -> None:
 
 
 def store_paths(folder: Path) -> tuple[Path, Path]:
-    return folder / "data" / "features" / f"{LABEL}.h5", folder / "metrics" / "extract" / f"{LABEL}.json"
+    return folder / "data" / "features" / f"{LABEL}.h5", folder / "metrics" / "extract" / LABEL
 
 
 def store_is_current(folder: Path, spec: Spec) -> bool:
     """A store kept by an earlier run (--keep) of the same size, seed and generator."""
     store, metrics = store_paths(folder)
-    return store.is_file() and metrics.is_file() and read_attrs(store).get("synthetic") == spec.identity()
+    kept = store.is_file() and (metrics / "details.json").is_file()
+    return kept and read_attrs(store).get("synthetic") == spec.identity()
 
 
 def write_store_and_metrics(folder: Path, spec: Spec) -> str:
     """The store and its extract metrics in `folder` (run in a process of its own: it imports torch for the
     library versions); the figures of the store, as printed."""
-    from pipeline.features.extraction import library_versions  # imports torch
+    from pipeline.features.extraction import METRIC_KEYS, library_versions  # imports torch
 
     store, metrics = store_paths(folder)
     store.parent.mkdir(parents=True, exist_ok=True)
-    metrics.parent.mkdir(parents=True, exist_ok=True)
     prepare = load_params(REPO / "params.yaml").prepare
     fractions = (prepare.val_fraction, prepare.test_fraction)
     written = write_synthetic_store(store, spec, fractions, library_versions())
-    metrics.write_text(json.dumps(extract_metrics(spec, written), indent=2) + "\n")
+    write_record(metrics, extract_metrics(spec, written), METRIC_KEYS)
     return (
         f"store_mb={store.stat().st_size / 2**20:.0f} logme={written.logme:.4f} class_cosine={written.class_cosine:.3f}"
     )

@@ -30,7 +30,7 @@ PathArg = click.Path(path_type=Path)
 @click.option("--metrics", type=PathArg, required=True, help="Folder of each model's test answers.")
 @click.option("--data", type=PathArg, required=True, help="ImageFolder root the store's paths are relative to.")
 @click.option("--out", type=PathArg, required=True, help="Folder for the CSVs and picture grids.")
-@click.option("--summary", type=PathArg, required=True, help="The audit's counts (DVC metrics).")
+@click.option("--summary", type=PathArg, required=True, help="The audit's counts (JSON, read by the report).")
 @click.option("--params", type=PathArg, default=Path("params.yaml"), show_default=True)
 @user_errors
 def main(features, heads, metrics, data, out, summary, params) -> None:

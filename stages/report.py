@@ -6,7 +6,7 @@ import click
 
 from pipeline.core.config import load_params
 from pipeline.core.errors import user_errors
-from pipeline.core.io import read_json, write_text
+from pipeline.core.io import read_json, read_record, write_text
 from pipeline.heads.persistence import head_files
 from pipeline.results.answers import Answers, read_copies_in_test
 from pipeline.results.report import build_report, summary, write_figures
@@ -17,9 +17,9 @@ PathArg = click.Path(path_type=Path)
 @click.command()
 @click.option("--features", type=PathArg, required=True, help="Folder of feature stores (<backbone>.h5).")
 @click.option("--heads", type=PathArg, required=True, help="Folder of trained heads (<backbone>/<head>.h5).")
-@click.option("--metrics", type=PathArg, required=True, help="Folder of test metrics (<model>/metrics.json).")
+@click.option("--metrics", type=PathArg, required=True, help="Folder of test metrics (<model>/).")
 @click.option("--finetuned", type=PathArg, help="Fine-tuned model folder, if the pipeline has one.")
-@click.option("--extract-metrics", type=PathArg, required=True, help="Folder of extract metrics (<backbone>.json).")
+@click.option("--extract-metrics", type=PathArg, required=True, help="Folder of extract metrics (<backbone>/).")
 @click.option("--curve", type=PathArg, required=True, help="The learning_curve stage's output.")
 @click.option("--finetune-curve", type=PathArg, required=True, help="The finetune_curve stage's output.")
 @click.option("--audit", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="metrics/audit.json.")
@@ -29,7 +29,7 @@ PathArg = click.Path(path_type=Path)
 @user_errors
 def main(features, heads, metrics, finetuned, extract_metrics, curve, finetune_curve, audit, test_copies, out, params):
     p = load_params(params)
-    extraction = {label: read_json(extract_metrics / f"{label}.json") for label in p.extract.backbones}
+    extraction = {label: read_record(extract_metrics / label) for label in p.extract.backbones}
     points, tuned = read_json(curve), read_json(finetune_curve)
     files = head_files(features, heads, p.extract.backbones, p.heads)
     counts = read_json(audit) if audit else None

@@ -92,7 +92,7 @@ def _stage(work: Path, root: Path) -> list[str]:
     return [
         sys.executable, "-m", "stages.extract", "--backbone", "test_efficientnet", "--data", str(root),
         "--manifest", str(work / "manifest.csv"), "--out", str(work / "features.h5"),
-        "--cache-dir", str(work / "cache"), "--metrics", str(work / "metrics.json"),
+        "--cache-dir", str(work / "cache"), "--metrics", str(work / "metrics"),
         "--params", str(work / "params.yaml"),
     ]  # fmt: skip
 

@@ -27,6 +27,7 @@ from pipeline.finetuning.training import finetune
 from pipeline.heads.persistence import HeadFile, head_files, save_head
 from pipeline.heads.selection import train_head
 from pipeline.heads.trained import chosen_head
+from pipeline.results.metrics import write_model_metrics
 from pipeline.results.scoring import evaluate_head
 from pipeline.results.scoring_finetuned import evaluate_finetuned
 from pipeline.serving.export import (
@@ -73,8 +74,9 @@ def pipeline_run(tmp_path_factory) -> dict:
     train_and_score(store_path, HEADS, work)
     tuning = FinetuneParams(epochs=1, init_head="random", augment=False, image_size=32, num_workers=0, device="cpu")
     finetune(manifest, root, "test_resnet", tuning, work / "finetune", work / "ckpt")
-    record = evaluate_finetuned(work / "finetune", manifest, root, params=tuning).record
-    _write(work / "metrics" / "finetune" / "metrics.json", record)
+    write_model_metrics(
+        work / "metrics" / "finetune", evaluate_finetuned(work / "finetune", manifest, root, params=tuning)
+    )
     test = [root / r.path for r in read_manifest(manifest).ok_rows() if r.split == "test"]
     return {"work": work, "root": root, "manifest": manifest, "store": store_path, "test": test}
 
@@ -85,18 +87,13 @@ def train_and_score(store: Path, heads: dict[str, HeadParams], work: Path) -> No
     for name, params in heads.items():
         head = work / "heads" / label / f"{name}.h5"
         save_head(train_head(read_store(store), name, params), head)
-        _write(work / "metrics" / f"{label}-{name}" / "metrics.json", evaluate_head(store, head).record)
+        write_model_metrics(work / "metrics" / f"{label}-{name}", evaluate_head(store, head))
 
 
 def files(run: dict, heads: dict[str, HeadParams] = HEADS) -> dict[str, HeadFile]:
     """Each head of the run by model name, as the export stage finds them."""
     found = head_files(run["store"].parent, run["work"] / "heads", [run["store"].stem], heads)
     return {f.model_name: f for f in found}
-
-
-def _write(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload))
 
 
 def run_export(run: dict, out: Path, models: list[str], heads: dict[str, HeadParams] = HEADS) -> tuple[int, str]:
@@ -306,8 +303,8 @@ def test_parity_on_the_hymenoptera_photos_with_the_default_backbone(hymenoptera,
     train_and_score(store, heads, tmp_path)
     tuning = FinetuneParams(epochs=1, init_head="random", augment=False, num_workers=0, device="cpu")
     finetune(manifest, hymenoptera, "efficientnet_lite0", tuning, tmp_path / "finetune", tmp_path / "ckpt")
-    record = evaluate_finetuned(tmp_path / "finetune", manifest, hymenoptera, params=tuning).record
-    _write(tmp_path / "metrics" / "finetune" / "metrics.json", record)
+    scored = evaluate_finetuned(tmp_path / "finetune", manifest, hymenoptera, params=tuning)
+    write_model_metrics(tmp_path / "metrics" / "finetune", scored)
     run = {"work": tmp_path, "root": hymenoptera, "manifest": manifest, "store": store}
     code, output = run_export(run, tmp_path / "out", [*files(run, heads), "finetune"], heads)
     assert code == 0, output

@@ -1,8 +1,10 @@
 """Extraction: correct rows, deterministic bytes, and the embedding cache's promises (resume, increments)."""
 
+import csv
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +22,8 @@ from PIL import Image
 from pipeline.cli import main as transfer
 from pipeline.core.config import ExtractParams
 from pipeline.core.errors import DataError
+from pipeline.core.io import read_record
+from pipeline.data.manifest import read_manifest
 from pipeline.features.backbones import build_backbone, fingerprint
 from pipeline.features.cache import EmbeddingCache
 from pipeline.features.extraction import extract
@@ -55,7 +59,7 @@ def test_store_rows_are_the_backbone_applied_to_each_image(image_folder, tmp_pat
         assert key in store.attrs
     assert store.attrs["versions"]["torch"] == torch.__version__
     # What the report quotes for every model built on this store: the backbone's size and forward pass.
-    metrics = result.metrics()
+    metrics = result.record()
     assert metrics["backbone_params"] == sum(p.numel() for p in backbone.features.parameters())
     assert metrics["forward_ms_per_image"] > 0 and metrics["forward_device"] == "cpu"
 
@@ -76,7 +80,7 @@ def test_second_run_reuses_every_embedding_and_writes_the_same_bytes(image_folde
     # The extraction cost is what computing the embeddings took, not the few ms of reading them back.
     assert 0 < first.extraction_seconds <= first.compute_seconds
     assert second.extraction_seconds == pytest.approx(first.extraction_seconds)
-    assert second.metrics()["extraction_seconds"] == round(first.extraction_seconds, 3)
+    assert second.record()["extraction_seconds"] == round(first.extraction_seconds, 3)
 
 
 def test_adding_ten_images_costs_ten_forward_passes(image_folder, tmp_path):
@@ -110,7 +114,7 @@ def _stage(work: Path, root: Path, params_file: Path) -> list[str]:
     return [
         sys.executable, "-m", "stages.extract", "--data", str(root), "--manifest", str(work / "manifest.csv"),
         "--backbone", "test_resnet", "--out", str(work / "features.h5"), "--cache-dir", str(work / "cache"),
-        "--metrics", str(work / "extract.json"), "--params", str(params_file),
+        "--metrics", str(work / "extract"), "--params", str(params_file),
     ]  # fmt: skip
 
 
@@ -234,6 +238,64 @@ def test_a_file_changed_after_prepare_stops_inline_decoding_with_its_name(image_
         extract(manifest, image_folder, tmp_path / "features.h5", tmp_path / "cache", params)
 
 
+def _plant(manifest: Path, **row: str) -> None:
+    """Append a row to a manifest as a person editing the CSV would: a copy of its first usable row, changed."""
+    with manifest.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    planted = {**next(r for r in rows if r["status"] == "ok"), **row}
+    with manifest.open("a", newline="") as f:
+        csv.DictWriter(f, fieldnames=list(rows[0])).writerow(planted)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_manifest_row_leaving_the_data_root_is_refused_even_when_the_cache_holds_its_content(image_folder, tmp_path):
+    first = run(image_folder, tmp_path)
+    manifest = tmp_path / "manifest.csv"
+    # A file outside the data root whose content the cache already holds: looking it up would read nothing.
+    source = sorted(image_folder.glob("circle/*"))[0]
+    outside = tmp_path / "outside" / "secret.png"
+    outside.parent.mkdir()
+    outside.write_bytes(source.read_bytes())
+    sha = read_store(first.store).sha256[read_store(first.store).paths.index(f"circle/{source.name}")]
+    _plant(manifest, path="../outside/secret.png", sha256=sha, split="train")
+    cache = _files(tmp_path / "cache")
+    with pytest.raises(DataError, match=r"manifest\.csv, line 38 \(\.\./outside/secret\.png\): .* not a path inside"):
+        extract(manifest, image_folder, tmp_path / "second.h5", tmp_path / "cache", TINY)
+    assert not (tmp_path / "second.h5").exists()
+    assert _files(tmp_path / "cache") == cache  # nothing looked up, nothing written
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"path": "/etc/passwd"}, "not a path inside the data root"),
+        ({"path": "circle/../../raw/circle/circle_000.png"}, "not a path inside the data root"),
+        ({"sha256": ""}, "content hash '' is not 64 hex digits"),
+        ({"sha256": "abc"}, "content hash 'abc' is not 64 hex digits"),
+        ({"status": "OK"}, "status 'OK', expected ok or quarantined"),
+        ({"split": "holdout"}, "split 'holdout', expected one of train, val, test"),
+    ],
+)
+def test_a_bad_manifest_row_is_one_line_that_names_it(image_folder, tmp_path, row, message):
+    manifest = prepare_manifest(image_folder, tmp_path / "manifest.csv")
+    _plant(manifest, **row)
+    with pytest.raises(DataError, match=f"line 38 .*{re.escape(message)}.*run `dvc repro`"):
+        read_manifest(manifest, image_folder)
+    assert len(read_manifest(prepare_manifest(image_folder, manifest), image_folder).ok_rows()) == 36
+
+
+def test_a_link_out_of_the_data_root_in_the_manifest_is_refused(image_folder, tmp_path):
+    manifest = prepare_manifest(image_folder, tmp_path / "manifest.csv")
+    (tmp_path / "outside.png").write_bytes(sorted(image_folder.glob("circle/*"))[0].read_bytes())
+    (image_folder / "circle" / "link.png").symlink_to(tmp_path / "outside.png")
+    _plant(manifest, path="circle/link.png")
+    with pytest.raises(DataError, match="circle/link.png.*outside the data root"):
+        read_manifest(manifest, image_folder)
+
+
 def _features_offset(shard: Path) -> int:
     """Where the first stored block of a shard's `features` lies in the file."""
     with h5py.File(shard, "r") as f:
@@ -279,7 +341,9 @@ def test_image_size_auto_follows_the_images_and_the_stage_says_so(tmp_path, side
     done = subprocess.run(_stage(work, root, params), cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert f"extract@test_resnet: test_resnet at {size} px (image_size auto: {why}" in done.stdout
-    metrics = json.loads((work / "extract.json").read_text())
+    # Its one metric (LogME) in metrics.json, what it chose and measured beside it in details.json.
+    assert list(json.loads((work / "extract" / "metrics.json").read_text())) == ["logme"]
+    metrics = read_record(work / "extract")
     assert (metrics["image_size"], metrics["feature_dim"], metrics["backbone"]) == (size, 96, "test_resnet")
     assert np.isfinite(metrics["logme"])
     store = read_store(work / "features.h5")
@@ -291,7 +355,7 @@ def test_the_store_metrics_carry_the_logme_of_its_train_split(image_folder, tmp_
     result = run(image_folder, tmp_path)
     store = read_store(result.store)
     x, y = store.subset("train")
-    assert result.metrics()["logme"] == pytest.approx(logme(x, y), abs=1e-6)
+    assert result.record()["logme"] == pytest.approx(logme(x, y), abs=1e-6)
 
 
 def test_transfer_inspect_names_the_stores_label_backbone_and_size(image_folder, tmp_path):

@@ -11,10 +11,11 @@ import pytest
 
 from pipeline.core.config import HeadParams
 from pipeline.core.errors import PipelineError
+from pipeline.core.io import read_record
 from pipeline.features.store import SPLIT_CODES, read_store, write_store
 from pipeline.finetuning.live import log_epochs
 from pipeline.heads.selection import train_head
-from pipeline.results.metrics import read_predictions
+from pipeline.results.metrics import SCORE_KEYS, read_predictions
 from pipeline.results.scoring import train_accuracy
 from tests.conftest import REPO, make_store
 
@@ -60,12 +61,16 @@ def test_the_head_stage_imports_no_torch(tmp_path: Path):
     args = ["--name", "logreg", "--features", str(store), "--out", str(head), "--curve", str(curve)]
     assert run_stage("stages.head", *args, "--metrics", str(live), "--params", str(params)) == []
     assert head.is_file() and json.loads(curve.read_text())[0]["C"] == 0.1
-    metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
-    assert metrics["model"] == "logreg" and metrics["n_test"] == 6 and metrics["accuracy"] == 1.0
+    # metrics.json holds the scores alone (what `dvc metrics show` tabulates); details.json the rest of the record.
+    assert list(json.loads((live / "metrics.json").read_text())) == list(SCORE_KEYS)
+    details = json.loads((live / "details.json").read_text())
+    assert details["model"] == "logreg" and details["n_test"] == 6 and details["hyperparameters"]["C"] in (0.1, 1.0)
+    metrics = read_record(live)
+    assert metrics["accuracy"] == 1.0
     # 6 of 6 right: Wilson's 95% interval is [1 / (1 + z^2 / 6), 1] = [0.6097, 1], not a bare 1.0.
-    assert metrics["accuracy_ci95_low"] == pytest.approx(6 / (6 + 1.959964**2), abs=1e-5)
-    assert metrics["accuracy_ci95_high"] == 1.0
-    assert metrics["macro_f1_ci95_low"] <= metrics["macro_f1"] <= metrics["macro_f1_ci95_high"]
+    assert metrics["accuracy_low"] == pytest.approx(6 / (6 + 1.959964**2), abs=1e-5)
+    assert metrics["accuracy_high"] == 1.0
+    assert metrics["macro_f1_low"] <= metrics["macro_f1"] <= metrics["macro_f1_high"]
     assert metrics["head_ms_per_image"] > 0  # the head's own cost, which the report adds to its backbone's
     answers = read_predictions(tmp_path / "live" / "predictions.csv")
     store_rows = read_store(store)
@@ -93,7 +98,7 @@ def test_scoring_needs_no_commit_and_fine_tuning_curves_say_to_commit(tmp_path: 
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads((project / "metrics" / "metrics.json").read_text())["n_test"] == 6
+    assert read_record(project / "metrics")["n_test"] == 6
 
     monkeypatch.chdir(project)
     with pytest.raises(PipelineError, match=r"commit once \(git add -A && git commit -m start\), then run"):

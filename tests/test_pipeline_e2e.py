@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
+from pipeline.core.io import read_record
+from pipeline.results.metrics import SCORE_KEYS
 from tests.conftest import REPO, write_image_folder
 
 pytestmark = pytest.mark.integration  # the full tier: make test-all
@@ -80,7 +82,7 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     assert (project / "reports" / "audit" / "label_issues.png").is_file()
     assert (project / "reports" / "summary.txt").read_text().startswith("Feature extraction or fine-tuning?")
     for model in ("test_resnet-logreg", "test_resnet-probe", "finetune"):
-        metrics = json.loads((project / "metrics" / "models" / model / "metrics.json").read_text())
+        metrics = read_record(project / "metrics" / "models" / model)
         assert metrics["n_test"] == 6 and metrics["model"] == model
         # The confusion plot holds one record per test image, and the accuracy is the share on its diagonal.
         confusion = json.loads(
@@ -90,7 +92,7 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
         assert metrics["accuracy"] == sum(r["actual"] == r["predicted"] for r in confusion) / 6
     epochs = (project / "metrics" / "finetune" / "plots" / "metrics" / "val_loss.tsv").read_text().splitlines()
     assert epochs[0].split("\t") == ["step", "val_loss"] and len(epochs) == 2  # header and the one epoch
-    extracted = json.loads((project / "metrics" / "extract" / "test_resnet.json").read_text())
+    extracted = read_record(project / "metrics" / "extract" / "test_resnet")
     assert extracted["computed"] == 30 and extracted["image_size"] == 32 and np.isfinite(extracted["logme"])
     # The head chosen on val and the fine-tuned network, each checked on the 6 test images against PyTorch.
     parity = json.loads((project / "metrics" / "export.json").read_text())
@@ -121,8 +123,8 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     diff = json.loads(dvc(project, "metrics", "diff", "--json"))
     changed = diff["metrics/models/test_resnet-probe/metrics.json"]
     assert changed["log_loss"]["old"] != changed["log_loss"]["new"]
-    assert changed["hyperparameters.C"] == {"old": 1.0, "new": 1e-6, "diff": 1e-6 - 1.0}
-    assert set(diff) == {"metrics/models/test_resnet-probe/metrics.json"}
+    assert set(diff) == {"metrics/models/test_resnet-probe/metrics.json"} and set(changed) <= set(SCORE_KEYS)
+    assert read_record(project / "metrics" / "models" / "test_resnet-probe")["hyperparameters"]["C"] == 1e-6
 
     # Fine-tuning starts from random weights (init_head: random): a new logistic head does not rerun it. The
     # warm_start stage reruns (DVC has no conditional dependency) and writes the same bytes, so DVC stops there.
@@ -150,12 +152,12 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     # How images are decoded is not what they are: extract reruns, reuses every embedding and writes the same
     # bytes, so DVC reruns nothing downstream of the store; only the report, which reads the extraction
     # metrics, and quotes the same extraction cost as before (recorded in the cache, not re-timed).
-    cost = json.loads((project / "metrics" / "extract" / "test_resnet.json").read_text())["extraction_seconds"]
+    cost = read_record(project / "metrics" / "extract" / "test_resnet")["extraction_seconds"]
     params["extract"].update(loader="workers", num_workers=1)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = dvc(project, "repro")
     assert stages_run(third) == {"check_params", "extract@test_resnet", "report"}
-    extraction = json.loads((project / "metrics" / "extract" / "test_resnet.json").read_text())
+    extraction = read_record(project / "metrics" / "extract" / "test_resnet")
     assert (extraction["reused"], extraction["extraction_seconds"]) == (30, cost)
 
     # A second backbone adds its extract stage and its heads; nothing that exists reruns, only what compares every
@@ -170,7 +172,8 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     assert "Spearman rank correlation of the two over 2 backbones" in report
     assert "| tiny_effnet-logreg |" in report and "| test_resnet-logreg |" in report
     shown = dvc(project, "metrics", "show")
-    assert "metrics/extract/tiny_effnet.json" in shown and "logme" in shown
+    assert "metrics/extract/tiny_effnet/metrics.json" in shown and "logme" in shown
+    assert max(len(line) for line in shown.splitlines()) <= 200
 
 
 def test_a_params_mistake_stops_dvc_repro_in_one_line_before_any_output_is_deleted(project: Path):

@@ -113,7 +113,7 @@ def test_the_report_stage_builds_no_network():
 def _row(name: str, strategy: str, correct: np.ndarray, seconds: float) -> ModelRow:
     n, k = len(correct), int(correct.sum())
     low, high = wilson_interval(k, n)
-    scores = {"accuracy": k / n, "accuracy_ci95_low": low, "accuracy_ci95_high": high, "n_test": n}
+    scores = {"accuracy": k / n, "accuracy_low": low, "accuracy_high": high, "n_test": n}
     return ModelRow(name, strategy, "", 1, 10, seconds, seconds, 1.0, scores, 1.0)
 
 
@@ -195,7 +195,9 @@ def test_report_refuses_an_unknown_extraction_cost_in_one_line(tmp_path):
     args = ["--features", "f", "--heads", "h", "--metrics", "m", "--extract-metrics", str(metrics)]
     args += ["--curve", "c.json", "--finetune-curve", "t.json", "--out", str(tmp_path / "out")]
     result = CliRunner().invoke(report_stage, [*args, "--params", str(REPO / "params.yaml")])
-    assert result.exit_code == 1 and "extract/efficientnet_lite0.json not found; run `dvc repro`" in result.output
+    assert (
+        result.exit_code == 1 and "extract/efficientnet_lite0/metrics.json not found; run `dvc repro`" in result.output
+    )
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
 
 
@@ -231,7 +233,7 @@ def test_leaving_out_the_copies_of_training_images_scores_the_rest_again(tmp_pat
     clean = rescored(record, answers.of("logreg"), ["ant", "bee"], EvaluateParams(bootstrap_resamples=200))
     assert (clean["accuracy"], clean["n_test"], clean["fit_seconds"]) == (0.5, 2, 0.1)
     assert "log_loss" not in clean  # the answers do not hold the probability of the true class
-    assert clean["accuracy_ci95_low"] < 0.5 < clean["accuracy_ci95_high"]
+    assert clean["accuracy_low"] < 0.5 < clean["accuracy_high"]
     assert clean["ece"] == pytest.approx((abs(1 - 0.8) + abs(0 - 0.7)) / 2)  # two bins of one image each
     copies = tmp_path / "test_copies.csv"
     write_csv(copies, ("path", "reason"), [("a.png", "near-copy (cosine 0.990) of train/x.png (train)")])

@@ -132,6 +132,22 @@ def read_json(path: Path) -> object:
         raise PipelineError(f"{path} is not valid JSON ({err}); run `dvc repro` to write it again") from err
 
 
+def write_record(folder: Path, record: dict, metrics: Sequence[str]) -> None:
+    """A stage's record as two files in `folder`: metrics.json, the keys `metrics` names (what dvc.yaml declares as
+    metrics, so `dvc metrics show` tabulates only what says how good a model is and how sure), and details.json,
+    the rest (choices, timings, counts: an output beside it, read by the report, not tabulated)."""
+    write_json(Path(folder) / "metrics.json", {k: record[k] for k in metrics}, indent=4)
+    write_json(Path(folder) / "details.json", {k: v for k, v in record.items() if k not in metrics}, indent=4)
+
+
+def read_record(folder: Path) -> dict:
+    """A record `write_record` wrote, its two files as one dict."""
+    metrics, details = read_json(Path(folder) / "metrics.json"), Path(folder) / "details.json"
+    if not details.is_file():
+        raise PipelineError(f"{details} not found (an older version kept it all in metrics.json); run `dvc repro`")
+    return {**read_json(details), **metrics}
+
+
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
     """Write a CSV file (UTF-8, a header line, then `rows`) atomically."""
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import logging
 import os
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -363,13 +364,46 @@ def _write_rows(rows: Sequence[ManifestRow], path: Path) -> None:
         writer.writerows(asdict(r) for r in rows)
 
 
-def read_manifest(path: Path) -> Manifest:
+def read_manifest(path: Path, root: Path | None = None) -> Manifest:
+    """The manifest at `path`, every row checked first: prepare wrote it, but it is a CSV a person can edit. A row
+    is ok or quarantined; an ok row has a split, a content hash (64 hex digits) and, when `root` (the data root) is
+    given, a path inside it (`confined`: no absolute path, no `..`, no link out). A bad row is a one-line error that
+    names it, raised before anything looks a row up in the embedding cache (a hit reads no file, so the check at
+    read time would never see it)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"manifest {path} not found; run the prepare stage first")
     with path.open(newline="") as f:
-        rows = [ManifestRow(**{**r, "width": int(r["width"]), "height": int(r["height"])}) for r in csv.DictReader(f)]
+        reader = csv.DictReader(f)
+        rows = []
+        for r in reader:
+            try:
+                row = ManifestRow(**{**r, "width": int(r["width"]), "height": int(r["height"])})
+            except (TypeError, ValueError) as err:
+                raise DataError(f"{path}, line {reader.line_num}: not a manifest row ({err}); {_REWRITE}") from err
+            _check_row(row, root, f"{path}, line {reader.line_num} ({row.path})")
+            rows.append(row)
     return Manifest(rows, layout="", skipped=[])
+
+
+_REWRITE = "the manifest is prepare's output: run `dvc repro` to write it again"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_row(row: ManifestRow, root: Path | None, where: str) -> None:
+    if row.status not in ("ok", "quarantined"):
+        raise DataError(f"{where}: status {row.status!r}, expected ok or quarantined; {_REWRITE}")
+    if row.status != "ok":
+        return
+    if row.split not in SPLITS:
+        raise DataError(f"{where}: split {row.split!r}, expected one of {', '.join(SPLITS)}; {_REWRITE}")
+    if not _SHA256.fullmatch(row.sha256):
+        raise DataError(f"{where}: content hash {row.sha256!r} is not 64 hex digits; {_REWRITE}")
+    if root is not None:
+        try:
+            confined(root, row.path)
+        except ImageRejected as err:
+            raise DataError(f"{where}: {err.detail}; {_REWRITE}") from err
 
 
 def manifest_sha256(manifest: Manifest) -> str:

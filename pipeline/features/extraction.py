@@ -64,7 +64,8 @@ class ExtractResult:
     forward_ms_per_image: float
     forward_device: str
 
-    def metrics(self) -> dict:
+    def record(self) -> dict:
+        """What the extract stage writes: LogME (METRIC_KEYS) to its metrics.json, the rest to details.json."""
         return {
             "backbone": self.backbone,
             "image_size": self.image_size,
@@ -86,6 +87,10 @@ class ExtractResult:
             "forward_ms_per_image": round(self.forward_ms_per_image, 6),
             "forward_device": self.forward_device,
         }
+
+
+# The extract stage's DVC metric: how well the backbone's features suit the labels, before any head is trained.
+METRIC_KEYS = ("logme",)
 
 
 def store_attrs(setup: Setup, jpeg_draft: bool) -> dict:
@@ -113,7 +118,7 @@ def extract(
     """Embed every usable manifest row with the backbone `label` of params.backbones (None: the first), computing
     only what the embedding cache lacks; then score the train split's transferability (LogME)."""
     start = time.perf_counter()
-    manifest = read_manifest(manifest_path)
+    manifest = read_manifest(manifest_path, data_root)  # its rows checked before the cache is asked for any
     rows = manifest.ok_rows()
     setup = Setup.resolve(params, label or next(iter(params.backbones)), manifest)
     backbone, runtime = setup.backbone, setup.runtime

@@ -1,4 +1,4 @@
-"""Per-epoch curves through DVCLive (DVC's own logger), for `dvc plots show` and `dvc exp show`."""
+"""Per-epoch curves through DVCLive (DVC's own logger), for `dvc plots show`."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ logging.getLogger("dvclive").setLevel(logging.WARNING)
 
 def log_epochs(live_dir: Path, history: list[dict], keys: tuple[str, ...], best_epoch: int) -> None:
     """Per-epoch values through DVCLive: `live_dir`/plots/metrics/<key>.tsv (one row per epoch, for `dvc plots`);
-    in `live_dir`/metrics.json (for `dvc exp show`) the values of `best_epoch`, the epoch whose weights were kept,
-    not those of the last epoch run."""
+    in `live_dir`/metrics.json (an output, not a DVC metric: the test scores are evaluate_finetune's) the values of
+    `best_epoch`, the epoch whose weights were kept, not those of the last epoch run."""
     with _live(live_dir) as live:
         for record in history:
             for key in keys:

@@ -10,7 +10,7 @@ from pipeline.results.stats import Comparison
 
 def _with_interval(row: ModelRow) -> str:
     s = row.scores
-    return f"{row.accuracy:.1%}, 95% interval {s['accuracy_ci95_low']:.1%} to {s['accuracy_ci95_high']:.1%}"
+    return f"{row.accuracy:.1%}, 95% interval {s['accuracy_low']:.1%} to {s['accuracy_high']:.1%}"
 
 
 def recommend(head: ModelRow, tuned: ModelRow | None, comparison: Comparison | None) -> str:

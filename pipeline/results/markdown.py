@@ -74,8 +74,8 @@ def _table(rows: list[ModelRow]) -> list[str]:
         lines.append(
             f"| {r.name} | {r.strategy.replace('_', ' ')} | {r.layers_trained} | {r.params_updated:,} | "
             f"{r.fraction_updated:.2%} | {seconds} | {r.inference_ms:.2f} | {r.chosen_on or '-'} | "
-            f"{r.accuracy:.4f} ({s['accuracy_ci95_low']:.4f}-{s['accuracy_ci95_high']:.4f}) | "
-            f"{s['macro_f1']:.4f} ({s['macro_f1_ci95_low']:.4f}-{s['macro_f1_ci95_high']:.4f}) | {s['ece']:.4f} | "
+            f"{r.accuracy:.4f} ({s['accuracy_low']:.4f}-{s['accuracy_high']:.4f}) | "
+            f"{s['macro_f1']:.4f} ({s['macro_f1_low']:.4f}-{s['macro_f1_high']:.4f}) | {s['ece']:.4f} | "
             f"{r.train_accuracy:.4f} | {r.gap:+.4f} |"
         )
     return lines

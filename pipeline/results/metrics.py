@@ -11,7 +11,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, l
 
 from pipeline.core.config import EvaluateParams
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import write_csv, write_json
+from pipeline.core.io import write_csv, write_json, write_record
 from pipeline.results.stats import bootstrap_interval, macro_f1, wilson_interval
 
 
@@ -85,8 +85,8 @@ class Scored:
 
 
 def intervals(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, params: EvaluateParams) -> dict[str, float]:
-    """95% intervals: Wilson's for accuracy (a proportion), a percentile bootstrap over the test images for
-    macro-F1 (no closed form), seeded by `params` so that a rerun writes the same numbers."""
+    """95% intervals (<score>_low, <score>_high): Wilson's for accuracy (a proportion), a percentile bootstrap over
+    the test images for macro-F1 (no closed form), seeded by `params` so that a rerun writes the same numbers."""
     accuracy = wilson_interval(int((y_true == y_pred).sum()), len(y_true))
     f1 = bootstrap_interval(
         y_true,
@@ -96,11 +96,26 @@ def intervals(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, params: Ev
         seed=params.seed,
     )
     return {
-        "accuracy_ci95_low": accuracy[0],
-        "accuracy_ci95_high": accuracy[1],
-        "macro_f1_ci95_low": f1[0],
-        "macro_f1_ci95_high": f1[1],
+        "accuracy_low": accuracy[0],
+        "accuracy_high": accuracy[1],
+        "macro_f1_low": f1[0],
+        "macro_f1_high": f1[1],
     }
+
+
+# What a model's metrics.json holds: how good it is on the test split, and how sure (95% intervals). Everything else
+# the record says goes to details.json beside it.
+SCORE_KEYS = (
+    "accuracy",
+    "accuracy_low",
+    "accuracy_high",
+    "balanced_accuracy",
+    "macro_f1",
+    "macro_f1_low",
+    "macro_f1_high",
+    "log_loss",
+    "ece",
+)
 
 
 def model_record(
@@ -147,15 +162,16 @@ PREDICTIONS_HEADER = ("path", "actual", "predicted", "confidence")
 def write_model_metrics(folder: Path, scored: Scored) -> str:
     """One model's test metrics, confusion matrix and answers, as files DVC and the report read.
 
-    `folder`/metrics.json holds the record: its numbers, which `dvc metrics diff` compares, and the model's
-    description (name, strategy, kind, backbone, hyperparameters) beside them. `folder`/plots/sklearn/
+    `folder`/metrics.json holds the record's scores (SCORE_KEYS), which `dvc metrics show` and `dvc metrics diff`
+    tabulate; `folder`/details.json the rest of it: the model's description (name, strategy, kind, backbone),
+    chosen hyperparameters, timings and counts (`pipeline.core.io.read_record` joins them). `folder`/plots/sklearn/
     confusion.json holds one {actual, predicted} record per test image, for `dvc plots show`. Written as plain
     JSON, in DVCLive's layout: a DVCLive session is slow to start (it opens the DVC repository and reads git),
-    too much for two files (issue 18). `folder`/predictions.csv holds each test
+    too much for a few files (issue 18). `folder`/predictions.csv holds each test
     image's answer: the report compares two models image by image and draws the reliability diagram from it.
     Returns what the stage says of it, in one line.
     """
-    write_json(folder / "metrics.json", scored.record, indent=4)
+    write_record(folder, scored.record, SCORE_KEYS)
     confusion = [{"actual": a, "predicted": p} for a, p in zip(scored.actual, scored.predicted, strict=True)]
     write_json(folder / "plots" / "sklearn" / "confusion.json", confusion, indent=4)
     rows = zip(scored.paths, scored.actual, scored.predicted, scored.confidence, strict=True)

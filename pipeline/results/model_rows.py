@@ -9,14 +9,14 @@ from pathlib import Path
 from pipeline.core.config import EvaluateParams
 from pipeline.core.errors import PipelineError
 from pipeline.core.integrity import check_checksums
-from pipeline.core.io import read_json
+from pipeline.core.io import read_json, read_record
 from pipeline.features.store import FeatureStore, read_store
 from pipeline.heads.persistence import HeadFile, load_head
 from pipeline.heads.trained import TrainedHead, held_out
 from pipeline.results.answers import Answers
 from pipeline.results.metrics import rescored
 
-INTERVAL_KEYS = {"accuracy_ci95_low", "accuracy_ci95_high", "macro_f1_ci95_low", "macro_f1_ci95_high"}
+INTERVAL_KEYS = {"accuracy_low", "accuracy_high", "macro_f1_low", "macro_f1_high"}
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class ModelRow:
     train_seconds: float  # what it took to get this model: heads include the one-off extraction
     fit_seconds: float  # the model's own training: a head's fit alone
     inference_ms: float  # per image: the backbone's forward pass (batch of 32) plus the model's own output layer
-    scores: dict  # the model's test metrics (metrics.json): accuracy, macro_f1, ece and their intervals
+    scores: dict  # the model's record (metrics.json and details.json): accuracy, macro_f1, ece, intervals...
     train_accuracy: float
     chosen_on: str = ""  # heads: the held-out rows their grid was scored on, and the score
 
@@ -151,12 +151,13 @@ def extraction_seconds(extraction: dict[str, dict], label: str) -> float:
 
 
 def read_model_metrics(metrics_dir: Path, models: list[str]) -> dict[str, dict]:
-    """The metrics.json of each of `models` under `metrics_dir`, once each has one and all have their intervals."""
-    paths = {name: Path(metrics_dir) / name / "metrics.json" for name in models}
-    missing = [name for name, path in paths.items() if not path.is_file()]
+    """The record of each of `models` under `metrics_dir` (its metrics.json and details.json, one dict), once each
+    has one and all have their intervals."""
+    folders = {name: Path(metrics_dir) / name for name in models}
+    missing = [name for name, folder in folders.items() if not (folder / "metrics.json").is_file()]
     if missing:
         raise PipelineError(f"no metrics for {', '.join(missing)} in {metrics_dir}; run `dvc repro` first")
-    metrics = {name: read_json(path) for name, path in paths.items()}
+    metrics = {name: read_record(folder) for name, folder in folders.items()}
     older = [name for name, m in metrics.items() if not set(m) >= INTERVAL_KEYS]
     if older:
         raise PipelineError(

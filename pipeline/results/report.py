@@ -91,7 +91,7 @@ def write_figures(
     )
     points = [
         {"name": r.name, "strategy": r.strategy, "seconds": r.train_seconds, "accuracy": r.accuracy,
-         "low": r.scores["accuracy_ci95_low"], "high": r.scores["accuracy_ci95_high"]}
+         "low": r.scores["accuracy_low"], "high": r.scores["accuracy_high"]}
         for r in rows
     ]  # fmt: skip
     charts.accuracy_vs_time_png(points, out_dir / "accuracy_vs_time.png")
@@ -120,7 +120,7 @@ def summary(report: Report, where: Path) -> str:
     for r in sorted(report.rows, key=lambda r: -r.accuracy):
         s, note = r.scores, " (the chosen head)" if r.name == report.chosen else ""
         lines.append(
-            f"  {r.name:<{width}} test accuracy {r.accuracy:.4f} (95% interval {s['accuracy_ci95_low']:.4f}-"
-            f"{s['accuracy_ci95_high']:.4f}), {r.train_seconds:.0f} s to train{note}"
+            f"  {r.name:<{width}} test accuracy {r.accuracy:.4f} (95% interval {s['accuracy_low']:.4f}-"
+            f"{s['accuracy_high']:.4f}), {r.train_seconds:.0f} s to train{note}"
         )
     return "\n".join(lines) + "\n"

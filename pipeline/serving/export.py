@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from pipeline.core.config import ExportParams
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import atomic_folder, read_json
+from pipeline.core.io import atomic_folder, read_record
 from pipeline.data.loading import Images, forward_batches, image_batches
 from pipeline.data.manifest import ManifestRow, manifest_sha256, read_manifest
 from pipeline.data.preprocessing import Preprocessing, normalized
@@ -352,7 +352,7 @@ class Inputs:
 
     heads: dict[str, HeadFile]  # by model name (<backbone>-<head>): each head file and its feature store
     finetuned: Path  # the fine-tuned model folder
-    metrics: Path  # folder of test metrics, <model>/metrics.json
+    metrics: Path  # folder of test metrics, <model>/metrics.json and details.json
     manifest: Path
     data_root: Path
 
@@ -374,7 +374,7 @@ def export_models(names: list[str], inputs: Inputs, out_dir: Path, params: Expor
             seconds = time.perf_counter() - start
             result = parity(path, item.reference, rows, inputs.data_root, params.batch_size)
             check_parity(name, result)
-            # No timings in the record: DVC tracks it, and `dvc metrics diff` should show only what changed.
+            # No timings in the record: git tracks it, and a diff should show only what changed.
             results[name] = {**result, "bytes": path.stat().st_size}
             log.info("export: %s written in %.1fs; parity %s", name, seconds, result)
     return results
@@ -384,7 +384,7 @@ def _exportable(name: str, inputs: Inputs, manifest_hash: str) -> Exportable:
     path = inputs.metrics / name / "metrics.json"
     if not path.is_file():
         raise ExportError(f"no test metrics for {name} ({path}); run its head or evaluate_finetune stage first")
-    metrics = read_json(path)
+    metrics = read_record(path.parent)  # the scores, and the counts (n_train, ...) in details.json beside them
     if name == FINETUNE:
         return finetuned_exportable(inputs.finetuned, metrics, manifest_hash)
     return head_exportable(inputs.heads[name].path, inputs.heads[name].store, metrics)
