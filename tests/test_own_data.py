@@ -5,7 +5,6 @@ on the sample that `make run` writes and tracks, reusing its extraction."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from tests.conftest import REPO, write_image_folder
+from tests.test_pipeline_e2e import dvc, sh  # commands as a user types them
 from tests.test_placement import contents, snapshot
 
 pytestmark = pytest.mark.integration  # the full tier: make test-all
@@ -25,19 +25,6 @@ pytestmark = pytest.mark.integration  # the full tier: make test-all
 # One head: the logistic one, which check_params asks for (fine-tuning's warm start reads it), on one C chosen on val
 # (no cross-validation: one point has nothing to choose from).
 HEADS = {"logreg": {"kind": "logreg", "grid": {"C": [1.0]}, "selection": "val"}}
-
-
-def sh(cwd: Path, *args: str) -> str:
-    """A command as a user types it: the project's python and dvc first on PATH (as `make` and an activated .venv
-    put them), nothing else of this process's environment."""
-    env_path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
-    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env={"PATH": env_path, "HOME": str(cwd)})
-    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout + done.stderr
-
-
-def dvc(cwd: Path, *args: str) -> str:
-    return sh(cwd, sys.executable, "-m", "dvc", *args)
 
 
 def transfer(*args: str) -> str:
