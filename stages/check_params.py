@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.core.config import ConfigError, load_params
-from pipeline.core.errors import user_errors
+from pipeline.core.config import load_params
+from pipeline.core.errors import ConfigError, user_errors
 from pipeline.core.io import write_text
 from pipeline.heads.selection import check_head_params
 

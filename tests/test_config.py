@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.core.config import BackboneParams, ConfigError, HeadParams, Params, load_params, resolve, usable_cores
+from pipeline.core.config import BackboneParams, HeadParams, Params, load_params, resolve, usable_cores
+from pipeline.core.errors import ConfigError
 from stages.check_params import main as check_params
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.core.config import ConfigError, ExtractParams, RayParams
+from pipeline.core.config import ExtractParams, RayParams
+from pipeline.core.errors import ConfigError
 from pipeline.data.manifest import read_manifest
 from pipeline.features.engines.ray_data import check_room_to_decode
 from pipeline.features.setup import Setup

@@ -16,8 +16,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from pipeline.cli import main as transfer
-from pipeline.core.config import ConfigError, ExtractParams, FinetuneParams, HeadParams, parse
-from pipeline.core.errors import PipelineError
+from pipeline.core.config import ExtractParams, FinetuneParams, HeadParams
+from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.core.parsing import parse
 from pipeline.data.listing import list_images
 from pipeline.data.manifest import read_manifest
 from pipeline.data.preprocessing import Preprocessing

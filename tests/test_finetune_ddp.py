@@ -29,7 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from pipeline.core.config import ConfigError, FinetuneParams, TorchrunParams, load_params, rank_batch_size
+from pipeline.core.config import FinetuneParams, TorchrunParams, load_params, rank_batch_size
+from pipeline.core.errors import ConfigError
 from pipeline.data.loading import EpochShard
 from pipeline.data.manifest import read_manifest
 from pipeline.features.backbones import build_backbone

@@ -24,13 +24,12 @@ from pipeline.heads.linear import (
     path_refit,
     path_sweep,
     predict_proba_rows,
-    ridge_refit,
-    ridge_sweep,
 )
 from pipeline.heads.linear_torch import TorchSolver
 from pipeline.heads.objectives import Loss, Objective, Preconditioner, Stopping, minimise, preconditioned
 from pipeline.heads.persistence import load_head, save_head
 from pipeline.heads.registry import HEADS
+from pipeline.heads.ridge import ridge_refit, ridge_sweep
 from pipeline.heads.selection import held_out_proba, train_head
 from tests.conftest import make_store
 

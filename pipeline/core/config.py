@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from pipeline.core.errors import PipelineError
-
-
-class ConfigError(PipelineError):
-    """A value in params.yaml is wrong; the message names the key and the fix."""
-
+from pipeline.core.errors import ConfigError
+from pipeline.core.parsing import parse
 
 # Inputs larger than this are a typo, not a backbone's resolution (the largest ImageNet CNNs take 600 px,
 # high-resolution ones about 1,000): 100,000 px would need 120 GB for one batch-size-one input.
@@ -370,7 +364,7 @@ def load_params(path: Path) -> Params:
         raise ConfigError(f"{path}: file not found") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    return resolve(parse(Params, raw, ""))
+    return resolve(parse(Params, raw, "", MOVED))
 
 
 def resolve(params: Params) -> Params:
@@ -381,23 +375,6 @@ def resolve(params: Params) -> Params:
     if prepare.num_workers is None:
         prepare = dataclasses.replace(prepare, num_workers=usable_cores())
     return dataclasses.replace(params, finetune=finetune, prepare=prepare)
-
-
-def parse(cls: type, raw: Any, key: str) -> Any:
-    """Build dataclass `cls` from a mapping, checking every key and value against the annotations."""
-    where = key or "params"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__} {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        bad = _join(key, str(unknown[0]))
-        if bad in MOVED:
-            raise ConfigError(f"{bad} has moved: {MOVED[bad]}")
-        raise ConfigError(f"unknown key '{bad}' (valid keys here: {', '.join(names)})")
-    values = {name: _coerce(hints[name], raw[name], _join(key, name)) for name in names if name in raw}
-    return cls(**values)
 
 
 # Keys of older params.yaml files, and where their values go now.
@@ -412,49 +389,3 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):  # Linux
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    """Check `value` against annotation `tp`; return it converted (int -> float, nested dataclasses)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return parse(tp, value, key)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        errors = []
-        for alternative in inner:  # e.g. `int | Literal["all"]`: the first that accepts the value wins
-            try:
-                return _coerce(alternative, value, key)
-            except ConfigError as err:
-                errors.append(str(err).removeprefix(f"{key} "))
-        raise ConfigError(f"{key} {' or '.join(errors)}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}")
-        return value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping; got {value!r}")
-        return {str(k): _coerce(args[1], v, _join(key, str(k))) for k, v in value.items()}
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list; got {value!r}")
-        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        # PyYAML reads `1e-3` as a string (YAML 1.1 wants a dot in the mantissa).
-        raise ConfigError(f"{key} must be a number; got the string {value!r} (write 1e-3 as 0.001 or 1.0e-3)")
-    # bool is a subclass of int: `batch_size: true` must not pass as 1.
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{key} must be {tp.__name__}; got {type(value).__name__} {value!r}")
-    return value

@@ -8,8 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from pipeline.core.config import ConfigError
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import ConfigError, PipelineError
 
 
 class DeviceError(PipelineError):

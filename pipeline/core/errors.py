@@ -16,6 +16,10 @@ class PipelineError(ValueError):
     """Bad configuration, bad data, missing inputs: the message names the problem and the fix."""
 
 
+class ConfigError(PipelineError):
+    """A value in params.yaml is wrong; the message names the key and the fix."""
+
+
 class DataError(PipelineError):
     """The data root or a file in it cannot be used as prepared; the message says what to fix."""
 

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.core.config import ConfigError, ExtractParams
+from pipeline.core.config import ExtractParams
 from pipeline.core.device import Runtime
+from pipeline.core.errors import ConfigError
 from pipeline.data.decoding import resolve_decoder
 from pipeline.data.manifest import Manifest
 from pipeline.data.preprocessing import Preprocessing, input_size

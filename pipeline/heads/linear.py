@@ -1,5 +1,5 @@
-"""The linear heads' grids as paths: every ridge alpha from one eigendecomposition of the Gram matrix, every logreg
-and linear_svm C by L-BFGS warm-started from the previous C, on the CPU (numpy) or on CUDA (torch). Features are
+"""The linear heads' grids as paths: every logreg and linear_svm C by L-BFGS warm-started from the previous C (ridge's
+every alpha from one eigendecomposition: pipeline.heads.ridge), on the CPU (numpy) or on CUDA (torch). Features are
 read as they are, never copied or standardised; each point gives the pipeline the registry builds, with the fitted
 attributes its own fit gives, so head files, scoring, export and the fine-tuning warm start are unchanged."""
 
@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.linalg import LinAlgWarning, eigh
 from scipy.special import softmax
 from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import ConvergenceWarning
@@ -33,7 +32,6 @@ from pipeline.heads.objectives import (
     folded,
     minimise,
     preconditioned,
-    row_blocks,
     scores,
     unfolded,
 )
@@ -42,21 +40,9 @@ log = logging.getLogger(__name__)
 
 Rows = tuple[np.ndarray, np.ndarray]  # (features, labels)
 
-# Rows per block of the Gram matrix: its float64 copy of a block is 4096 x features x 8 bytes.
-GRAM_ROWS = 4096
-
 # `device: auto` runs on CUDA when the work of one pass over the rows (rows x features x outputs multiply-adds)
 # reaches this: below it, starting torch and CUDA costs more than the whole CPU fit.
 WORTH_A_GPU = 10**10
-
-
-class IllConditioned(LinAlgWarning):
-    """A ridge point's system is numerically singular (alpha tiny against the Gram matrix's largest eigenvalue, and
-    features nearly collinear): its solution may be inexact. `point` names the grid point."""
-
-    def __init__(self, point: dict):
-        super().__init__(f"ill-conditioned least squares at {point}")
-        self.point = point
 
 
 # --- where the solvers run ---------------------------------------------------------------------------------------
@@ -139,13 +125,13 @@ def supports(estimator: BaseEstimator) -> bool:
     return False
 
 
-def _classifier(model: Pipeline) -> BaseEstimator:
+def linear_estimator(model: Pipeline) -> BaseEstimator:
     """The linear estimator of a head's pipeline (inside TemperatureScaled for ridge and linear_svm)."""
     step = model.steps[-1][1]
     return step.estimator if isinstance(step, TemperatureScaled) else step
 
 
-def _fitted(
+def fitted_pipeline(
     model: Pipeline,
     scaler: StandardScaler,
     classes: np.ndarray,
@@ -209,7 +195,7 @@ class LinearPath:
     def __init__(self, model: Pipeline, fit: Rows, device: str, take: np.ndarray | None = None):
         x, y = fit
         self.classes, y_index = np.unique(y, return_inverse=True)
-        self.estimator = _classifier(model)
+        self.estimator = linear_estimator(model)
         self.scaler = fitted_scaler(x, take)
         loss = _loss(self.estimator, y, self.classes, y_index)
         self.solver = make_solver(device, x, loss, self.scaler.mean_, self.scaler.scale_, take)
@@ -239,7 +225,7 @@ class LinearPath:
 
     def fit(self, model: Pipeline, start: np.ndarray, temperature: float | None = None) -> tuple[Pipeline, np.ndarray]:
         """`model` fitted from theta = `start`, and its theta (the next point's start)."""
-        estimator = _classifier(model)
+        estimator = linear_estimator(model)
         theta, n_iter = self.solver.minimise(estimator.C, start, self.stopping(estimator))
         if n_iter == 0 and np.any(start):
             log.info(
@@ -258,7 +244,7 @@ class LinearPath:
             )
         coef = theta[: self.n_features * self.n_outputs].reshape(self.n_outputs, self.n_features).copy()
         intercept = self.bias_scale * theta[-self.n_outputs :]
-        return _fitted(model, self.scaler, self.classes, coef, intercept, n_iter, temperature), theta
+        return fitted_pipeline(model, self.scaler, self.classes, coef, intercept, n_iter, temperature), theta
 
     def held_out(self, model: Pipeline, out: Rows, n_classes: int) -> np.ndarray:
         estimator = model.steps[-1][1]
@@ -287,7 +273,7 @@ def path_sweep(
     starting from the previous solution). None where the arguments ask for another solver or the grid varies
     more than C: the points are then fitted one by one."""
     models = [kind.build({**fixed, **point}) for point in points]
-    if not _by_c(points) or not all(supports(_classifier(m)) for m in models) or len(np.unique(fit[1])) < 2:
+    if not _by_c(points) or not all(supports(linear_estimator(m)) for m in models) or len(np.unique(fit[1])) < 2:
         return None
     return _walk(models, fit, out, n_classes, device)
 
@@ -313,7 +299,7 @@ def path_refit(
     """HeadKind.refit of logreg and linear_svm: the chosen point on (x, y), warm-started from `start` (the grid's
     model of that point, same classes), with `temperature` kept. None where path_sweep would give None."""
     model = kind.build(args)
-    if not supports(_classifier(model)) or len(np.unique(fit[1])) < 2:
+    if not supports(linear_estimator(model)) or len(np.unique(fit[1])) < 2:
         return None
     path = LinearPath(model, fit, device)
     return path.fit(model, path.start_from(start), temperature)[0]
@@ -351,117 +337,3 @@ def predict_proba_rows(model: Pipeline, x: np.ndarray, take: np.ndarray) -> np.n
     for block, rows in blocks(x, take):
         out[block] = model.predict_proba(rows)
     return out
-
-
-# --- ridge: one eigendecomposition for every alpha -----------------------------------------------------------------
-
-
-class RidgeGram:
-    """RidgeClassifier's least squares on standardised rows, (Z'WZ + alpha I) coef = Z'WY (centred by their
-    weighted means), for every alpha from one eigendecomposition of Z'WZ. Z'WZ comes from the raw rows: X'WX
-    accumulated in float64 a block at a time about the scaler's mean, then centred and scaled, never from a
-    standardised copy of X. W: the rows' class weights."""
-
-    def __init__(self, estimator: RidgeClassifier, fit: Rows):
-        x, y = fit
-        self.classes, y_index = np.unique(y, return_inverse=True)
-        self.scaler = fitted_scaler(x)
-        weights = np.ones(len(self.classes))
-        if estimator.class_weight is not None:
-            weights = compute_class_weight(estimator.class_weight, classes=self.classes, y=y)
-        row_weight = None if np.all(weights == 1.0) else weights[y_index]
-        n_outputs = 1 if len(self.classes) == 2 else len(self.classes)
-        gram, cross, offset, target_sum, total = self._sums(x, self.scaler.mean_, y_index, n_outputs, row_weight)
-        # Centred on the weighted means (the offsets from the scaler's mean), then standardised.
-        scale = self.scaler.scale_
-        gram = (gram - np.outer(offset, offset) / total) / np.outer(scale, scale)
-        cross = (cross - np.outer(offset, target_sum) / total) / scale[:, None]
-        self.eigenvalues, self.eigenvectors = eigh(gram)
-        self.eigenvalues = np.maximum(self.eigenvalues, 0.0)  # a Gram matrix has none below 0; rounding gives -1e-13
-        self.projected = self.eigenvectors.T @ cross
-        self.mean_row, self.mean_target = offset / total / scale, target_sum / total
-
-    @staticmethod
-    def _sums(
-        x: np.ndarray, mean: np.ndarray, y_index: np.ndarray, n_outputs: int, row_weight: np.ndarray | None
-    ) -> tuple:
-        """sum_i w_i (x_i - m)(x_i - m)', sum_i w_i (x_i - m) y_i', sum_i w_i (x_i - m), sum_i w_i y_i, sum_i w_i;
-        m the scaler's mean, y_i = +-1 per output (RidgeClassifier's targets)."""
-        n_features = x.shape[1]
-        gram, cross = np.zeros((n_features, n_features)), np.zeros((n_features, n_outputs))
-        offset, target_sum, total = np.zeros(n_features), np.zeros(n_outputs), 0.0
-        for block in row_blocks(len(x), GRAM_ROWS):
-            rows = x[block].astype(np.float64)
-            rows -= mean
-            labels = y_index[block]
-            targets = (labels[:, None] == (np.arange(n_outputs) + (n_outputs == 1))).astype(np.float64) * 2.0 - 1.0
-            if row_weight is not None:
-                w = row_weight[block]
-                offset += w @ rows
-                target_sum += w @ targets
-                total += float(w.sum())
-                root = np.sqrt(w)[:, None]
-                rows *= root
-                targets *= root
-            else:
-                offset += rows.sum(axis=0)
-                target_sum += targets.sum(axis=0)
-                total += len(rows)
-            gram += rows.T @ rows  # numpy calls BLAS's syrk for a.T @ a: half the products
-            cross += rows.T @ targets
-        return gram, cross, offset, target_sum, total
-
-    def coefficients(self, alpha: float) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(coef_ [P, d], intercept_ [P], whether the system is numerically singular) at alpha."""
-        inverse = 1.0 / (self.eigenvalues + alpha)
-        coef = (self.eigenvectors @ (self.projected * inverse[:, None])).T
-        intercept = self.mean_target - coef @ self.mean_row
-        largest, smallest = self.eigenvalues[-1] + alpha, self.eigenvalues[0] + alpha
-        singular = smallest <= len(self.eigenvalues) * np.finfo(float).eps * largest
-        return coef, intercept, bool(singular)
-
-    def fit(self, model: Pipeline, alpha: float, point: dict, temperature: float | None = None) -> Pipeline:
-        coef, intercept, singular = self.coefficients(alpha)
-        if singular:
-            warnings.warn(IllConditioned(point), stacklevel=2)
-        return _fitted(model, self.scaler, self.classes, coef, intercept, None, temperature)
-
-
-def ridge_sweep(
-    kind: Any, fixed: dict, points: list[dict], fit: Rows, out: Rows, n_classes: int, name: str, **_: Any
-) -> Iterator[tuple[Pipeline, np.ndarray]] | None:
-    """HeadKind.sweep of ridge: every alpha from one Gram matrix and its eigendecomposition, O(d^2 K) each. None
-    where the arguments ask for another solver (positive, no intercept, an iterative solver) or the grid varies
-    more than alpha."""
-    models = [kind.build({**fixed, **point}) for point in points]
-    if not all(set(point) <= {"alpha"} for point in points) or not all(supports(_classifier(m)) for m in models):
-        return None
-    if len(np.unique(fit[1])) < 2:
-        return None
-    return _ridge_walk(models, points, fit, out, n_classes)
-
-
-def _ridge_walk(models: list[Pipeline], points: list[dict], fit: Rows, out: Rows, n_classes: int) -> Iterator:
-    gram = RidgeGram(_classifier(models[0]), fit)
-    for model, point in zip(models, points, strict=True):
-        fitted = gram.fit(model, _classifier(model).alpha, point)
-        a, c = folded(np.atleast_2d(fitted[-1].estimator_.coef_), fitted[-1].estimator_.intercept_,
-                      gram.scaler.mean_, gram.scaler.scale_)  # fmt: skip
-        yield fitted, proba_from_scores(fitted, scores(out[0], a, c), out[1], n_classes)
-
-
-def ridge_refit(
-    kind: Any,
-    args: dict,
-    fit: Rows,
-    name: str,
-    *,
-    start: Pipeline | None = None,
-    temperature: float | None = None,
-    **_: Any,
-) -> Pipeline | None:
-    """HeadKind.refit of ridge: the chosen alpha on (x, y), by the sweep's solver (`start` is of no use to it)."""
-    model = kind.build(args)
-    if not supports(_classifier(model)) or len(np.unique(fit[1])) < 2:
-        return None
-    return RidgeGram(_classifier(model), fit).fit(model, _classifier(model).alpha, args, temperature)

@@ -21,7 +21,8 @@ from pipeline.heads.estimators import (
     TemperatureScaled,
     check_args,
 )
-from pipeline.heads.linear import path_refit, path_sweep, ridge_refit, ridge_sweep
+from pipeline.heads.linear import path_refit, path_sweep
+from pipeline.heads.ridge import ridge_refit, ridge_sweep
 
 
 class HeadError(PipelineError):

@@ -20,8 +20,9 @@ from sklearn.pipeline import Pipeline
 from pipeline.core.config import HeadParams
 from pipeline.features.store import SPLIT_CODES, FeatureStore
 from pipeline.heads.estimators import TemperatureScaled
-from pipeline.heads.linear import IllConditioned, solver_device
+from pipeline.heads.linear import solver_device
 from pipeline.heads.registry import HEADS, HeadError, HeadKind
+from pipeline.heads.ridge import IllConditioned
 from pipeline.heads.trained import STORE_ATTRS, TrainedHead, full_proba, grid_rank
 
 log = logging.getLogger(__name__)
@@ -330,7 +331,7 @@ def _explained_ill_conditioning(name: str, point: dict | None) -> Iterator[None]
     """Say once, in words, when a grid point's least-squares system is ill-conditioned (ridge with a small
     alpha on about as many features as rows), instead of a library warning per fit. Such a fit may be inexact;
     its held-out score decides whether it is used. Other warnings pass through unchanged. `point`: the point
-    fitted inside, or None for a sweep, whose warnings name their points (pipeline.heads.linear.IllConditioned)."""
+    fitted inside, or None for a sweep, whose warnings name their points (pipeline.heads.ridge.IllConditioned)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield

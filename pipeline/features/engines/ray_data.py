@@ -29,9 +29,9 @@ import torch
 from tqdm import tqdm
 
 import pipeline
-from pipeline.core.config import ConfigError, ExtractParams, RayParams
+from pipeline.core.config import ExtractParams, RayParams
 from pipeline.core.device import Runtime
-from pipeline.core.errors import DataError, PipelineError
+from pipeline.core.errors import ConfigError, DataError, PipelineError
 from pipeline.data.decoding import jpeg_decoder
 from pipeline.data.loading import Batch, Images, forward_batches, stack
 from pipeline.data.manifest import ManifestRow
