@@ -32,3 +32,18 @@ def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path, monkeypatch):
     assert accelerator.use_cuda("auto", "heads.x.device") is False
     with pytest.raises(PipelineError, match="heads.x.device is cuda but no CUDA device is available"):
         accelerator.use_cuda("cuda", "heads.x.device")
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "expected"),
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n", True),
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n", False),
+        ("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n", True),  # Arm
+        ("", False),
+    ],
+)
+def test_the_cpu_multiplies_bf16_natively_where_its_flags_say_so(tmp_path, cpuinfo, expected):
+    (tmp_path / "cpuinfo").write_text(cpuinfo)
+    assert accelerator.cpu_multiplies_bf16(tmp_path / "cpuinfo") is expected
+    assert accelerator.cpu_multiplies_bf16(tmp_path / "missing") is False

@@ -24,6 +24,7 @@ from pipeline.heads.linear import (
     path_refit,
     path_sweep,
     predict_proba_rows,
+    shared_preconditioner,
 )
 from pipeline.heads.linear_torch import TorchSolver
 from pipeline.heads.objectives import Loss, Objective, Preconditioner, Stopping, minimise, preconditioned
@@ -161,6 +162,20 @@ def test_the_preconditioner_is_built_only_where_it_pays():
     assert preconditioned(few) is None and isinstance(preconditioned(many), Preconditioner)
 
 
+def test_one_preconditioner_serves_fits_on_subsets_of_its_rows():
+    """The audit's folds: a preconditioner built on all the rows steers each fold's fit to that fold's minimum (the
+    fit stops on its own gradient), the one its own preconditioner reaches; none where a fit would build none."""
+    x, y = overlapping(3000, dim=64, n_classes=6)  # float64: float32 products round a gradient this small away
+    rows = np.arange(0, 3000, 2)
+    shared = shared_preconditioner(x, y[rows], rows)
+    assert isinstance(shared, Preconditioner)
+    assert shared_preconditioner(x, y[:40], np.arange(40)) is None
+    fold = rows[: len(rows) * 4 // 5]
+    own = fit_logistic(x, y[fold], 1.0, take=fold, tol=1e-6)
+    steered = fit_logistic(x, y[fold], 1.0, take=fold, tol=1e-6, preconditioner=shared)
+    np.testing.assert_allclose(steered.predict_proba(x), own.predict_proba(x), atol=1e-4)
+
+
 def test_the_path_and_the_refit_warm_start_save_iterations():
     x, y = overlapping(1000, n_classes=4)
     x_train, y_train, x_val, y_val = x[:800], y[:800], x[800:], y[800:]
@@ -239,7 +254,7 @@ def one_torch_thread():
 def test_the_torch_solver_on_the_cpu_fits_what_numpy_and_scikit_learn_fit(kind, monkeypatch, one_torch_thread):
     numpy_head, numpy_accuracy = overlapping_store_heads(kind, {"C": [1e-4, 1e-2, 1.0]})
     monkeypatch.setattr(
-        linear, "make_solver", lambda device, x, loss, mean, scale, take: TorchSolver("cpu", x, loss, mean, scale)
+        linear, "make_solver", lambda device, x, loss, mean, scale, *_: TorchSolver("cpu", x, loss, mean, scale)
     )
     torch_head, torch_accuracy = overlapping_store_heads(kind, {"C": [1e-4, 1e-2, 1.0]})
     assert torch_head.hyperparameters == numpy_head.hyperparameters and torch_accuracy == numpy_accuracy

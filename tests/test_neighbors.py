@@ -52,20 +52,21 @@ def tied_rows(n: int, seed: int = 0) -> np.ndarray:
     return rows
 
 
-@pytest.mark.parametrize("device", [None, "cpu"])
+@pytest.mark.parametrize(("device", "bf16"), [(None, False), ("cpu", False), (None, True)])
 @pytest.mark.parametrize("blocks", SMALL)
-def test_ties_go_to_the_lower_reference_position_whatever_the_blocks(blocks, device):
-    if device is not None:
+def test_ties_go_to_the_lower_reference_position_whatever_the_blocks(blocks, device, bf16):
+    if device is not None or bf16:
         pytest.importorskip("torch")
     reference = tied_rows(60)
     queries = np.vstack([tied_rows(20, seed=1), np.zeros((2, 8), np.float32)])
     expected_cosines, expected_positions = dense_order(queries, reference)
     for k in (1, 2, 7, 60):
-        cosines, positions = top_k(queries, reference, k, blocks=blocks, device=device)
+        cosines, positions = top_k(queries, reference, k, blocks=blocks, device=device, bf16=bf16)
         np.testing.assert_array_equal(positions, expected_positions[:, :k])
         np.testing.assert_array_equal(cosines, expected_cosines[:, :k])
     # An all-zero query has cosine 0 to every row: all tie, and the first k rows are its neighbours.
-    np.testing.assert_array_equal(top_k(queries[-1:], reference, 5, blocks=blocks, device=device)[1], [[0, 1, 2, 3, 4]])
+    first = top_k(queries[-1:], reference, 5, blocks=blocks, device=device, bf16=bf16)[1]
+    np.testing.assert_array_equal(first, [[0, 1, 2, 3, 4]])
 
 
 def test_rows_are_searched_where_they_lie_in_a_larger_array():
@@ -123,6 +124,74 @@ def test_the_torch_search_on_the_cpu_gives_the_numpy_answer(blocks):
     for a, b in zip(got[:2], expected[:2], strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(got[2], expected[2], atol=1e-6)
+
+
+def clustered_rows(n: int, dim: int = 64, seed: int = 0) -> np.ndarray:
+    """Non-negative rows around 5 shared directions (as CNN embeddings are), so that many cosines lie within the
+    bfloat16 pass's error of each other: the candidates it keeps decide the answer."""
+    rng = np.random.default_rng(seed)
+    centres = rng.gamma(2.0, 1.0, size=(5, dim))
+    rows = centres[rng.integers(0, 5, n)] + rng.normal(scale=0.6, size=(n, dim))
+    return np.maximum(rows, 0.0).astype(np.float32)
+
+
+def assert_as_near(got: tuple, expected: tuple, queries: np.ndarray, reference: np.ndarray) -> None:
+    """The same neighbours but where two cosines are equal to float32 rounding (the float32 pass computes a pair's
+    cosine by another sum than the matrix product: 1e-7 apart, they can rank either way): the same cosines in the
+    same order, and neighbours whose float64 cosines are those of the expected ones."""
+    np.testing.assert_allclose(got[0], expected[0], atol=1e-6)
+    exact = normalize(queries.astype(np.float64)) @ normalize(reference.astype(np.float64)).T
+    rows = np.arange(len(queries))[:, None]
+    np.testing.assert_allclose(exact[rows, got[1]], exact[rows, expected[1]], atol=1e-6)
+    assert np.mean(got[1] == expected[1]) > 0.99
+
+
+@pytest.mark.parametrize("width", [neighbors.BF16_WIDTH, (1, 0)])
+@pytest.mark.parametrize("blocks", [None, (7, 5), (64, 33)])
+def test_the_bf16_candidate_pass_gives_the_float32_answer(blocks, width, monkeypatch):
+    """bf16: rough cosines by a bfloat16 product, then float32 for the pairs its error bound cannot rule out: the
+    same neighbours and pairs as the float32 search, cosines to float32 rounding. Width (1, 0) keeps k rough
+    neighbours alone, so that most queries cannot be shown complete and are searched again in float32."""
+    pytest.importorskip("torch")
+    monkeypatch.setattr(neighbors, "BF16_WIDTH", width)
+    reference, queries = clustered_rows(600), clustered_rows(90, seed=1)
+    queries[:6] = reference[:6] * 1.5 + 0.001  # near-copies: cosines near 1, rounded to bfloat16 at 1
+    queries[6] = 0.0  # cosine 0 to everything
+    for k in (1, 3, 25):
+        expected = top_k(queries, reference, k, blocks=blocks, bf16=False)
+        got = top_k(queries, reference, k, blocks=blocks, bf16=True)
+        assert_as_near(got, expected, queries, reference)
+    rows = np.arange(1, 600, 2)
+    for threshold in (0.999, 0.9, -1.0):
+        expected = pairs_at_least(queries, reference, threshold, reference_rows=rows, blocks=blocks, bf16=False)
+        got = pairs_at_least(queries, reference, threshold, reference_rows=rows, blocks=blocks, bf16=True)
+        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_array_equal(got[1], expected[1])
+        np.testing.assert_allclose(got[2], expected[2], atol=1e-6)
+
+
+def test_the_bf16_error_bound_holds():
+    """Bf16Error.bound: the bfloat16 product of normalised rows is within it of the cosine (float64 here), on rows
+    of mixed signs and magnitudes; and it is not loose by an order of magnitude (the candidates it keeps)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    rows = normalize((rng.normal(size=(400, 256)) * rng.gamma(0.5, 1.0, size=256)).astype(np.float32))
+    low = torch.from_numpy(rows).to(torch.bfloat16)
+    error = torch.linalg.vector_norm(torch.from_numpy(rows) - low.float(), dim=1).numpy().astype(np.float64)
+    rough = (low[:100] @ low.T).float().numpy().astype(np.float64)
+    cosines = rows[:100].astype(np.float64) @ rows.T.astype(np.float64)
+    rounding = np.where(np.abs(rough) < 1, 2.0**-9, 2.0**-8)
+    bound = neighbors.Bf16Error(error[:100], float(error.max()), 256).bound(0.0)[:, None] + rounding
+    assert np.all(np.abs(rough - cosines) <= bound)
+    assert np.abs(rough - cosines).max() > bound.min() / 10
+
+
+def test_the_bf16_pass_runs_where_it_pays(monkeypatch):
+    monkeypatch.setattr(neighbors, "cpu_multiplies_bf16", lambda: True)
+    assert not neighbors.bf16_candidates(15_000, 5_000, 1280)  # 9.6e10 multiply-adds: float32 alone
+    assert neighbors.bf16_candidates(15_000, 70_000, 1280)
+    monkeypatch.setattr(neighbors, "cpu_multiplies_bf16", lambda: False)
+    assert not neighbors.bf16_candidates(15_000, 70_000, 1280)  # torch would emulate bfloat16: slower
 
 
 @pytest.mark.gpu

@@ -29,3 +29,21 @@ def use_cuda(device: str, option: str) -> bool:
     if device == "auto":
         return False
     raise PipelineError(f"{option} is cuda but no CUDA device is available; use auto or cpu")
+
+
+# CPU flags (Linux /proc/cpuinfo) of a native bfloat16 dot product: x86's AVX512-BF16 and AMX, Arm's BF16.
+BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+
+
+def cpu_multiplies_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bfloat16 natively, where a bfloat16 matrix product runs about 4x faster than a
+    float32 one (elsewhere torch emulates it, slower than float32). Read from the flags the kernel lists."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            return bool(BF16_FLAGS & set(value.split()))
+    return False

@@ -68,11 +68,20 @@ def solver_device(requested: str, option: str, work: int) -> str:
 
 
 class NumpySolver:
-    """The CPU solver: scipy's L-BFGS-B on objectives.Objective (float32 products, float64 sums)."""
+    """The CPU solver: scipy's L-BFGS-B on objectives.Objective (float32 products, float64 sums). `preconditioner`:
+    one built for these rows (or a superset of them); by default decided at the first fit, kept for every C."""
 
-    def __init__(self, x: np.ndarray, loss: Loss, mean: np.ndarray, scale: np.ndarray, take: np.ndarray | None = None):
+    def __init__(
+        self,
+        x: np.ndarray,
+        loss: Loss,
+        mean: np.ndarray,
+        scale: np.ndarray,
+        take: np.ndarray | None = None,
+        preconditioner: Preconditioner | None | bool = False,
+    ):
         self.objective = Objective(x, loss, mean, scale, take)
-        self.preconditioner: Preconditioner | None | bool = False  # decided at the first fit, kept for every C
+        self.preconditioner = preconditioner
 
     def minimise(self, C: float, start: np.ndarray, stopping: Stopping) -> tuple[np.ndarray, int]:
         if self.preconditioner is False:
@@ -91,12 +100,18 @@ class NumpySolver:
 
 
 def make_solver(
-    device: str, x: np.ndarray, loss: Loss, mean: np.ndarray, scale: np.ndarray, take: np.ndarray | None = None
+    device: str,
+    x: np.ndarray,
+    loss: Loss,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    take: np.ndarray | None = None,
+    preconditioner: Preconditioner | None | bool = False,
 ) -> Any:
     """The solver of `loss` on x's rows `take` (None: all): numpy reads them a block at a time, torch copies them to
-    the GPU."""
+    the GPU (it needs no preconditioner)."""
     if device == "cpu":
-        return NumpySolver(x, loss, mean, scale, take)
+        return NumpySolver(x, loss, mean, scale, take, preconditioner)
     from pipeline.heads.linear_torch import TorchSolver  # imports torch: CUDA was asked for and is there
 
     return TorchSolver(device, x if take is None else x[take], loss, mean, scale)
@@ -190,15 +205,23 @@ def _loss(estimator: BaseEstimator, y: np.ndarray, classes: np.ndarray, y_index:
 
 class LinearPath:
     """One (fit rows) set of a logistic or squared-hinge head: its scaler and solver, fits along C from a start.
-    `take`: the rows of fit's features fitted (row numbers; fit's labels are theirs), None for all of them."""
+    `take`: the rows of fit's features fitted (row numbers; fit's labels are theirs), None for all of them.
+    `preconditioner`: a `shared_preconditioner` (default: the solver builds its own where it pays)."""
 
-    def __init__(self, model: Pipeline, fit: Rows, device: str, take: np.ndarray | None = None):
+    def __init__(
+        self,
+        model: Pipeline,
+        fit: Rows,
+        device: str,
+        take: np.ndarray | None = None,
+        preconditioner: Preconditioner | None | bool = False,
+    ):
         x, y = fit
         self.classes, y_index = np.unique(y, return_inverse=True)
         self.estimator = linear_estimator(model)
         self.scaler = fitted_scaler(x, take)
         loss = _loss(self.estimator, y, self.classes, y_index)
-        self.solver = make_solver(device, x, loss, self.scaler.mean_, self.scaler.scale_, take)
+        self.solver = make_solver(device, x, loss, self.scaler.mean_, self.scaler.scale_, take, preconditioner)
         self.n_features, self.n_outputs = x.shape[1], loss.n_outputs
         self.bias_scale = loss.bias_scale
         self.unit_gradient_scale: float | None = None
@@ -316,19 +339,31 @@ def fit_logistic(
     start: Pipeline | None = None,
     device: str = "cpu",
     take: np.ndarray | None = None,
+    preconditioner: Preconditioner | None | bool = False,
 ) -> Pipeline:
     """One logistic regression on (x, y), as the logreg head fits it: a fitted Pipeline of StandardScaler and
     multinomial LogisticRegression (binomial for two classes), the very attributes their own fit gives, minimising
     scikit-learn's objective without copying x. `start`: such a pipeline to warm-start from (a neighbouring C, or
     the fit of an overlapping fold; used when its classes are the same). device: cpu (numpy) or cuda (torch).
-    take: fit x's rows `take` alone (row numbers, y their labels), read a block at a time."""
+    take: fit x's rows `take` alone (row numbers, y their labels), read a block at a time. preconditioner: one
+    `shared_preconditioner` for several fits on subsets of the same rows (default: built for this fit if it pays)."""
     estimator = LogisticRegression(C=C, class_weight=class_weight, tol=tol, max_iter=max_iter)
     check_args(estimator)
     model = Pipeline([("scale", StandardScaler()), ("clf", estimator)])
     if len(np.unique(y)) < 2:
         return model.fit(x if take is None else x[take], y)  # scikit-learn's own error
-    path = LinearPath(model, (x, y), device, take)
+    path = LinearPath(model, (x, y), device, take, preconditioner)
     return path.fit(model, path.start_from(start))[0]
+
+
+def shared_preconditioner(x: np.ndarray, y: np.ndarray, take: np.ndarray | None = None) -> Preconditioner | None:
+    """The preconditioner of logistic fits on x's rows `take` (labels y), built once for fits on large subsets of
+    them (cross-validation folds): a fold's covariance is about the whole's, and a preconditioner only steers the
+    path (the fit stops on the gradient, as without one). None where a fit would not use one (`preconditioned`)."""
+    scaler = fitted_scaler(x, take)
+    classes = np.unique(y)
+    loss = Loss("logistic", np.searchsorted(classes, y), len(classes), np.ones(len(classes)))
+    return preconditioned(Objective(x, loss, scaler.mean_, scaler.scale_, take))
 
 
 def predict_proba_rows(model: Pipeline, x: np.ndarray, take: np.ndarray) -> np.ndarray:
