@@ -3,6 +3,7 @@ chosen head and the fine-tuned network get wrong: CSVs and picture grids in repo
 metrics/audit.json. Reads the cached embeddings of audit.backbone (the first backbone unless set) and the
 models' answers; decodes images only for thumbnails."""
 
+import time
 from pathlib import Path
 
 import click
@@ -37,9 +38,12 @@ def main(features, heads, metrics, data, out, summary, params) -> None:
     p = load_params(params)
     _, chosen = chosen_file(head_files(features, heads, p.extract.backbones, p.heads))
     store = read_store(features / f"{p.audit_backbone}.h5")  # one backbone's cosine space: audit.backbone
+    clock = [time.perf_counter()]
     threshold, why = duplicate_threshold(store, p.audit.duplicate_threshold, p.audit.seed, p.audit.device)
     pairs = cross_split_duplicates(store, threshold, p.audit.device)
+    clock.append(time.perf_counter())
     issues = label_issues(store, p.audit.folds, p.audit.seed)
+    clock.append(time.perf_counter())
     models = [chosen.model_name, "finetune"]
     wrong = {m: misclassified(read_predictions(metrics / m / "predictions.csv")) for m in models}
     counts = write_audit(out, data, (pairs, issues, wrong), p.audit.top)
@@ -53,6 +57,7 @@ def main(features, heads, metrics, data, out, summary, params) -> None:
         + ", ".join(f"{len(rows)} test images {m} gets wrong" for m, rows in wrong.items())
         + f" -> {out}"
     )
+    click.echo(f"audit: near-copy search {clock[1] - clock[0]:.1f}s, label issues {clock[2] - clock[1]:.1f}s")
 
 
 if __name__ == "__main__":
