@@ -368,8 +368,8 @@ def test_the_audit_stage_writes_its_csvs_pictures_and_counts_and_the_report_show
                         attrs=attrs)  # fmt: skip
     params = tmp_path / "params.yaml"
     backbones = "extract:\n  backbones:\n    tiny: {}\n"
-    params.write_text(f"{backbones}heads:\n  logreg:\n    kind: logreg\n    grid:\n      C: [1.0]\naudit:\n  top: 4\n")
-    head = train_head(read_store(store), "logreg", HeadParams(grid={"C": [1.0]}))
+    params.write_text(f"{backbones}heads:\n  logreg:\n    kind: logreg\n    grid:\n      C: [0.25]\naudit:\n  top: 4\n")
+    head = train_head(read_store(store), "logreg", HeadParams(grid={"C": [0.25]}))
     save_head(head, tmp_path / "heads" / "tiny" / "logreg.h5")
     test_paths = [p for p, s in zip(paths, split, strict=True) if s == 2]
     for model, wrong in (("tiny-logreg", {test_paths[0]}), ("finetune", set())):
@@ -385,6 +385,7 @@ def test_the_audit_stage_writes_its_csvs_pictures_and_counts_and_the_report_show
     assert chosen["setting"] == "auto" and chosen["reason"].startswith("auto: ")
     assert counts["duplicate_threshold"] == chosen["threshold"] and counts["cross_split_pairs"] >= 1
     assert f"audit: duplicate_threshold {chosen['threshold']} ({chosen['reason']})" in result.output
+    assert "out-of-fold logistic regression at C=0.25 (auto: the C heads.logreg chose)" in result.output
     assert (counts["misclassified_tiny-logreg"], counts["misclassified_finetune"]) == (1, 0)
     with open(out / "duplicates.csv", newline="") as f:
         first = next(csv.DictReader(f))

@@ -260,6 +260,9 @@ class AuditParams:
     # says why; the stage prints its choice).
     duplicate_threshold: float | Literal["auto"] = "auto"
     folds: int = 5  # cross-validation folds of the out-of-fold probabilities whose label errors cleanlab ranks
+    # Inverse regularisation of those out-of-fold logistic fits; auto: the C the logreg head chose on val for
+    # audit.backbone (the first head of kind logreg under heads), 1.0 without one.
+    C: float | Literal["auto"] = "auto"
     seed: int = 0
     top: int = 24  # images per picture grid in reports/audit/
     # Leave the test images that copy a train or val image (reports/audit/test_copies.csv, with the reason) out
@@ -275,6 +278,8 @@ class AuditParams:
     def __post_init__(self) -> None:
         if self.duplicate_threshold != "auto" and not 0.0 < self.duplicate_threshold <= 1.0:
             raise ConfigError(f"audit.duplicate_threshold must be in (0, 1]; got {self.duplicate_threshold}")
+        if self.C != "auto" and not self.C > 0:
+            raise ConfigError(f"audit.C must be above 0 (or auto); got {self.C}")
         _at_least("audit", self, folds=2, seed=0, top=1)
 
 

@@ -215,10 +215,10 @@ def _pair(store: FeatureStore, i: int, j: int, similarity: float, exact: bool) -
     )
 
 
-def label_issues(store: FeatureStore, folds: int = 5, seed: int = 0) -> list[LabelIssue]:
+def label_issues(store: FeatureStore, folds: int = 5, seed: int = 0, C: float = 1.0) -> list[LabelIssue]:
     """The train and val images cleanlab finds likely mislabelled, most suspicious first.
 
-    Out-of-fold class probabilities from StandardScaler + LogisticRegression (stratified, shuffled, seeded
+    Out-of-fold class probabilities from StandardScaler + LogisticRegression at `C` (stratified, shuffled, seeded
     k-fold: every image is scored by a head that never saw it), then `cleanlab.filter.find_label_issues`
     ranked by self-confidence. `folds` is lowered to the smallest class's size; below 2 there is nothing to
     cross-validate and the answer is empty (the reason is logged). Test rows are never read.
@@ -233,7 +233,7 @@ def label_issues(store: FeatureStore, folds: int = 5, seed: int = 0) -> list[Lab
             *(len(present), smallest, folds),
         )
         return []
-    pred_probs = _out_of_fold_proba(store.features, rows, labels, min(folds, smallest), seed)
+    pred_probs = _out_of_fold_proba(store.features, rows, labels, min(folds, smallest), seed, C)
     ranked = find_label_issues(labels, pred_probs, return_indices_ranked_by="self_confidence", n_jobs=1)
     scores = get_label_quality_scores(labels, pred_probs, method="self_confidence")
     classes = store.classes
@@ -249,9 +249,11 @@ def label_issues(store: FeatureStore, folds: int = 5, seed: int = 0) -> list[Lab
     ]
 
 
-def _out_of_fold_proba(features: np.ndarray, rows: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+def _out_of_fold_proba(
+    features: np.ndarray, rows: np.ndarray, labels: np.ndarray, folds: int, seed: int, C: float
+) -> np.ndarray:
     """Each of `rows`' class probabilities from the head fitted on the other folds: StandardScaler + logistic
-    regression (C = 1), fitted as the logreg head is (pipeline.heads.linear.fit_logistic), reading the store's
+    regression at C, fitted as the logreg head is (pipeline.heads.linear.fit_logistic), reading the store's
     rows a block at a time (no copy of a fold). Each fold's fit starts from the previous fold's solution: the
     objective has one minimum, and the start only moves where the solver stops within its tolerance (tol 1e-4 on
     the largest gradient entry; how far that moves a probability is not measured), in fewer iterations (at 10^5
@@ -261,7 +263,7 @@ def _out_of_fold_proba(features: np.ndarray, rows: np.ndarray, labels: np.ndarra
     proba, model = np.zeros((len(rows), int(labels.max()) + 1)), None
     preconditioner = shared_preconditioner(features, labels, rows)
     for fit, held in splitter.split(np.zeros((len(rows), 1)), labels):
-        model = fit_logistic(features, labels[fit], take=rows[fit], start=model, preconditioner=preconditioner)
+        model = fit_logistic(features, labels[fit], C, take=rows[fit], start=model, preconditioner=preconditioner)
         proba[held] = predict_proba_rows(model, features, rows[held])
     return proba
 
