@@ -5,12 +5,14 @@ as DVC runs it, on synthetic feature stores of 10^4, 10^5 and 10^6 rows.
     .venv/bin/python benchmarks/scale.py --rows 10000       # one size, 100 classes
     .venv/bin/python benchmarks/scale.py --rows 1000000 --classes 1000 --max-seconds 0 --work /big/disk
     .venv/bin/python benchmarks/scale.py --rows 10000 --stages heads,audit --work /tmp/scale --keep
+    .venv/bin/python benchmarks/scale.py --rows 1000000 --heads logreg,ridge,linear_svm,centroid   # knn dropped
 
 For each size it lays out a scratch folder like the repository (--work, default a temporary folder; --keep keeps it,
 and a kept store of the same size is reused by the next run): params.yaml copied from the repository with
 extract.backbones = {synthetic: efficientnet_lite0 at 224 px} and finetune.backbone = synthetic,
 data/features/synthetic.h5 and metrics/extract/synthetic/. Then it runs each stage's command line from
-dvc.yaml, each in its own process: head@synthetic-<head> for every head of params.yaml's `heads` (its default grid),
+dvc.yaml, each in its own process: head@synthetic-<head> for every head of params.yaml's `heads` (its default grid;
+--heads keeps some, as a user who drops a head from params.yaml),
 learning_curve, audit, report. A stage running longer than --max-seconds (default 1800) is killed. Stages see the
 repository's code (PYTHONPATH), not an installed copy. Nothing limits their threads (DVC does not): on a shared
 machine other work slows them by more than its share of the cores (their BLAS threads wait for each other), so
@@ -298,21 +300,24 @@ def extract_metrics(spec: Spec, written: Written) -> dict:
 # --- the scratch project ---------------------------------------------------------------------------------------
 
 
-def scratch_params(repo_params: dict) -> dict:
-    """The repository's params.yaml with one backbone entry, `synthetic`, that fine-tuning and the audit name."""
+def scratch_params(repo_params: dict, heads: list[str] | None = None) -> dict:
+    """The repository's params.yaml with one backbone entry, `synthetic`, that fine-tuning and the audit name, and
+    the entries of `heads` alone under heads (None: every one)."""
     params = json.loads(json.dumps(repo_params))  # a deep copy
     params["extract"]["backbones"] = {LABEL: {"backbone": BACKBONE, "image_size": IMAGE_SIZE}}
+    if heads is not None:
+        params["heads"] = {name: entry for name, entry in params["heads"].items() if name in heads}
     params["finetune"]["backbone"] = LABEL
     if params.get("audit", {}).get("backbone"):
         params["audit"]["backbone"] = LABEL
     return params
 
 
-def write_project_files(folder: Path) -> None:
-    """params.yaml (the repository's, adjusted) and the empty fine-tuning curve the report reads."""
+def write_project_files(folder: Path, heads: list[str]) -> None:
+    """params.yaml (the repository's, adjusted, with `heads`) and the empty fine-tuning curve the report reads."""
     repo_params = yaml.safe_load((REPO / "params.yaml").read_text())
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "params.yaml").write_text(yaml.safe_dump(scratch_params(repo_params), sort_keys=False))
+    (folder / "params.yaml").write_text(yaml.safe_dump(scratch_params(repo_params, heads), sort_keys=False))
     curve = folder / "metrics" / "learning_curve" / "finetune.json"
     curve.parent.mkdir(parents=True, exist_ok=True)
     curve.write_text("[]\n")  # what finetune_curve writes with finetune_curve.sizes: []
@@ -345,9 +350,9 @@ def write_store_and_metrics(folder: Path, spec: Spec) -> str:
     )
 
 
-def prepare_project(folder: Path, spec: Spec) -> bool:
+def prepare_project(folder: Path, spec: Spec, heads: list[str]) -> bool:
     """Lay out `folder` like the repository, with the store and what the stages read besides it; say how."""
-    write_project_files(folder)
+    write_project_files(folder, heads)
     size = f"rows={spec.rows} classes={spec.classes}"
     if store_is_current(folder, spec):
         click.echo(f"scale: {size} store_mb={store_paths(folder)[0].stat().st_size / 2**20:.0f} reused")
@@ -482,7 +487,7 @@ def heads_line(spec: Spec, runs: list[StageRun], max_seconds: float) -> str:
 def run_size(spec: Spec, folder: Path, names: list[str], heads: list[str], max_seconds: float) -> list[StageRun]:
     """Every asked-for stage at one size, in dvc.yaml's order; a stage after a failed one is not run (but the
     other heads: they do not depend on each other)."""
-    if not prepare_project(folder, spec):
+    if not prepare_project(folder, spec, heads):
         return []
     commands = stage_commands(heads)
     runs: list[StageRun] = []
@@ -597,6 +602,8 @@ def stage_names(asked: str | None, heads: list[str]) -> list[str]:
               "10^4, 10^5, 10^6, the largest skipped when predicted over --max-seconds]")  # fmt: skip
 @click.option("--classes", type=click.IntRange(min=2), default=100, show_default=True)
 @click.option("--stages", "stages_asked", help="Comma-separated stages to run (dvc.yaml's names, or `heads`).")
+@click.option("--heads", "heads_asked", help="Comma-separated heads of params.yaml to keep (as a user drops knn at "
+              "10^6 rows) [default: every one]")  # fmt: skip
 @click.option("--max-seconds", type=click.FloatRange(min=0), default=1800, show_default=True,
               help="Kill a stage running longer (0: no limit).")  # fmt: skip
 @click.option("--work", type=click.Path(path_type=Path, file_okay=False), help="Scratch folder [default: a temp dir].")
@@ -605,11 +612,16 @@ def stage_names(asked: str | None, heads: list[str]) -> list[str]:
 @click.option(
     "--write-store", "store_only", is_flag=True, hidden=True, help="Only write the store of --rows into --work."
 )
-def main(rows, classes, stages_asked, max_seconds, work, keep, seed, store_only) -> None:
+def main(rows, classes, stages_asked, heads_asked, max_seconds, work, keep, seed, store_only) -> None:
     if store_only:  # the process prepare_project starts
         click.echo(write_store_and_metrics(work, Spec(rows[0], classes, seed)))
         return
     heads = list(load_params(REPO / "params.yaml").heads)
+    if heads_asked:
+        unknown = [h for h in heads_asked.split(",") if h not in heads]
+        if unknown:
+            raise click.BadParameter(f"not heads of params.yaml: {', '.join(unknown)}", param_hint="--heads")
+        heads = [h for h in heads if h in heads_asked.split(",")]
     names = stage_names(stages_asked, heads)
     sizes, asked = (sorted(set(rows)), True) if rows else (list(DEFAULT_ROWS), False)
     if min(sizes) < 3 * classes:

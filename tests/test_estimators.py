@@ -41,8 +41,10 @@ def expected_failed_checks(estimator) -> dict[str, str]:
     [
         LbfgsLinearSVC(),
         CosineCentroids(),
+        CosineCentroids(normalize="cl2n"),
         CosineNeighbors(),
         CosineNeighbors(n_neighbors=3, weights="distance"),
+        CosineNeighbors(normalize="cl2n"),
         TemperatureScaled(LogisticRegression()),
         TemperatureScaled(RidgeClassifier()),
         TemperatureScaled(LbfgsLinearSVC()),
@@ -134,3 +136,45 @@ def test_cosine_centroids_are_the_class_means_of_unit_rows_whatever_the_blocks(m
         np.testing.assert_allclose(model.centroids_, expected, rtol=1e-12, atol=1e-15)
         np.testing.assert_allclose(model.decision_function(x), unit @ expected.T, rtol=1e-12, atol=1e-15)
     assert blocked.decision_function(x).dtype == np.float64
+
+
+def test_cl2n_centres_every_row_on_the_training_mean_before_the_cosine(monkeypatch):
+    """SimpleShot's CL2N: the centroids are the class means of the training rows minus their mean, normalised; the
+    scores those of new rows minus the same mean (a fitted attribute), block by block as the whole arrays give."""
+    rng = np.random.default_rng(1)
+    x = (rng.gamma(2.0, 1.0, size=(900, 16)) + rng.normal(size=(900, 16))).astype(np.float32)
+    y = rng.integers(0, 5, size=900)
+    mean = x.mean(axis=0, dtype=np.float64)
+    unit = normalize(x - mean.astype(np.float32))
+    expected = normalize(np.stack([unit[y == k].mean(axis=0, dtype=np.float64) for k in range(5)]))
+    monkeypatch.setattr(CosineCentroids, "ROWS_PER_BLOCK", 64)
+    model = CosineCentroids(normalize="cl2n").fit(x, y)
+    np.testing.assert_allclose(model.mean_, mean, rtol=1e-6)
+    np.testing.assert_allclose(model.centroids_, expected, rtol=1e-6, atol=1e-7)
+    new = x[:50] + 1.0
+    scores = normalize(new - mean.astype(np.float32)) @ expected.T
+    np.testing.assert_allclose(model.decision_function(new), scores, atol=1e-6)
+    plain = CosineCentroids().fit(x, y)
+    assert plain.mean_ is None and not np.allclose(plain.centroids_, model.centroids_, atol=1e-3)
+
+
+def test_cl2n_neighbours_are_scikit_learns_on_centred_rows():
+    from sklearn.neighbors import KNeighborsClassifier
+
+    rng = np.random.default_rng(2)
+    x = (rng.gamma(2.0, 1.0, size=(400, 12)) + rng.normal(size=(400, 12))).astype(np.float32)
+    y = rng.integers(0, 4, size=400)
+    queries = x[:60] + rng.normal(scale=0.3, size=(60, 12)).astype(np.float32)
+    ours = CosineNeighbors(n_neighbors=7, normalize="cl2n").fit(x, y)
+    centre = ours.mean_.astype(np.float32)
+    reference = KNeighborsClassifier(7, metric="cosine", algorithm="brute").fit(x - centre, y)
+    np.testing.assert_array_equal(ours.neighbors(queries)[1], reference.kneighbors(queries - centre)[1])
+    np.testing.assert_allclose(ours.predict_proba(queries), reference.predict_proba(queries - centre))
+    plain = CosineNeighbors(n_neighbors=7).fit(x, y)
+    assert not np.array_equal(plain.neighbors(queries)[1], ours.neighbors(queries)[1])
+
+
+@pytest.mark.parametrize("estimator", [CosineCentroids(normalize="l1"), CosineNeighbors(normalize="L2")])
+def test_an_unknown_normalize_is_refused(estimator):
+    with pytest.raises(ValueError, match="normalize must be 'l2' or 'cl2n', got"):
+        estimator.fit(np.eye(3), [0, 1, 1])

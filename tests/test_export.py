@@ -152,8 +152,9 @@ def test_the_metadata_holds_classes_preprocessing_provenance_and_test_metrics(ex
 
 
 def test_linear_heads_as_layers_compute_what_scikit_learn_computes():
-    """logreg, ridge, linear_svm and centroid, with three classes, two (one logit), and a class absent from
-    training (probability 0): the layers against the fitted pipeline, on features of every scale."""
+    """logreg, ridge, linear_svm and centroid (L2 and CL2N: the training mean subtracted first), with three
+    classes, two (one logit), and a class absent from training (probability 0): the layers against the fitted
+    pipeline, on features of every scale."""
     rng = np.random.default_rng(0)
     for labels, classes in (
         (np.repeat([0, 1, 2], 20), ["a", "b", "c"]),
@@ -162,8 +163,9 @@ def test_linear_heads_as_layers_compute_what_scikit_learn_computes():
     ):
         features = rng.normal(size=(len(labels), 6)) * [1, 10, 0.1, 1, 5, 1] + labels[:, None]
         store = make_store(features, labels, np.tile([0, 0, 0, 1, 2], len(labels) // 5), classes)
-        for kind in ("logreg", "ridge", "linear_svm", "centroid"):
-            head = train_head(store, kind, HeadParams(kind=kind))
+        for kind, args in (("logreg", {}), ("ridge", {}), ("linear_svm", {}), ("centroid", {}),
+                           ("centroid", {"normalize": "cl2n"})):  # fmt: skip
+            head = train_head(store, kind, HeadParams(kind=kind, args=args))
             x = store.features
             with torch.inference_mode():
                 got = head_layers(head)(torch.from_numpy(x)).double().numpy()

@@ -203,6 +203,21 @@ def test_save_load_round_trip_is_exact(trained, blobs, kind, tmp_path):
     assert loaded.trainable_params == head.trainable_params
 
 
+@pytest.mark.parametrize("kind", ["centroid", "knn"])
+def test_a_cl2n_head_saves_its_centre_and_loads_to_the_same_answers(blobs, kind, tmp_path):
+    grid = {"n_neighbors": [1, 3]} if kind == "knn" else {}
+    head = train_head(blobs, kind, HeadParams(kind=kind, args={"normalize": "cl2n"}, grid=grid))
+    estimator = head.model[-1]
+    estimator = getattr(estimator, "estimator_", estimator)
+    np.testing.assert_allclose(estimator.mean_, blobs.subset("train", "val")[0].mean(axis=0), rtol=1e-5)
+    save_head(head, tmp_path / "head.h5")
+    loaded = load_head(tmp_path / "head.h5", blobs)
+    loaded_estimator = getattr(loaded.model[-1], "estimator_", loaded.model[-1])
+    np.testing.assert_array_equal(loaded_estimator.mean_, estimator.mean_)
+    np.testing.assert_array_equal(loaded.predict_proba(blobs.features), head.predict_proba(blobs.features))
+    assert loaded.hyperparameters["normalize"] == "cl2n"
+
+
 def test_a_binary_head_round_trips(tmp_path):
     store = blob_store({"train": (20, 20), "val": (8, 8), "test": (8, 8)})
     for kind in KINDS:
@@ -311,8 +326,9 @@ DATASETS = {
     "linear_svm": [*SCALER, *CALIBRATED, *SUB, "clf.estimator_.coef_", "clf.estimator_.intercept_"]
     + ["clf.estimator_.n_iter_"],
     # Row numbers of the store, not embeddings: the head reads its reference rows from the store it was trained on.
-    "knn": ["clf.classes_", "clf.n_features_in_", "clf.reference_labels_", "clf.reference_rows_"],
-    "centroid": [*CALIBRATED, *SUB, "clf.estimator_.centroids_"],
+    # mean_: the centre of normalize cl2n (None with l2, a null dataset).
+    "knn": ["clf.classes_", "clf.mean_", "clf.n_features_in_", "clf.reference_labels_", "clf.reference_rows_"],
+    "centroid": [*CALIBRATED, *SUB, "clf.estimator_.centroids_", "clf.estimator_.mean_"],
 }
 
 

@@ -8,7 +8,7 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import normalize
 
 from pipeline.heads import neighbors
-from pipeline.heads.neighbors import pairs_at_least, top_k
+from pipeline.heads.neighbors import Centred, pairs_at_least, top_k
 
 # Blocks far smaller than the data, so that queries and references span several blocks (and a block holds fewer
 # reference rows than k): the merge across blocks is what these check.
@@ -168,6 +168,26 @@ def test_the_bf16_candidate_pass_gives_the_float32_answer(blocks, width, monkeyp
         np.testing.assert_array_equal(got[0], expected[0])
         np.testing.assert_array_equal(got[1], expected[1])
         np.testing.assert_allclose(got[2], expected[2], atol=1e-6)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_centred_rows_are_searched_as_a_centred_copy_would_be(bf16):
+    """Centred (CL2N's centring) reads the rows where they lie, minus the centre, on both sides of the search."""
+    if bf16:
+        pytest.importorskip("torch")
+    features = clustered_rows(300)
+    centre = features.mean(axis=0)
+    rows = np.arange(0, 300, 3)
+    got = top_k(Centred(features, centre), Centred(features, centre), 5, query_rows=rows[:40], reference_rows=rows,
+                blocks=(16, 32), bf16=bf16)  # fmt: skip
+    centred = features - centre
+    expected = top_k(centred[rows[:40]], centred[rows], 5, bf16=False)
+    assert_as_near(got, expected, centred[rows[:40]], centred[rows])
+    pairs = pairs_at_least(Centred(features, centre), Centred(features, centre), 0.5, blocks=(16, 32), bf16=bf16)
+    expected_pairs = pairs_at_least(centred, centred, 0.5, bf16=False)
+    np.testing.assert_array_equal(pairs[0], expected_pairs[0])
+    np.testing.assert_array_equal(pairs[1], expected_pairs[1])
+    assert features.mean(axis=0) == pytest.approx(centre)  # the rows themselves are left as they are
 
 
 def test_the_bf16_error_bound_holds():

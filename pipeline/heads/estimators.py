@@ -18,7 +18,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pipeline.core.accelerator import use_cuda
-from pipeline.heads.neighbors import top_k
+from pipeline.heads.neighbors import Centred, top_k
 from pipeline.heads.objectives import Loss, Objective, Stopping, minimise, preconditioned
 
 log = logging.getLogger(__name__)
@@ -209,27 +209,54 @@ class LbfgsLinearSVC(ClassifierMixin, BaseEstimator):
         return self.classes_[(scores > 0).astype(int) if scores.ndim == 1 else scores.argmax(axis=1)]
 
 
+NORMALIZE = ("l2", "cl2n")  # how the cosine heads normalise rows: L2 alone, or centred first (SimpleShot's CL2N)
+
+
+def _check_normalize(normalize: str) -> None:
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be 'l2' or 'cl2n', got {normalize!r}")
+
+
+def column_mean(X: np.ndarray, rows_per_block: int = 8192) -> np.ndarray:
+    """The mean row of X in float64, a block at a time (no float64 copy of X)."""
+    total = np.zeros(X.shape[1])
+    for start in range(0, len(X), rows_per_block):
+        total += X[start : start + rows_per_block].sum(axis=0, dtype=np.float64)
+    return total / max(len(X), 1)
+
+
 class CosineCentroids(ClassifierMixin, BaseEstimator):
     """Nearest class mean by cosine similarity; decision_function = cosine to each class's mean direction.
 
     Hand-written because NearestCentroid ranks by euclidean distance to the raw means and has no cosine
     scores. The means are taken over L2-normalised rows, so every image weighs the same whatever its norm.
+    normalize="cl2n" (SimpleShot's centred L2) subtracts the training rows' mean (`mean_`, a fitted attribute)
+    from every row before normalising it, in fit and in scoring; "l2" normalises the rows as they are (mean_ None).
     Rows are normalised `ROWS_PER_BLOCK` at a time, in fit and in scoring: memory holds the rows given plus one
     block, never a normalised copy of them all.
     """
 
     ROWS_PER_BLOCK = 8192
 
+    def __init__(self, normalize: str = "l2"):
+        self.normalize = normalize
+
+    def _unit(self, rows: np.ndarray) -> np.ndarray:
+        mean = getattr(self, "mean_", None)  # None: l2, or a head saved before normalize existed
+        return normalize(rows if mean is None else rows - mean.astype(rows.dtype))
+
     def fit(self, X: np.ndarray, y: np.ndarray) -> CosineCentroids:
+        _check_normalize(self.normalize)
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
         check_classification_targets(y)
         self.classes_, y_index = np.unique(y, return_inverse=True)
+        self.mean_ = column_mean(X, self.ROWS_PER_BLOCK) if self.normalize == "cl2n" else None
         sums = np.zeros((len(self.classes_), X.shape[1]))
         for start in range(0, len(X), self.ROWS_PER_BLOCK):
             block = slice(start, start + self.ROWS_PER_BLOCK)
             order = np.argsort(y_index[block], kind="stable")  # each class's rows together, for one sum per class
             present, first = np.unique(y_index[block][order], return_index=True)
-            sums[present] += np.add.reduceat(normalize(X[block])[order], first, axis=0, dtype=np.float64)
+            sums[present] += np.add.reduceat(self._unit(X[block])[order], first, axis=0, dtype=np.float64)
         self.centroids_ = normalize(sums / np.bincount(y_index)[:, None])
         return self
 
@@ -239,7 +266,7 @@ class CosineCentroids(ClassifierMixin, BaseEstimator):
         scores = np.empty((len(X), len(self.classes_)), dtype=np.result_type(X.dtype, self.centroids_.dtype))
         for start in range(0, len(X), self.ROWS_PER_BLOCK):
             block = slice(start, start + self.ROWS_PER_BLOCK)
-            scores[block] = normalize(X[block]) @ self.centroids_.T
+            scores[block] = self._unit(X[block]) @ self.centroids_.T
         return scores
 
     def predict(self, X: np.ndarray) -> np.ndarray:
@@ -254,16 +281,19 @@ class CosineNeighbors(ClassifierMixin, BaseEstimator):
     its distance weighting (1 / (1 - cosine); a row with neighbours at distance 0 gets its votes from those alone).
     The search is pipeline.heads.neighbors' exact blocked one (float32; ties go to the earlier fitted row), on a
     CUDA GPU when `device` says so (auto: when there is one). The metric is no argument: cosine is what this head is.
+    normalize="cl2n" (SimpleShot's centred L2): every row, fitted or searched, minus the fitted rows' mean (`mean_`)
+    before the cosine; "l2": the rows as they are (mean_ None).
 
     Fitting only validates and keeps the rows (no copy). `use_store_rows` then has the head search the same rows
     where they lie in the feature store, and a head file records their row numbers (`reference_rows_`, None until
     then) and labels, not the embeddings: a loaded head reads them from its store (pipeline.heads.persistence).
     """
 
-    def __init__(self, n_neighbors: int = 5, *, weights: str = "uniform", device: str = "auto"):
+    def __init__(self, n_neighbors: int = 5, *, weights: str = "uniform", device: str = "auto", normalize: str = "l2"):
         self.n_neighbors = n_neighbors
         self.weights = weights
         self.device = device
+        self.normalize = normalize
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> CosineNeighbors:
         check_scalar(self.n_neighbors, "n_neighbors", Integral, min_val=1)
@@ -271,9 +301,11 @@ class CosineNeighbors(ClassifierMixin, BaseEstimator):
             raise ValueError(f"weights must be 'uniform' or 'distance', got {self.weights!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        _check_normalize(self.normalize)
         X, y = validate_data(self, X, y, order="C")
         check_classification_targets(y)
         self.classes_ = np.unique(y)
+        self.mean_ = column_mean(X) if self.normalize == "cl2n" else None
         self.reference_labels_, self.reference_rows_ = y, None
         self._reference = X
         return self
@@ -301,7 +333,11 @@ class CosineNeighbors(ClassifierMixin, BaseEstimator):
         if k > fitted:  # KNeighborsClassifier's words
             raise ValueError(f"Expected n_neighbors <= n_samples_fit, but n_neighbors = {k}, n_samples_fit = {fitted}")
         device = "cuda" if use_cuda(self.device, "the knn head's device (heads.<name>.device)") else None
-        return top_k(X, self._reference, k, reference_rows=self.reference_rows_, device=device)
+        queries, reference = X, self._reference
+        mean = getattr(self, "mean_", None)  # None: l2, or a head saved before normalize existed
+        if mean is not None:
+            queries, reference = Centred(X, mean), Centred(reference, mean)
+        return top_k(queries, reference, k, reference_rows=self.reference_rows_, device=device)
 
     def proba_from(self, cosines: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """predict_proba from neighbours already found (`neighbors`, for this k or more): the first `n_neighbors` of

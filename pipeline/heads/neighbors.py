@@ -208,11 +208,28 @@ def _rows(
         return np.asarray(array[rows[start:stop]], dtype=np.float32, order="C")  # fancy indexing copies already
     if rows is None:
         np.copyto(out, array[start:stop], casting="unsafe")
-    elif array.dtype == np.float32:
+    elif isinstance(array, np.ndarray) and array.dtype == np.float32:
         np.take(array, rows[start:stop], axis=0, out=out)
     else:
         out[...] = array[rows[start:stop]]
     return out
+
+
+class Centred:
+    """The rows of `array` minus `centre`, read as float32 where they are asked for: what a search compares in
+    place of `array` for SimpleShot's CL2N (centre, then L2-normalise), without a centred copy of the rows. Both
+    sides of a search are centred by the same vector (the training rows' mean)."""
+
+    def __init__(self, array: np.ndarray, centre: np.ndarray):
+        self.array, self.centre = array, np.asarray(centre, dtype=np.float32)
+        self.shape, self.ndim = array.shape, array.ndim
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows = np.asarray(self.array[index], dtype=np.float32)
+        return rows - self.centre
 
 
 def _reference_blocks(

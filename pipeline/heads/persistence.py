@@ -216,7 +216,7 @@ def _check_shapes(path: Path, model: Pipeline) -> None:
                 check(value, f"{where}.{name}")
                 continue
             shapes = _expected_shapes(name, features, classes) if features is not None else None
-            if shapes is not None and np.shape(value) not in shapes:
+            if shapes is not None and value is not None and np.shape(value) not in shapes:
                 expected = " or ".join(map(str, sorted(shapes)))
                 raise StoreError(
                     f"{path}: inconsistent head file ({where}.{name} has shape {np.shape(value)}, expected "

@@ -94,9 +94,10 @@ def _knn_sweep(
     n_classes: int,
     name: str,
 ) -> list[tuple[Pipeline, np.ndarray]]:
-    """knn's grid from one search: the held-out rows' neighbours among the fit rows are found once, for the largest
-    k of the grid, and every point (k, weighting) votes with the first k of them. The probabilities are those of
-    each point's own predict_proba: the exact search's first k neighbours are its k nearest, in the same order."""
+    """knn's grid from one search (one per normalize): the held-out rows' neighbours among the fit rows are found
+    once, for the largest k of the grid, and every point (k, weighting) votes with the first k of them. The
+    probabilities are those of each point's own predict_proba: the exact search's first k neighbours are its k
+    nearest, in the same order."""
     use_cuda(fixed.get("device", "auto"), f"heads.{name}.device")  # a missing GPU is named by its key, up front
     models = []
     for point in points:
@@ -105,12 +106,14 @@ def _knn_sweep(
             models.append(kind.build(args).fit(*fit))
         except (TypeError, ValueError) as err:  # as pipeline.heads.selection fits a point
             raise HeadError(f"heads.{name}: {kind.estimator.__name__} could not be fitted with {args}: {err}") from err
-    largest = max(models, key=lambda m: m[-1].n_neighbors)[-1]
-    found = largest.neighbors(held_out[0])
+    found = {}  # per normalize: each point's own search has that point's neighbours
+    for normalize in dict.fromkeys(m[-1].normalize for m in models):
+        largest = max((m for m in models if m[-1].normalize == normalize), key=lambda m: m[-1].n_neighbors)[-1]
+        found[normalize] = largest.neighbors(held_out[0])
     fitted = []
     for model in models:
         full = np.zeros((len(held_out[0]), n_classes))  # as pipeline.heads.trained.full_proba expands them
-        full[:, model.classes_] = model[-1].proba_from(*found)
+        full[:, model.classes_] = model[-1].proba_from(*found[model[-1].normalize])
         fitted.append((model, full / full.sum(axis=1, keepdims=True)))
     return fitted
 

@@ -71,10 +71,12 @@ class Softmax(nn.Module):
 
 class LinearHead(nn.Module):
     """A head that is an affine map of its features, then softmax(logits / T), as layers: standardised features
-    (logreg, ridge, linear_svm) or L2-normalised ones (centroid), each step as scikit-learn computes it."""
+    (logreg, ridge, linear_svm) or L2-normalised ones (centroid; centred first with its normalize cl2n), each step
+    as scikit-learn computes it."""
 
-    def __init__(self, weight, bias, temperature: float, mean=None, scale=None, unit=False, place=None):
+    def __init__(self, weight, bias, temperature: float, mean=None, scale=None, unit=False, place=None, centre=None):
         super().__init__()
+        self.register_buffer("centre", _float32(centre))
         self.register_buffer("weight", _float32(weight))
         self.register_buffer("bias", _float32(bias))
         self.temperature, self.unit = float(temperature), unit
@@ -84,6 +86,8 @@ class LinearHead(nn.Module):
         self.register_buffer("place", _float32(place))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.centre is not None:
+            x = x - self.centre
         if self.unit:  # sklearn.preprocessing.normalize: a zero row stays zero
             norm = x.norm(dim=1, keepdim=True)
             x = x / torch.where(norm == 0, torch.ones_like(norm), norm)
@@ -126,6 +130,7 @@ def head_layers(head: TrainedHead) -> LinearHead:
         scale=None if scaler is None else (scaler.scale_ if scaler.with_std else np.ones(weight.shape[1])),
         unit=isinstance(linear, CosineCentroids),
         place=place,
+        centre=getattr(linear, "mean_", None) if isinstance(linear, CosineCentroids) else None,
     )
 
 
