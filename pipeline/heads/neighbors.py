@@ -17,7 +17,9 @@ either way, and cosines from different runs agree to float32 rounding, not bit f
 
 Large searches on a CPU that multiplies bfloat16 natively (`bf16_candidates`) run in two passes with the same
 answer: a bfloat16 matrix product (about 4x faster than float32 there) ranks every pair roughly, and a proven bound
-on its error (`Bf16Error`) says which pairs could belong to the answer; only those are computed in float32.
+on its error (`Bf16Error`) says which pairs could belong to the answer; only those are computed in float32, one
+pair at a time: so a cosine may differ from the matrix product's by float32 rounding, and two cosines equal to that
+rounding may rank the other way than the float32 search ranks them (as between blocks, above).
 """
 
 from __future__ import annotations
@@ -142,10 +144,11 @@ def _top_k_bf16(
     reference_rows: np.ndarray | None,
     blocks: tuple[int, int],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """top_k in two passes, the same answer. Rough: each query's `width` best pairs by the bfloat16 product. Then
-    the pairs whose float32 cosine could reach the k-th best's (`Bf16Error.floor`) are computed in float32 and
-    ranked as the float32 search ranks them. A query whose width-th rough cosine is not below that floor (pairs
-    beyond the width could belong to its answer) is searched again by the float32 search."""
+    """top_k in two passes, the float32 answer (to float32 rounding: module docstring). Rough: each query's `width`
+    best pairs by the bfloat16 product. Then the pairs whose float32 cosine could reach the k-th best's
+    (`Bf16Error.floor`) are computed in float32 and ranked as the float32 search ranks them. A query whose width-th
+    rough cosine is not below that floor (pairs beyond the width could belong to its answer) is searched again by
+    the float32 search."""
     n_queries, n_reference = _count(queries, query_rows), _count(reference, reference_rows)
     width = min(n_reference, BF16_WIDTH[0] * k + BF16_WIDTH[1])
     query_block, reference_block = blocks
