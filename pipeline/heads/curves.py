@@ -19,12 +19,13 @@ ALL = 0  # learning-curve size meaning "every training image"
 
 
 def subsample_train(store: FeatureStore, per_class: int, seed: int) -> FeatureStore:
-    """The store with at most `per_class` train rows of each class (seeded); val and test rows unchanged. Every
+    """What a head trains and selects on, with at most `per_class` train rows of each class (seeded): those rows and
+    every val row, copied; not the test rows (a head never reads them, and the curve scores the store's own). Every
     training image (`ALL`): the store itself, not a copy of its features."""
     if per_class == ALL:
         return store
     rng = np.random.default_rng(seed)
-    keep = store.split != SPLIT_CODES["train"]
+    keep = store.split == SPLIT_CODES["val"]
     for label in np.unique(store.labels):
         rows = np.flatnonzero((store.split == SPLIT_CODES["train"]) & (store.labels == label))
         keep[rng.permutation(rows)[:per_class]] = True
@@ -46,6 +47,7 @@ def learning_curve(store: FeatureStore, head: TrainedHead, sizes: list[int], see
         kind=head.kind, args=dict(head.hyperparameters), grid={}, refit_on_train_val=False, selection="val"
     )
     smallest = min(int(((store.split == 0) & (store.labels == c)).sum()) for c in np.unique(store.labels))
+    x_test, y_test = store.subset("test")  # once: the subsets leave the test rows out
     points = []
     for size in sorted({s for s in sizes if 0 < s < smallest} | {ALL}, key=lambda s: s or 10**9):
         scores = []
@@ -56,7 +58,6 @@ def learning_curve(store: FeatureStore, head: TrainedHead, sizes: list[int], see
             except HeadError as err:  # e.g. k-NN's k above the rows of a tiny subset
                 log.info("learning curve: %d per class skipped: %s", size, err)
                 break
-            x_test, y_test = sub.subset("test")
             scores.append(float((fitted.predict_proba(x_test).argmax(1) == y_test).mean()))
         if scores:
             per_class = smallest if size == ALL else size
