@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,12 +30,14 @@ from cleanlab.rank import get_label_quality_scores
 from sklearn.model_selection import StratifiedKFold
 
 from pipeline.core.accelerator import use_cuda
-from pipeline.core.io import write_csv
+from pipeline.core.config import AuditParams, HeadParams
+from pipeline.core.io import write_csv, write_json
 from pipeline.features.store import SPLIT_CODES, FeatureStore
 from pipeline.heads.linear import fit_logistic, predict_proba_rows, shared_preconditioner
 from pipeline.heads.neighbors import pairs_at_least, top_k
+from pipeline.heads.persistence import HeadFile
 from pipeline.results import thumbnails
-from pipeline.results.metrics import PREDICTIONS_HEADER
+from pipeline.results.metrics import PREDICTIONS_HEADER, read_predictions
 
 log = logging.getLogger(__name__)
 
@@ -341,3 +344,71 @@ def write_audit(
         "test_copies": len(copies),
         **{f"misclassified_{model}": len(rows) for model, rows in wrong.items()},
     }
+
+
+def label_issue_C(setting: float | str, files: list[HeadFile], heads: dict[str, HeadParams]) -> tuple[float, str]:
+    """audit.C resolved, and why: a number as given; auto: the C of the first logreg head among `files` (the audit
+    backbone's), as chosen on val, else 1.0."""
+    if setting != "auto":
+        return float(setting), "audit.C"
+    for file in files:
+        if heads[file.name].kind == "logreg":
+            return float(file.load().model[-1].C), f"auto: the C heads.{file.name} chose"
+    return 1.0, "auto: no logreg head, scikit-learn's default"
+
+
+@dataclass(frozen=True)
+class AuditRun:
+    """What `run_audit` found: the threshold and C it used and why, its counts, how long its two searches took."""
+
+    threshold: float
+    threshold_reason: str
+    C: float
+    C_reason: str
+    counts: dict
+    wrong: dict[str, int]  # model -> test images it gets wrong
+    seconds: tuple[float, float]  # the near-copy search, the label-issue fits
+
+    def summary(self) -> dict:
+        """metrics/audit.json: the threshold and the counts."""
+        return {"duplicate_threshold": self.threshold, **self.counts}
+
+    def lines(self, out: Path) -> list[str]:
+        """What the stage prints."""
+        wrong = ", ".join(f"{n} test images {m} gets wrong" for m, n in self.wrong.items())
+        return [
+            f"audit: duplicate_threshold {self.threshold} ({self.threshold_reason})",
+            f"audit: {self.counts['cross_split_pairs']} near-copies across splits (cosine >= {self.threshold}), "
+            f"{self.counts['label_issues']} likely label errors, {wrong} -> {out}",
+            f"audit: label issues from out-of-fold logistic regression at C={self.C} ({self.C_reason})",
+            f"audit: near-copy search {self.seconds[0]:.1f}s, label issues {self.seconds[1]:.1f}s",
+        ]
+
+
+def run_audit(
+    store: FeatureStore,
+    files: list[HeadFile],
+    models: list[str],
+    settings: AuditParams,
+    heads: dict[str, HeadParams],
+    paths: tuple[Path, Path, Path],
+) -> AuditRun:
+    """The audit stage's work: near-copies across splits, likely label errors (at `label_issue_C` of `files`, the
+    audit backbone's heads), and each of `models`' misclassified test images; `paths`: (the folder of each model's
+    predictions.csv, the data root, the output folder), where the CSVs, grids and duplicate_threshold.json go."""
+    metrics, data, out = paths
+    start = time.perf_counter()
+    threshold, why = duplicate_threshold(store, settings.duplicate_threshold, settings.seed, settings.device)
+    pairs = cross_split_duplicates(store, threshold, settings.device)
+    searched = time.perf_counter()
+    C, C_why = label_issue_C(settings.C, files, heads)
+    issues = label_issues(store, settings.folds, settings.seed, C)
+    fitted = time.perf_counter()
+    wrong = {m: misclassified(read_predictions(metrics / m / "predictions.csv")) for m in models}
+    counts = write_audit(out, data, (pairs, issues, wrong), settings.top)
+    write_json(
+        out / "duplicate_threshold.json",
+        {"setting": settings.duplicate_threshold, "threshold": threshold, "reason": why},
+    )
+    wrong_counts = {m: len(rows) for m, rows in wrong.items()}
+    return AuditRun(threshold, why, C, C_why, counts, wrong_counts, (searched - start, fitted - searched))
