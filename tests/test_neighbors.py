@@ -146,14 +146,15 @@ def assert_as_near(got: tuple, expected: tuple, queries: np.ndarray, reference: 
     assert np.mean(got[1] == expected[1]) > 0.99
 
 
-@pytest.mark.parametrize("width", [neighbors.BF16_WIDTH, (1, 0)])
+@pytest.mark.parametrize("width", [(2, 64), (1, 0)])  # neighbors_bf16.BF16_WIDTH, and k alone
 @pytest.mark.parametrize("blocks", [None, (7, 5), (64, 33)])
 def test_the_bf16_candidate_pass_gives_the_float32_answer(blocks, width, monkeypatch):
     """bf16: rough cosines by a bfloat16 product, then float32 for the pairs its error bound cannot rule out: the
     same neighbours and pairs as the float32 search, cosines to float32 rounding. Width (1, 0) keeps k rough
     neighbours alone, so that most queries cannot be shown complete and are searched again in float32."""
-    pytest.importorskip("torch")
-    monkeypatch.setattr(neighbors, "BF16_WIDTH", width)
+    bf16_pass = pytest.importorskip("pipeline.heads.neighbors_bf16")  # needs torch
+    assert bf16_pass.BF16_WIDTH == (2, 64)
+    monkeypatch.setattr(bf16_pass, "BF16_WIDTH", width)
     reference, queries = clustered_rows(600), clustered_rows(90, seed=1)
     queries[:6] = reference[:6] * 1.5 + 0.001  # near-copies: cosines near 1, rounded to bfloat16 at 1
     queries[6] = 0.0  # cosine 0 to everything
@@ -194,6 +195,8 @@ def test_the_bf16_error_bound_holds():
     """Bf16Error.bound: the bfloat16 product of normalised rows is within it of the cosine (float64 here), on rows
     of mixed signs and magnitudes; and it is not loose by an order of magnitude (the candidates it keeps)."""
     torch = pytest.importorskip("torch")
+    from pipeline.heads.neighbors_bf16 import Bf16Error
+
     rng = np.random.default_rng(3)
     rows = normalize((rng.normal(size=(400, 256)) * rng.gamma(0.5, 1.0, size=256)).astype(np.float32))
     low = torch.from_numpy(rows).to(torch.bfloat16)
@@ -201,7 +204,7 @@ def test_the_bf16_error_bound_holds():
     rough = (low[:100] @ low.T).float().numpy().astype(np.float64)
     cosines = rows[:100].astype(np.float64) @ rows.T.astype(np.float64)
     rounding = np.where(np.abs(rough) < 1, 2.0**-9, 2.0**-8)
-    bound = neighbors.Bf16Error(error[:100], float(error.max()), 256).bound(0.0)[:, None] + rounding
+    bound = Bf16Error(error[:100], float(error.max()), 256).bound(0.0)[:, None] + rounding
     assert np.all(np.abs(rough - cosines) <= bound)
     assert np.abs(rough - cosines).max() > bound.min() / 10
 

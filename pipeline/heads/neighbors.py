@@ -16,17 +16,16 @@ in the library's tiles (block sizes, thread count, numpy or torch), so two copie
 either way, and cosines from different runs agree to float32 rounding, not bit for bit.
 
 Large searches on a CPU that multiplies bfloat16 natively (`bf16_candidates`) run in two passes with the same
-answer: a bfloat16 matrix product (about 4x faster than float32 there) ranks every pair roughly, and a proven bound
-on its error (`Bf16Error`) says which pairs could belong to the answer; only those are computed in float32, one
-pair at a time: so a cosine may differ from the matrix product's by float32 rounding, and two cosines equal to that
-rounding may rank the other way than the float32 search ranks them (as between blocks, above).
+answer (pipeline.heads.neighbors_bf16): a bfloat16 matrix product (about 4x faster than float32 there) ranks every
+pair roughly, and a proven bound on its error says which pairs could belong to the answer; only those are computed
+in float32, one pair at a time: so a cosine may differ from the matrix product's by float32 rounding, and two
+cosines equal to that rounding may rank the other way than the float32 search ranks them (as between blocks, above).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 from sklearn.preprocessing import normalize
@@ -50,12 +49,6 @@ _NO_KEY = np.iinfo(np.int64).min  # fills a row that has fewer than k candidates
 # least this many multiply-adds (query rows x reference rows x features; ~1 s in float32 on 2 cores): below, torch's
 # import costs more than the pass saves.
 BF16_WORK = 10**11
-# Rough neighbours the bfloat16 pass of top_k keeps per query: BF16_WIDTH[0] x k + BF16_WIDTH[1]. A query whose
-# answer they cannot be shown to hold (its `width`-th rough cosine within the error bound of its k-th) is searched
-# again in float32; at 10^5 synthetic rows none are, at k = 50.
-BF16_WIDTH = (2, 64)
-# Candidate pairs computed in float32 at a time (two float32 rows each: 2 x 1,280 x 4 bytes).
-RERANK_PAIRS = 8192
 
 
 def top_k(
@@ -82,7 +75,15 @@ def top_k(
     if not 1 <= k <= n_reference:
         raise ValueError(f"k must be between 1 and the {n_reference} reference rows; got {k}")
     if device is None and (bf16_candidates(n_queries, n_reference, reference.shape[1]) if bf16 is None else bf16):
-        return _top_k_bf16(queries, reference, k, query_rows, reference_rows, blocks or CPU_BLOCKS)
+        from pipeline.heads.neighbors_bf16 import top_k_bf16  # imports torch: only where the pass runs
+
+        cosines, positions, unsure = top_k_bf16(queries, reference, k, query_rows, reference_rows, blocks or CPU_BLOCKS)
+        if len(unsure):  # queries whose answer the kept candidates cannot be shown to hold: float32 alone
+            rows = unsure if query_rows is None else np.asarray(query_rows)[unsure]
+            cosines[unsure], positions[unsure] = top_k(
+                queries, reference, k, query_rows=rows, reference_rows=reference_rows, blocks=blocks, bf16=False
+            )
+        return cosines, positions
     cosines = np.empty((n_queries, k), dtype=np.float32)
     positions = np.empty((n_queries, k), dtype=np.int64)
     search = _NumpySearch() if device is None else _TorchSearch(device, n_reference * _width(reference))
@@ -112,7 +113,9 @@ def pairs_at_least(
     the pairs found, everything else is bounded by a block."""
     n_queries, n_reference = _count(queries, query_rows), _count(reference, reference_rows)
     if device is None and (bf16_candidates(n_queries, n_reference, reference.shape[1]) if bf16 is None else bf16):
-        search = _Bf16Search()
+        from pipeline.heads.neighbors_bf16 import Bf16Search  # imports torch: only where the pass runs
+
+        search = Bf16Search()
     else:
         search = _NumpySearch() if device is None else _TorchSearch(device, n_reference * _width(reference))
     query_block, reference_block = blocks or (CUDA_BLOCKS if search.on_gpu else CPU_BLOCKS)
@@ -134,62 +137,6 @@ def pairs_at_least(
 def bf16_candidates(n_queries: int, n_reference: int, n_features: int) -> bool:
     """Whether a CPU search of this size runs the bfloat16 candidate pass first (`BF16_WORK`)."""
     return n_queries * n_reference * n_features >= BF16_WORK and cpu_multiplies_bf16()
-
-
-def _top_k_bf16(
-    queries: np.ndarray,
-    reference: np.ndarray,
-    k: int,
-    query_rows: np.ndarray | None,
-    reference_rows: np.ndarray | None,
-    blocks: tuple[int, int],
-) -> tuple[np.ndarray, np.ndarray]:
-    """top_k in two passes, the float32 answer (to float32 rounding: module docstring). Rough: each query's `width`
-    best pairs by the bfloat16 product. Then the pairs whose float32 cosine could reach the k-th best's
-    (`Bf16Error.floor`) are computed in float32 and ranked as the float32 search ranks them. A query whose width-th
-    rough cosine is not below that floor (pairs beyond the width could belong to its answer) is searched again by
-    the float32 search."""
-    n_queries, n_reference = _count(queries, query_rows), _count(reference, reference_rows)
-    width = min(n_reference, BF16_WIDTH[0] * k + BF16_WIDTH[1])
-    query_block, reference_block = blocks
-    search = _Bf16Search()
-    cosines, positions = np.empty((n_queries, k), dtype=np.float32), np.empty((n_queries, k), dtype=np.int64)
-    again: list[np.ndarray] = []
-    for start in range(0, n_queries, query_block):
-        stop = min(start + query_block, n_queries)
-        q = search.unit(_rows(queries, query_rows, start, stop))
-        rough, found = _decode(
-            search.top_keys(q, _reference_blocks(search, reference, reference_rows, reference_block), width)
-        )
-        error = search.error(q, reference.shape[1])
-        floor = error.floor(rough[:, k - 1])
-        i, j = np.nonzero(error.candidates(rough, floor))
-        keys = np.full(found.shape, _NO_KEY, dtype=np.int64)
-        keys[i, j] = _keys(_exact(q.unit, i, found[i, j], search), found[i, j])
-        top = np.partition(keys, width - k, axis=1)[:, width - k :]
-        cosines[start:stop], positions[start:stop] = _decode(np.sort(top, axis=1)[:, ::-1])
-        if width < n_reference:
-            again.append(start + np.flatnonzero(~error.excludes(rough[:, -1], floor)))
-    unsure = np.concatenate(again) if again else np.empty(0, dtype=np.int64)
-    if len(unsure):
-        rows = unsure if query_rows is None else np.asarray(query_rows)[unsure]
-        cosines[unsure], positions[unsure] = top_k(
-            queries, reference, k, query_rows=rows, reference_rows=reference_rows, blocks=blocks, bf16=False
-        )
-    return cosines, positions
-
-
-def _exact(q: np.ndarray, i: np.ndarray, positions: np.ndarray, search: _Bf16Search) -> np.ndarray:
-    """The float32 cosines of pairs (row i of the normalised query block q, searched reference row at `positions`),
-    RERANK_PAIRS at a time: each reference row's product with its query row over its norm (the search's)."""
-    reference, rows = search.source
-    out = np.empty(len(i), dtype=np.float32)
-    for start in range(0, len(i), RERANK_PAIRS):
-        at = positions[start : start + RERANK_PAIRS]
-        r = np.asarray(reference[at if rows is None else rows[at]], dtype=np.float32)
-        out[start : start + RERANK_PAIRS] = np.einsum("ij,ij->i", q[i[start : start + RERANK_PAIRS]], r)
-        out[start : start + RERANK_PAIRS] /= search.norms[at]
-    return out
 
 
 def _count(array: np.ndarray, rows: np.ndarray | None) -> int:
@@ -328,116 +275,6 @@ class _NumpySearch:
             kth_key = top.min(axis=1)
             bound = np.where(kth_key == _NO_KEY, -np.inf, _decode(kth_key)[0]).astype(np.float32)
         return np.sort(top, axis=1)[:, ::-1]
-
-
-@dataclass(frozen=True)
-class Bf16Error:
-    """How far the bfloat16 product of two normalised rows q, r (of `n_features`) can be from their float32 cosine,
-    for the query rows of a block. With q = q' + dq (q' rounded to bfloat16), q.r - q'.r' = q'.dr + dq.r' + dq.dr,
-    at most (1 + u)(|dq| + |dr|) + |dq| |dr| by Cauchy-Schwarz (|q'| <= 1 + u, u = 2^-8, bfloat16's unit
-    roundoff): `query` holds |dq| for each query row, `reference` the largest |dr| of the reference rows. Products
-    of bfloat16 numbers are exact in float32, so the product's float32 sums are off by at most n u32, and the
-    float32 cosine's own sums by as much (u32 = 2^-24). The result is rounded to bfloat16 (to nearest, checked):
-    by at most 2^-9 below 1 in magnitude (where the rough value is below 1, so is the product), 2^-8 up to 2."""
-
-    query: np.ndarray  # [n]
-    reference: float
-    n_features: int
-
-    def bound(self, rounding: float) -> np.ndarray:
-        u, u32 = 2.0**-8, 2.0**-24
-        inputs = (1 + u) * (self.query + self.reference) + self.query * self.reference
-        return inputs + 2.2 * self.n_features * u32 + rounding  # 2.2: the sums' bound's (1 - n u32) and (1 + u)^2
-
-    def floor(self, rough_kth: np.ndarray) -> np.ndarray:
-        """Per query: rough values below it (and above -1) belong to pairs whose float32 cosine is below the k-th
-        best float32 cosine, whose rough value is rough_kth (it is at least rough_kth minus the bound, as are the
-        k pairs that rank above or with it)."""
-        lowest_kth = rough_kth - self.bound(np.where(np.abs(rough_kth) < 1, 2.0**-9, 2.0**-8))
-        return lowest_kth - self.bound(2.0**-9)
-
-    def candidates(self, rough: np.ndarray, floor: np.ndarray) -> np.ndarray:
-        """Pairs (rough values [n, m]) that could belong to the answer: at or above the floor, or at most -1."""
-        return (rough >= floor[:, None]) | (rough <= -1.0)
-
-    def excludes(self, rough: np.ndarray, floor: np.ndarray) -> np.ndarray:
-        """Whether every pair of rough value at most `rough` (per query) is outside the answer: below the floor,
-        and so are the pairs at -1 or below (their float32 cosine is at most -1 + the bound)."""
-        return (rough < floor) & (floor > -1.0 + self.bound(2.0**-8))
-
-
-@dataclass(frozen=True)
-class _Rounded:
-    """A block of rows normalised in float32 (`unit`; None for cached reference blocks, read again where needed),
-    rounded to bfloat16 (`low`, a torch tensor), |row - rounded| of each (`error`), and its first row's position."""
-
-    unit: np.ndarray | None
-    low: object
-    error: np.ndarray
-    start: int = 0
-
-    def __len__(self) -> int:
-        return len(self.error)
-
-
-class _Bf16Search(_NumpySearch):
-    """The bfloat16 candidate pass: blocks normalised as _NumpySearch normalises them, rounded to bfloat16, and
-    compared by torch's bfloat16 matrix product (float32 sums, rounded to bfloat16), so that _NumpySearch.top_keys
-    ranks pairs roughly. The rounded reference blocks are kept between query blocks (half the reference rows' float32
-    size). `at_least` computes the pairs that could reach its threshold again in float32."""
-
-    def __init__(self):
-        import torch  # only where the bfloat16 pass was asked for
-
-        super().__init__()
-        self.torch = torch
-        self.cache: dict[int, _Rounded] = {}
-        self.source: tuple[np.ndarray, np.ndarray | None] | None = None  # the reference rows: (array, rows)
-        self.norms = np.empty(0, dtype=np.float32)  # each reference row's norm, as normalised (1 if left as is)
-        self.reference_error = 0.0  # the largest |r - rounded r| of the reference rows seen
-
-    def unit(self, block: np.ndarray, start: int = 0) -> _Rounded:
-        unit = normalize(block, copy=False)
-        return self._rounded(unit, start)
-
-    def _rounded(self, unit: np.ndarray, start: int) -> _Rounded:
-        exact = self.torch.from_numpy(unit)
-        low = exact.to(self.torch.bfloat16)
-        error = self.torch.linalg.vector_norm(exact - low.to(self.torch.float32), dim=1)
-        return _Rounded(unit, low, error.numpy().astype(np.float64), start)
-
-    def reference_block(self, reference: np.ndarray, rows: np.ndarray | None, start: int, stop: int) -> _Rounded:
-        if start not in self.cache:
-            out = _rows(
-                reference, rows, start, stop, self._buffer("reference", (stop - start, reference.shape[1]), np.float32)
-            )
-            norms = np.sqrt(np.einsum("ij,ij->i", out, out))  # scikit-learn's normalize: rows of norm < 10 eps stay
-            norms[norms < 10 * np.finfo(np.float32).eps] = 1.0
-            if len(self.norms) < stop:
-                self.norms = np.resize(self.norms, _count(reference, rows))
-            self.norms[start:stop] = norms
-            block = self._rounded(out / norms[:, None], start)
-            self.cache[start] = _Rounded(None, block.low, block.error, start)
-            self.source = (reference, rows)
-            self.reference_error = max(self.reference_error, float(block.error.max(initial=0.0)))
-        return self.cache[start]
-
-    def error(self, q: _Rounded, n_features: int) -> Bf16Error:
-        """The bound for q's rows against the reference rows seen so far."""
-        return Bf16Error(q.error, self.reference_error, n_features)
-
-    def _cosines(self, q: _Rounded, r: _Rounded) -> np.ndarray:
-        out = self._buffer("cosines", (len(q), len(r)), np.float32)
-        self.torch.from_numpy(out).copy_(q.low @ r.low.T)
-        return out
-
-    def at_least(self, q: _Rounded, r: _Rounded, threshold: float):
-        error = self.error(q, q.unit.shape[1])
-        rough = self._cosines(q, r)
-        i, j = np.nonzero(error.candidates(rough, threshold - error.bound(2.0**-9)))
-        exact = _exact(q.unit, i, r.start + j, self)
-        keep = exact >= threshold
-        return i[keep], j[keep], exact[keep]
 
 
 class _TorchSearch:
