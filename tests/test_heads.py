@@ -305,7 +305,14 @@ def test_trainable_params_per_kind(trained):
 
 def test_a_head_keeps_what_its_features_were(trained, tmp_path):
     head = trained["logreg"]
-    expected = {"backbone": "test", "fingerprint": "abc", "image_size": None, "weights_file": None, "precision": None}
+    expected = {
+        "backbone": "test",
+        "fingerprint": "abc",
+        "image_size": None,
+        "weights_file": None,
+        "precision": None,
+        "embedding": None,  # the plain embedding (pipeline.features.embedding)
+    }
     assert head.store_attrs == expected
     save_head(head, tmp_path / "head.h5")
     assert load_head(tmp_path / "head.h5").store_attrs == expected

@@ -58,6 +58,12 @@ class BackboneParams:
     # Square input size in pixels; None: the size the weights were trained at; auto: that size, unless the images
     # are tiny (pipeline.data.preprocessing.input_size says when and why), and the stage's output says which it chose.
     image_size: int | Literal["auto"] | None = "auto"
+    # Test-time augmentation of the embedding: none, or flip (the mean of the image's and its mirror's; twice the
+    # forward passes).
+    tta: Literal["none", "flip"] = "none"
+    # last (the network's own embedding), or block indices (as finetune.unfreeze counts blocks: stem, stages, head;
+    # negative from the end) whose outputs are average-pooled and concatenated, e.g. [-3, -2, -1].
+    layers: Literal["last"] | list[int] = "last"
 
     @property
     def weights_path(self) -> Path | None:
@@ -122,6 +128,11 @@ class ExtractParams:
             if isinstance(entry.image_size, int):
                 _at_least(f"extract.backbones.{label}", entry, image_size=1)
                 _at_most(f"extract.backbones.{label}", entry, image_size=MAX_IMAGE_SIZE)
+            if entry.layers != "last" and (not entry.layers or len(set(entry.layers)) != len(entry.layers)):
+                raise ConfigError(
+                    f"extract.backbones.{label}.layers must be last or a list of distinct block indices, e.g. "
+                    f"[-3, -2, -1]; got {entry.layers}"
+                )
 
     @classmethod
     def of(

@@ -7,13 +7,14 @@ import json
 import logging
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from pipeline.data.preprocessing import PIXELS_VERSION, Preprocessing
+from pipeline.features.embedding import Embedder, Embedding, embedding_dim
 from pipeline.features.surgery import ordered_blocks, split_classifier
 from pipeline.features.weights import (
     BackboneError,
@@ -40,16 +41,29 @@ class Backbone:
     """A pre-trained CNN split into what transfer learning keeps and what it throws away."""
 
     name: str
-    features: nn.Module  # images [B, 3, H, W] -> embeddings [B, feature_dim]; classifier removed
+    features: nn.Module  # images [B, 3, H, W] -> the network's own embeddings [B, feature_dim]; classifier removed
     classifier: nn.Module  # the original (ImageNet) output layer, kept only to prove the weights
     feature_dim: int
     preprocessing: Preprocessing
     weights_id: str
     categories: list[str] | None  # names of the classifier's outputs, when known
+    # What a store's embedding is made of (extract.backbones.<label>.tta and .layers), and its size.
+    embedding: Embedding = field(default_factory=Embedding)
+    embedding_dim: int = 0  # 0: found here (the network's own size for the plain embedding)
+
+    def __post_init__(self) -> None:
+        if not self.embedding_dim:
+            plain = self.embedding.plain
+            self.embedding_dim = self.feature_dim if plain else embedding_dim(self.embedder(), self.preprocessing.crop)
 
     def blocks(self) -> list[nn.Module]:
         """The feature extractor's parameterised blocks in forward order (stem first, head last)."""
         return ordered_blocks(self.features)
+
+    def embedder(self) -> nn.Module:
+        """images [B, 3, H, W] -> the store's embeddings [B, embedding_dim]: what extraction, `transfer predict`
+        and the ONNX export run."""
+        return self.features if self.embedding.plain else Embedder(self.features, self.blocks(), self.embedding)
 
     def weights_sha256(self) -> str:
         """Hash of every parameter and buffer of the feature extractor, in state-dict order."""
@@ -149,23 +163,28 @@ def _registered(name: str) -> tuple[Registered, str]:
     raise BackboneError(f"unknown backbone '{name}'; valid: {valid}; `transfer backbones` lists them")
 
 
-def build_backbone(name: str, weights: Path | None = None, allow_download: bool = True) -> Backbone:
+def build_backbone(
+    name: str, weights: Path | None = None, allow_download: bool = True, embedding: Embedding | None = None
+) -> Backbone:
     """Build a registered backbone in eval mode with its pre-trained weights (`REGISTRY`: `efficientnet_lite0`,
     offline ImageNet weights; `test_efficientnet` / `test_resnet`, tiny and random; `torchvision/<model>` and
-    `timm/<model>`). `weights` overrides the weights with a local file."""
+    `timm/<model>`). `weights` overrides the weights with a local file; `embedding`: what its embedder computes
+    (default: the network's own embedding)."""
     entry, arch = _registered(name)
     model, categories, weights_id = entry.build(arch, weights, allow_download)
     preprocessing = _preprocessing_of(model, name)
     features, classifier, dim = split_classifier(model)
     features.eval().requires_grad_(False)
     classifier.eval().requires_grad_(False)
-    return Backbone(name, features, classifier, dim, preprocessing, weights_id, categories)
+    return Backbone(name, features, classifier, dim, preprocessing, weights_id, categories, embedding or Embedding())
 
 
 def backbone_of_store(attrs: dict) -> Backbone:
-    """The backbone a feature store was extracted with: its name and, when one was given, its weights file."""
+    """The backbone a feature store was extracted with: its name, its weights file when one was given, and what
+    its embedding is made of."""
     weights = attrs.get("weights_file")
-    return build_backbone(attrs["backbone"], Path(weights) if weights else None)
+    embedding = Embedding.from_spec(attrs.get("embedding"))
+    return build_backbone(attrs["backbone"], Path(weights) if weights else None, embedding=embedding)
 
 
 def list_backbones() -> list[BackboneInfo]:
@@ -177,7 +196,8 @@ def fingerprint(
     backbone: Backbone, preprocessing: Preprocessing, precision: str, jpeg_draft: bool, decoder: str = "pillow"
 ) -> str:
     """Everything that changes an embedding, hashed: the key of the embedding cache and the store. The JPEG
-    decoder is part of it when it is not Pillow (whose fingerprints predate the choice)."""
+    decoder is part of it when it is not Pillow, the embedding's make when it is not the plain one (fingerprints
+    predate both choices)."""
     spec = {
         "backbone": backbone.name,
         "weights_sha256": backbone.weights_sha256(),
@@ -188,6 +208,8 @@ def fingerprint(
     }
     if decoder != "pillow":
         spec["decoder"] = decoder
+    if not backbone.embedding.plain:
+        spec["embedding"] = backbone.embedding.spec()
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -56,7 +56,8 @@ class ExtractResult:
     backbone: str  # its network
     image_size: int
     size_reason: str  # why this size, in words (pipeline.data.preprocessing.input_size)
-    feature_dim: int
+    feature_dim: int  # of the embedding: the network's own, or its pooled blocks concatenated
+    embedding: str  # what the embedding is made of, in words (pipeline.features.embedding.Embedding)
     logme: float  # transferability of the train split's features to its labels (pipeline.features.transferability)
     backbone_params: int
     # The backbone's forward pass per image (batch 32, at the store's size), on `forward_device`: extraction's device,
@@ -70,6 +71,7 @@ class ExtractResult:
             "backbone": self.backbone,
             "image_size": self.image_size,
             "feature_dim": self.feature_dim,
+            "embedding": self.embedding,
             "logme": round(self.logme, 6),
             "images": self.images,
             "computed": self.computed,
@@ -95,7 +97,9 @@ METRIC_KEYS = ("logme",)
 
 def store_attrs(setup: Setup, jpeg_draft: bool) -> dict:
     """The store's attributes: what computed its features (the manifest's are added when it is written). Not the
-    engine: `local` and `ray` write the same store from the same fingerprint (pipeline/features/engines/ray_data.py)."""
+    engine: `local` and `ray` write the same store from the same fingerprint (pipeline/features/engines/ray_data.py).
+    The embedding's make only when it is not the plain one (stores written before the choice had none)."""
+    embedding = setup.backbone.embedding
     return {
         "label": setup.label,
         "backbone": setup.backbone.name,
@@ -103,7 +107,8 @@ def store_attrs(setup: Setup, jpeg_draft: bool) -> dict:
         "weights_file": setup.weights_file,
         "preprocessing": setup.preprocessing.to_json(),
         "image_size": setup.preprocessing.crop,
-        "feature_dim": setup.backbone.feature_dim,
+        "feature_dim": setup.backbone.embedding_dim,
+        **({} if embedding.plain else {"embedding": embedding.spec()}),
         "fingerprint": setup.fingerprint,
         "precision": setup.runtime.precision,
         "jpeg_draft": jpeg_draft,
@@ -122,7 +127,7 @@ def extract(
     rows = manifest.ok_rows()
     setup = Setup.resolve(params, label or next(iter(params.backbones)), manifest)
     backbone, runtime = setup.backbone, setup.runtime
-    with EmbeddingCache(cache_dir, setup.fingerprint, backbone.feature_dim) as cache:
+    with EmbeddingCache(cache_dir, setup.fingerprint, backbone.embedding_dim) as cache:
         missing = _first_occurrences([r for r in rows if r.sha256 not in cache])
         compute_start = time.perf_counter()
         embed_rows(setup, missing, data_root, cache, params)
@@ -150,7 +155,8 @@ def extract(
         backbone=backbone.name,
         image_size=setup.preprocessing.crop,
         size_reason=setup.size_reason,
-        feature_dim=backbone.feature_dim,
+        feature_dim=backbone.embedding_dim,
+        embedding=backbone.embedding.describe(),
         logme=logme,
         backbone_params=count_parameters(backbone.features),
         forward_ms_per_image=forward_ms,
@@ -167,7 +173,7 @@ def time_backbone(setup: Setup) -> tuple[float, str]:
         # GPU Ray actors driven from a machine without a GPU: this process can only time it on its CPU.
         runtime = Runtime(torch.device("cpu"), "fp32", channels_last=True)
         log.warning("extract@%s: the backbone is timed on this machine's CPU, not on the actors' GPU", setup.label)
-    network = runtime.place(setup.backbone.features)
+    network = runtime.place(setup.backbone.embedder())
     return forward_ms_per_row(network, random_images(runtime, setup.preprocessing), runtime), str(runtime.device)
 
 

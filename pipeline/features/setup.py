@@ -15,6 +15,7 @@ from pipeline.data.decoding import resolve_decoder
 from pipeline.data.manifest import Manifest
 from pipeline.data.preprocessing import Preprocessing, input_size
 from pipeline.features.backbones import Backbone, build_backbone, fingerprint
+from pipeline.features.embedding import Embedding
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,11 @@ class Setup:
     @classmethod
     def resolve(cls, params: ExtractParams, label: str, manifest: Manifest) -> Setup:
         entry = params.backbone(label)
-        backbone = build_backbone(entry.backbone, entry.weights_path, params.allow_download)
+        try:
+            embedding = Embedding(entry.tta, entry.layers)
+            backbone = build_backbone(entry.backbone, entry.weights_path, params.allow_download, embedding)
+        except ConfigError as err:  # a block index the network does not have
+            raise ConfigError(f"extract.backbones.{label}.{err}") from None
         if params.engine == "ray":
             from pipeline.features.engines import ray_data  # Ray is optional: imported only for this engine
 

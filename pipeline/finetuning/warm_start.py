@@ -12,6 +12,7 @@ from torch import nn
 from pipeline.core.config import FinetuneParams
 from pipeline.data.manifest import Manifest, manifest_sha256
 from pipeline.features.backbones import Backbone
+from pipeline.features.embedding import LAST, Embedding
 from pipeline.finetuning.model import FinetuneError, new_layer
 from pipeline.finetuning.training import with_input_size
 from pipeline.heads.estimators import scores_per_class
@@ -52,6 +53,12 @@ def check_warm_start(
             f"reads manifest {manifest[:16]} (prepare ran again since): rerun the head stage"
         )
     seen = head.store_attrs
+    embedding = Embedding.from_spec(seen.get("embedding"))
+    if embedding.layers != LAST:
+        raise FinetuneError(
+            f"the logreg head was trained on embeddings of {embedding.describe()}; the fine-tuned network has only "
+            "its own embedding: set init_head to random, or fine-tune a backbone entry with layers: last"
+        )
     if _as_path(seen.get("weights_file")) != _as_path(weights):  # `./w.safetensors` is `w.safetensors`
         raise FinetuneError(
             f"the logreg head was trained on features of weights {seen.get('weights_file') or 'the defaults'}, "

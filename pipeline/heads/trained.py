@@ -11,7 +11,7 @@ from sklearn.pipeline import Pipeline
 from pipeline.heads.registry import HEADS, HeadError
 
 # The store attributes a head keeps: what its features were (the fine-tuning warm start checks them).
-STORE_ATTRS = ("backbone", "image_size", "weights_file", "fingerprint", "precision")
+STORE_ATTRS = ("backbone", "image_size", "weights_file", "fingerprint", "precision", "embedding")
 
 
 @dataclass

@@ -185,7 +185,7 @@ def head_exportable(head_path: Path, store_path: Path, metrics: dict) -> Exporta
     }
     return Exportable(
         name=head.model_name,
-        deployable=Deployable(preprocessing, backbone_of_store(attrs).features, head_layers(head)),
+        deployable=Deployable(preprocessing, backbone_of_store(attrs).embedder(), head_layers(head)),
         reference=reference,
         metadata=_metadata(described, head.classes, preprocessing, reference.draft is not None, metrics),
     )

@@ -101,7 +101,7 @@ def head_predictor(head_path: Path, store_path: Path, device: str = "auto") -> P
     runtime = Runtime.resolve(device, attrs["precision"], option="--device", channels_last=True)
     # Decoded as the store was: torchvision's decoder where extract used it (libjpeg-turbo off a GPU).
     jpeg = jpeg_decoder(decoder, runtime.device, preprocessing)
-    network = _HeadOnFeatures(backbone.features, head)
+    network = _HeadOnFeatures(backbone.embedder(), head)
     return Predictor(network, preprocessing, head.classes, draft, runtime, jpeg)
 
 

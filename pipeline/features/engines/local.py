@@ -33,7 +33,7 @@ def embed_rows(
     jpeg = jpeg_decoder(setup.decoder, runtime.device, preprocessing)
     dataset = Images.of_rows(data_root, rows, preprocessing.to_uint8, draft, jpeg=jpeg)
     batches = image_batches(dataset, params.batch_size, params.num_workers, runtime.device, params.loader)
-    model = runtime.place(setup.backbone.features)
+    model = runtime.place(setup.backbone.embedder())
     with tqdm(total=len(rows), desc="extract", unit="img") as bar, ThreadPoolExecutor(1, "flush") as flusher:
         clock = BatchClock()
         pending = None

@@ -38,6 +38,7 @@ from pipeline.data.manifest import ManifestRow
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.features.backbones import build_backbone
 from pipeline.features.cache import EmbeddingCache
+from pipeline.features.embedding import Embedding
 from pipeline.features.engines.local import BatchClock
 
 if TYPE_CHECKING:
@@ -155,6 +156,7 @@ def embeddings(setup: Setup, rows: list[ManifestRow], data_root: Path, params: E
             "device": setup.runtime.device.type,
             "precision": setup.runtime.precision,
             "weights_sha256": setup.backbone.weights_sha256(),
+            "embedding": setup.backbone.embedding,
         },
         batch_size=params.batch_size,
         compute=ray.data.ActorPoolStrategy(size=params.ray.actors),
@@ -208,10 +210,11 @@ class Embedder:
         device: str,
         precision: str,
         weights_sha256: str,
+        embedding: Embedding,
     ):
         self.problem = ""
         try:
-            backbone = build_backbone(network, Path(weights) if weights else None, allow_download)
+            backbone = build_backbone(network, Path(weights) if weights else None, allow_download, embedding)
         except PipelineError as err:
             self.problem = f"a Ray actor could not build the backbone: {err}"
             return
@@ -223,7 +226,7 @@ class Embedder:
             return
         # A GPU actor sees only the GPU Ray gave it, as device 0.
         self.runtime = Runtime.on(device, precision)
-        self.model = self.runtime.place(backbone.features)
+        self.model = self.runtime.place(backbone.embedder())
         self.normalize = preprocessing.normalize
 
     @torch.inference_mode()
