@@ -34,7 +34,7 @@ from duplicate_threshold import write_dataset  # noqa: E402
 
 from pipeline.core.config import load_params  # noqa: E402
 from pipeline.data.manifest import build_manifest, write_manifest  # noqa: E402
-from pipeline.features.extraction import extract  # noqa: E402
+from pipeline.features.extraction import ExtractResult, extract  # noqa: E402
 from pipeline.features.store import read_store  # noqa: E402
 from pipeline.heads.selection import train_head  # noqa: E402
 from pipeline.results.stats import compare  # noqa: E402
@@ -43,8 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 HEADS = ("centroid", "knn")
 
 
-def store_of(name: str, work: Path) -> Path:
-    """The dataset's feature store, extracted as the extract stage extracts it (cached under work/cache)."""
+def store_of(name: str, work: Path, entry: dict | None = None) -> ExtractResult:
+    """The dataset's feature store, extracted as the extract stage extracts it (cached under work/cache), with the
+    first backbone entry's settings replaced by `entry`'s (e.g. {"tta": "flip"}); one store per entry."""
     params = load_params(REPO / "params.yaml")
     root = work / name / "raw"
     if root.exists():
@@ -53,12 +54,16 @@ def store_of(name: str, work: Path) -> Path:
     prepare = params.prepare
     manifest = build_manifest(root, val_fraction=prepare.val_fraction, test_fraction=prepare.test_fraction, seed=0)
     write_manifest(manifest, work / name / "manifest.csv")
-    extract_params = dataclasses.replace(params.extract, device="cpu")
-    return extract(work / name / "manifest.csv", root, work / name / "store.h5", work / "cache", extract_params).store
+    label, backbone = next(iter(params.extract.backbones.items()))
+    backbone = dataclasses.replace(backbone, **(entry or {}))
+    extract_params = dataclasses.replace(params.extract, backbones={label: backbone}, device="cpu")
+    suffix = "".join(f"-{key}{value}" for key, value in sorted((entry or {}).items())).replace(" ", "")
+    store = work / name / f"store{suffix}.h5"
+    return extract(work / name / "manifest.csv", root, store, work / "cache", extract_params)
 
 
 def measure(name: str, work: Path) -> None:
-    store = read_store(store_of(name, work))
+    store = read_store(store_of(name, work).store)
     heads = load_params(REPO / "params.yaml").heads
     x_test, y_test = store.subset("test")
     for head in HEADS:

@@ -113,6 +113,20 @@ def _shape_image(kind: str, rng: random.Random, size: int = 224) -> Image.Image:
     return img
 
 
+def _polygon_image(sides: int, rng: random.Random, size: int = 224) -> Image.Image:
+    """A 224 px picture of one small regular polygon of `sides` sides (random colour, size 14-40 px, place and
+    rotation) on the shapes' textured background: telling 6, 7 and 8 sides apart is hard at that size."""
+    img = _shape_image("none", rng, size)  # background and distractor strokes ...
+    img = Image.blend(img, img.filter(ImageFilter.GaussianBlur(6)), 0.5)  # ... softened under the polygon
+    draw = ImageDraw.Draw(img)
+    r = rng.randint(14, 40)
+    x, y = rng.randint(r, size - r), rng.randint(r, size - r)
+    draw.regular_polygon(
+        (x, y, r), sides, rotation=rng.uniform(0, 360), fill=tuple(rng.randint(0, 255) for _ in range(3))
+    )
+    return img
+
+
 def write_dataset(name: str, root: Path, seed: int) -> None:
     """root/train/<class>/ and root/test/<class>/ of distinct images."""
     if name == "hymenoptera":
@@ -128,8 +142,16 @@ def write_dataset(name: str, root: Path, seed: int) -> None:
             for k in range(75):
                 _shape_image(kind, rng).save(root / "flat" / kind / f"{k:03d}.jpg", "JPEG", quality=95)
         _split_flat(root / "flat", root, seed)
+    elif name == "polygons":
+        rng = random.Random(seed)
+        for sides in range(3, 9):
+            (root / "flat" / f"{sides}_sides").mkdir(parents=True)
+            for k in range(75):
+                image = _polygon_image(sides, rng)
+                image.save(root / "flat" / f"{sides}_sides" / f"{k:03d}.jpg", "JPEG", quality=95)
+        _split_flat(root / "flat", root, seed)
     else:
-        raise click.BadParameter(f"unknown dataset {name!r}; expected hymenoptera, digits or shapes")
+        raise click.BadParameter(f"unknown dataset {name!r}; expected hymenoptera, digits, shapes or polygons")
 
 
 def plant_copies(root: Path, n: int, seed: int) -> list[tuple[str, str, str]]:
