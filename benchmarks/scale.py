@@ -59,8 +59,9 @@ Printed lines (one figure each, so that runs can be compared by a script):
 
 Figures measured with it, and the command of each: docs/benchmarks.md ("Heads, audit and report as rows grow").
 The machine's load moves a stage's time by several times (the first line prints it), so exponents mean something
-only between sizes run at a similar load. learning_curve refits the chosen head, which need not be the same at every
-size: its exponent may compare different work.
+only between sizes run at a similar load. learning_curve fits the chosen head's grid on few-shot draws (at most 16 + 4
+images per class, whatever the rows) and scores the test split with each, and with the head as trained (no refit); the
+chosen head need not be the same at every size: its exponent may compare different work.
 
 Not measured: extraction (images through the backbone; benchmarks/extract_throughput.py), fine-tuning and its
 evaluation, export, DVC's own overhead (hashing outputs; benchmarks/head_stages.py measures it on real photos).

@@ -14,11 +14,19 @@ from PIL import Image
 from pipeline.results import charts
 from pipeline.results.metrics import top_label_ece
 
+
+def _curve_point(k: int | None, scores: list[float], low: float | None, high: float | None) -> dict:
+    """A learning-curve point as pipeline.results.few_shot.summarised writes it (k None: every image)."""
+    runs = [{"seed": s, "accuracy": a, "chosen": {"C": 0.1}, "val_accuracy": 0.9} for s, a in enumerate(scores)]
+    return {"label": "all" if k is None else str(k), "per_class": k or 122, "accuracy": float(np.mean(scores)),
+            "low": low, "high": high, "seeds": len(scores), "runs": runs}  # fmt: skip
+
+
 CURVE = [
-    {"per_class": 1, "accuracy": 0.36, "std": 0.026},
-    {"per_class": 5, "accuracy": 0.69, "std": 0.025},
-    {"per_class": 20, "accuracy": 0.86, "std": 0.016},
-    {"per_class": 122, "accuracy": 0.98, "std": 0.0},
+    _curve_point(1, [0.33, 0.36, 0.39], 0.29, 0.43),
+    _curve_point(4, [0.67, 0.69, 0.71], 0.64, 0.74),
+    _curve_point(16, [0.85, 0.86, 0.87], 0.84, 0.88),
+    _curve_point(None, [0.98], None, None),
 ]
 TUNED_CURVE = [{"per_class": 5, "accuracy": 0.62}, {"per_class": 20, "accuracy": 0.9}]
 
@@ -179,12 +187,14 @@ def test_learning_curve_legend_explains_the_band():
     ax = fig.axes[0]
     legend = ax.get_legend()
     entries = dict(zip([t.get_text() for t in legend.get_texts()], legend.legend_handles, strict=True))
+    band = ax.collections[0].get_paths()[0].vertices
     plt.close(fig)
-    band = [text for text in entries if "std" in text and "logreg" in text]
-    assert len(band) == 1, list(entries)
-    assert "seed" in band[0]
-    assert isinstance(entries[band[0]], Patch)  # the entry shows the band itself, not a line
-    assert any("all images" in text for text in entries)
+    assert list(entries)[0] == "logreg: 95% t-interval over 3 seeds"
+    assert isinstance(entries["logreg: 95% t-interval over 3 seeds"], Patch)  # the entry shows the band itself
+    assert band[:, 1].min() == pytest.approx(0.29) and band[:, 1].max() == pytest.approx(0.88)  # low and high
+    assert band[:, 0].max() == 16  # the interval spans the k-shot points, not every image's single run
+    assert "each seed" in entries and "logreg as trained, all images" in entries
+    assert any("all images" in text and "fine-tuned" in text for text in entries)
     assert ax.get_xscale() == "log" and ax.get_xlabel() == "training images per class"
 
 

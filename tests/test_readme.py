@@ -543,7 +543,7 @@ def test_the_readme_commands_run_on_a_pipeline_run(tmp_path: Path):
     params["extract"].update(num_workers=0, batch_size=16)
     params["finetune"].update(epochs=1, num_workers=0, batch_size=8)
     params["heads"] = {"logreg": params["heads"]["logreg"]}  # the chosen head: data/export/<backbone>-logreg.onnx
-    params["learning_curve"].update(sizes=[1, 2], seeds=1)
+    params["learning_curve"].update(shots=[1, 2], seeds=1)
     params["audit"].update(folds=2)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_image_folder(root / "data" / "raw", {"ants": 10, "bees": 10, "wasps": 10})

@@ -1,4 +1,4 @@
-"""The strategy report's numbers: parameter counts against torch's, a learning-curve point recomputed."""
+"""The strategy report's numbers: parameter counts against torch's, the advice, the sections."""
 
 import json
 import subprocess
@@ -10,9 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from pipeline.core.config import EvaluateParams, FinetuneParams, HeadParams
 from pipeline.core.errors import PipelineError
@@ -24,7 +21,7 @@ from pipeline.finetuning.curve import finetune_curve
 from pipeline.finetuning.freezing import freeze
 from pipeline.finetuning.model import Classifier
 from pipeline.finetuning.training import finetune
-from pipeline.heads.curves import learning_curve, subsample_train
+from pipeline.heads.curves import learning_curve
 from pipeline.heads.selection import train_head
 from pipeline.heads.trained import held_out
 from pipeline.results.advice import recommend
@@ -44,20 +41,6 @@ def blobs(n_per_class: int = 40, dim: int = 6, seed: int = 0) -> FeatureStore:
     features = (rng.normal(size=(len(labels), dim)) + np.eye(3, dim)[labels] * 1.5).astype(np.float32)
     split = np.tile([0, 0, 0, 0, 1, 2], len(labels) // 6)
     return make_store(features, labels, split, ["a", "b", "c"], backbone="test_resnet", image_size=32)
-
-
-def test_a_learning_curve_point_matches_scikit_learn_fitted_by_hand():
-    store = blobs()
-    head = train_head(store, "logreg", HeadParams(grid={"C": [0.5]}))
-    curve = learning_curve(store, head, sizes=[5], seeds=1)
-    point = next(p for p in curve if p["label"] == "5")
-    sub = subsample_train(store, 5, seed=0)
-    x, y = sub.subset("train")
-    assert np.bincount(y).tolist() == [5, 5, 5]
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=1000, random_state=0)).fit(x, y)
-    x_test, y_test = store.subset("test")
-    assert point["accuracy"] == pytest.approx(float((model.predict(x_test) == y_test).mean()))
-    assert curve[-1]["label"] == "all"
 
 
 def test_head_rows_add_the_backbones_extract_metrics_to_the_heads_own():
@@ -177,10 +160,10 @@ def test_finetune_curve_trains_on_subsets_and_scores_the_full_test_split(image_f
     assert config["params"]["init_head"] == "random"  # the logistic head saw every training image
 
 
-def test_learning_curve_skips_sizes_too_small_for_knn():
+def test_learning_curve_skips_shots_too_few_for_knn():
     store = blobs()
-    head = train_head(store, "knn", HeadParams(kind="knn", grid={"n_neighbors": [5.0]}))
-    curve = learning_curve(store, head, sizes=[1, 2, 10], seeds=2)
+    params = HeadParams(kind="knn", grid={"n_neighbors": [5.0]})
+    curve = learning_curve(store, train_head(store, "knn", params), params, shots=[1, 2, 10], seeds=2)
     assert [p["label"] for p in curve] == ["2", "10", "all"]  # 1 per class: 3 rows, fewer than k = 5
 
 

@@ -241,15 +241,19 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class LearningCurveParams:
-    # Training images per class for the learning curve of the chosen head (plus "all").
-    sizes: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50])
-    seeds: int = 5  # random subsets per size: the curve shows their mean and spread
+    # The few-shot protocol of CLIP / CoOp for the chosen head (pipeline.heads.curves): for each k, `seeds` draws of
+    # k train images and min(k, 4) val images per class; the head's grid chosen on those val images, the test split
+    # scored (plus the head as trained on every image).
+    shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    seeds: int = 5  # draws per k: the curve shows their mean with a 95% t-interval
 
     def __post_init__(self) -> None:
         _at_least("learning_curve", self, seeds=1)
-        for size in self.sizes:
-            if size < 1:
-                raise ConfigError(f"learning_curve.sizes must be >= 1 each; got {size}")
+        for k in self.shots:
+            if k < 1:
+                raise ConfigError(f"learning_curve.shots must be >= 1 each (images per class); got {k}")
+        if len(set(self.shots)) != len(self.shots):
+            raise ConfigError(f"learning_curve.shots lists a value twice: {self.shots}; list each k once")
 
 
 @dataclass(frozen=True)
@@ -395,8 +399,12 @@ def resolve(params: Params) -> Params:
 
 # Keys of older params.yaml files, and where their values go now.
 MOVED = {
-    f"extract.{key}": f"set it per backbone, e.g. extract.backbones: {{{DEFAULT_BACKBONE}: {{{key}: <value>}}}}"
-    for key in ("backbone", "weights", "image_size")
+    **{
+        f"extract.{key}": f"set it per backbone, e.g. extract.backbones: {{{DEFAULT_BACKBONE}: {{{key}: <value>}}}}"
+        for key in ("backbone", "weights", "image_size")
+    },
+    "learning_curve.sizes": "it is learning_curve.shots now (train images per class of the few-shot protocol, "
+    "e.g. [1, 2, 4, 8, 16])",
 }
 
 

@@ -125,34 +125,55 @@ def reliability_png(
 def _learning_curve_figure(
     curve: list[dict], curve_head: str, tuned_curve: list[dict] | None, tuned_accuracy: float | None
 ) -> Figure:
-    """Test accuracy against training images per class: the head (± 1 std band) and fine-tuning."""
+    """Test accuracy against training images per class: the head's k-shot mean over seeds with its 95% t-interval
+    band and each seed's run (pipeline.results.few_shot), the head as trained on every image, and fine-tuning."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
-    x = np.array([p["per_class"] for p in curve], dtype=float)
-    y = np.array([p["accuracy"] for p in curve], dtype=float)
-    s = np.array([p.get("std", 0.0) for p in curve], dtype=float)
-    ax.fill_between(
-        x, y - s, y + s, color="tab:blue", alpha=0.2, linewidth=0, label=f"{curve_head}: ± 1 std over seeds"
-    )
-    ax.plot(x, y, marker="o", color="tab:blue", label=f"{curve_head} on frozen features (mean over seeds)")
-    ticks = list(x)
+    shots = [p for p in curve if p["label"] != "all"]
+    every = [p for p in curve if p["label"] == "all"]
+    x = np.array([p["per_class"] for p in shots], dtype=float)
+    y = np.array([p["accuracy"] for p in shots], dtype=float)
+    banded = [p for p in shots if p.get("low") is not None]
+    values = [*y]
+    if banded:
+        seeds = max(p["seeds"] for p in banded)
+        low, high = [p["low"] for p in banded], [p["high"] for p in banded]
+        ax.fill_between(
+            [p["per_class"] for p in banded], low, high, color="tab:blue", alpha=0.2, linewidth=0,
+            label=f"{curve_head}: 95% t-interval over {seeds} seeds",
+        )  # fmt: skip
+        values += [*low, *high]
+    runs = [(p["per_class"], r["accuracy"]) for p in shots if len(p.get("runs", [])) > 1 for r in p["runs"]]
+    if runs:
+        ax.scatter(*zip(*runs, strict=True), s=12, color="tab:blue", alpha=0.45, linewidths=0, label="each seed")
+        values += [a for _, a in runs]
+    if shots:
+        ax.plot(x, y, marker="o", color="tab:blue", label=f"{curve_head}, k-shot (grid chosen on val shots): mean")
+    for p in every:
+        ax.plot(
+            p["per_class"], p["accuracy"], marker="*", markersize=11, linestyle="none", color="tab:blue",
+            label=f"{curve_head} as trained, all images",
+        )  # fmt: skip
+        values.append(p["accuracy"])
+    ticks = [p["per_class"] for p in curve]
     if tuned_curve:
         tx = [p["per_class"] for p in tuned_curve]
         ax.plot(tx, [p["accuracy"] for p in tuned_curve], marker="s", color="tab:red", label="fine-tuned on the subset")
         ticks += tx
+        values += [p["accuracy"] for p in tuned_curve]
     if tuned_accuracy is not None:
         ax.axhline(tuned_accuracy, color="tab:red", linestyle="--", linewidth=1.2, label="fine-tuned, all images")
+        values.append(tuned_accuracy)
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(FixedLocator(sorted(set(ticks))))
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.xaxis.set_major_formatter(lambda v, _: f"{v:g}")
-    values = [*(y - s), *(y + s), *([tuned_accuracy] if tuned_accuracy is not None else [])]
-    values += [p["accuracy"] for p in tuned_curve or []]
+    every_x = {p["per_class"] for p in every} - set(x)  # "all" names its tick unless a k-shot point shares it
+    ax.xaxis.set_major_formatter(lambda v, _: f"all ({v:g})" if v in every_x else f"{v:g}")
     low, high = min(values, default=0.0), max(values, default=1.0)
     pad = max(0.02, 0.06 * (high - low))
     ax.set_ylim(max(0.0, low - pad), min(1.0, high) + pad)
-    ax.set(xlabel="training images per class", ylabel="test accuracy", title="Learning curve")
+    ax.set(xlabel="training images per class", ylabel="test accuracy", title="Learning curve (few-shot protocol)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8.5)
+    ax.legend(loc="lower right", fontsize=8)
     return fig
 
 

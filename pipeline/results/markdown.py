@@ -36,12 +36,7 @@ def render(
         "",
         *backbones,
         "",
-        f"## Learning curve ({curve_head} on frozen features)",
-        "",
-        "| training images per class | test accuracy (mean) | spread (std over seeds) |",
-        "|---|---|---|",
-        *[f"| {p['label']} ({p['per_class']}) | {p['accuracy']:.4f} | {p['std']:.4f} |" for p in curve],
-        "",
+        *_learning_curve(curve, curve_head),
     ]
     if tuned_curve:
         lines += [
@@ -58,6 +53,44 @@ def render(
         lines += [f"![{r.name}: confusion matrix](models/{r.name}_confusion.png) "
                   f"![{r.name}: reliability diagram](models/{r.name}_reliability.png)", ""]  # fmt: skip
     return "\n".join([*lines, *(sections or [])])
+
+
+def _learning_curve(curve: list[dict], curve_head: str) -> list[str]:
+    """The few-shot learning curve's section: the protocol in words, one row per k and one for every image."""
+    shots = [p for p in curve if p["label"] != "all"]
+    every = next((p for p in curve if p["label"] == "all"), None)
+    seeds = max((p["seeds"] for p in shots), default=1)
+    lines = [
+        f"## Learning curve ({curve_head} on frozen features, few-shot protocol)",
+        "",
+        f"The protocol of the CLIP and CoOp papers: for each k and each of {seeds} seeds, k training images per class "
+        "are drawn from the train split and min(k, 4) validation images per class from the val split; the head's grid "
+        "is chosen on those validation images alone (never on the test split), kept as fitted on the k images (no "
+        "refit), and scored on the whole test split. Mean test accuracy over the seeds, with a 95% Student t-interval "
+        "(n - 1 degrees of freedom; none for one seed)"
+        + (f"; all: the head as trained on every image, its grid chosen on {every['selection']}." if every else "."),
+        "",
+        "| k: train + val images per class | test accuracy: mean (95% t-interval) | each seed | chosen on the val "
+        "images, per seed |",
+        "|---|---|---|---|",
+    ]
+    for p in curve:
+        k = f"all (at least {p['per_class']})" if p["label"] == "all" else f"{p['per_class']} + {p['val_per_class']}"
+        interval = "" if p["low"] is None else f" ({p['low']:.4f}-{p['high']:.4f})"
+        each = ", ".join(f"{r['accuracy']:.4f}" for r in p["runs"]) if len(p["runs"]) > 1 else "-"
+        chosen = "; ".join(" ".join(f"{key}={value:g}" for key, value in r["chosen"].items()) for r in p["runs"])
+        lines.append(f"| {k} | {p['accuracy']:.4f}{interval} | {each} | {chosen or '-'} |")
+    lines.append("")
+    for p in shots:
+        if p["short_classes"]:
+            named = ", ".join(f"{s['class']} ({s['train']} + {s['val']})" for s in p["short_classes"][:10])
+            more = f" and {len(p['short_classes']) - 10} more" if len(p["short_classes"]) > 10 else ""
+            lines += [
+                f"At k = {p['per_class']}, {len(p['short_classes'])} classes have fewer images; all of theirs are "
+                f"used: {named}{more}.",
+                "",
+            ]
+    return lines
 
 
 def _table(rows: list[ModelRow]) -> list[str]:

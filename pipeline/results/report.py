@@ -50,10 +50,10 @@ def build_report(
     subsets (the `finetune_curve` stage; empty when not asked for). `audit`: the audit stage's counts, when it ran."""
     heads, rows, classes = feature_extraction_rows(files, answers, extraction, scoring)
     curve, tuned_curve = curves
-    if not curve:
+    if not curve or any("runs" not in point for point in curve):
         raise PipelineError(
-            "the learning curve has no point: every training subset was too small for the chosen head "
-            "(see learning_curve.sizes)"
+            "the learning curve has no point, or was written before the few-shot protocol (no runs per seed); "
+            "run `dvc repro learning_curve`"
         )
     chosen = chosen_head(heads)
     tuned, comparison = None, None

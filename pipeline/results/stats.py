@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import binomtest, norm, rankdata
+from scipy.stats import t as student_t
 
 
 def _check_confidence(confidence: float) -> None:
@@ -36,6 +37,21 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     low = 0.0 if successes == 0 else max(0.0, float(center - half))
     high = 1.0 if successes == n else min(1.0, float(center + half))
     return low, high
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """Student's t interval of the mean of `values` (independent runs, e.g. one test accuracy per few-shot seed):
+    mean +- t(n - 1) * s / sqrt(n), s the sample standard deviation (ddof 1), t from `scipy.stats.t`. None for one
+    value: a single run has no spread to measure. Identical values give the zero-width interval (mean, mean)."""
+    _check_confidence(confidence)
+    x = np.asarray(values, dtype=float)
+    if x.size < 2:
+        return None
+    mean, sem = float(x.mean()), float(x.std(ddof=1) / np.sqrt(x.size))
+    if sem == 0.0:  # scipy wants a positive scale
+        return mean, mean
+    low, high = student_t.interval(confidence, x.size - 1, loc=mean, scale=sem)
+    return float(low), float(high)
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
