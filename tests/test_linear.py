@@ -155,11 +155,15 @@ def test_the_preconditioner_reaches_the_same_minimum_in_fewer_evaluations(kind):
 
 
 def test_the_preconditioner_is_built_only_where_it_pays():
-    """Rows x outputs below features^2 / 20 (the sample's 1,259 x 10 at 1,280 features): the plain path, unchanged."""
-    x, y = overlapping(400, dim=64, n_classes=3)
+    """Rows x outputs below features^2 / 20 (the sample's 1,259 x 10 at 1,280 features), or rows below 8 x features
+    (a few-shot draw of 16 images of 100 classes): the plain path, unchanged."""
+    x, y = overlapping(600, dim=64, n_classes=3)
     few = Objective(x[:50], Loss("logistic", y[:50], 3, np.ones(3)))  # 50 x 3 x 20 < 64^2
-    many = Objective(x, Loss("logistic", y, 3, np.ones(3)))  # 400 x 3 x 20 >= 64^2
-    assert preconditioned(few) is None and isinstance(preconditioned(many), Preconditioner)
+    many = Objective(x, Loss("logistic", y, 3, np.ones(3)))  # 600 x 3 x 20 >= 64^2 and 600 >= 8 x 64
+    x_wide, y_wide = overlapping(500, dim=64, n_classes=50)
+    wide = Objective(x_wide, Loss("logistic", y_wide, 50, np.ones(50)))  # 500 x 50 x 20 >= 64^2, but 500 < 8 x 64
+    assert preconditioned(few) is None and preconditioned(wide) is None
+    assert isinstance(preconditioned(many), Preconditioner)
 
 
 def test_one_preconditioner_serves_fits_on_subsets_of_its_rows():
