@@ -295,6 +295,10 @@ def test_the_report_has_a_finetune_wise_row_and_compares_it_with_fine_tuning(run
     assert set(rows) == {head.model_name, "finetune", FINETUNE_WISE}
     wise = rows[FINETUNE_WISE]
     assert wise.accuracy == scored.record["accuracy"] and wise.chosen_on.endswith(f"(val, alpha {result.alpha:g})")
+    # Its own train accuracy (the overfitting gap's), not the one the fine-tuned network had in its best epoch.
+    on_train = predict_test_split(tmp_path / "wise", run["manifest"], run["root"], FAST, split="train")
+    assert wise.train_accuracy == scored.record["train_accuracy"]
+    assert scored.record["train_accuracy"] == (on_train.proba.argmax(1) == on_train.labels).mean()
     assert f"| {FINETUNE_WISE} | fine tuning |" in report.markdown
     assert f"**WiSE-FT.** {FINETUNE_WISE} is finetune's weights mixed with those it started from at alpha" in (
         report.markdown

@@ -141,7 +141,8 @@ def finetune_row(model_dir: Path, metrics: dict, extraction: dict[str, dict], na
         fit_seconds=seconds,
         inference_ms=inference,
         scores=metrics,
-        train_accuracy=float(training["train_accuracy"]),
+        # WiSE-FT's network was scored on the train images by finetune_wise; fine-tuning's during its best epoch.
+        train_accuracy=float(metrics["train_accuracy"] if wise else training["train_accuracy"]),
         chosen_on=chosen_on,
     )
 

@@ -9,6 +9,7 @@ from pipeline.data.loading import Runtime
 from pipeline.features.inference_cost import count_parameters, forward_ms_per_row, random_features, random_images
 from pipeline.finetuning.model import load_finetuned, model_name, predict_test_split
 from pipeline.results.metrics import Scored, model_record
+from pipeline.results.scoring import TRAIN_ACCURACY_ROWS
 
 
 def evaluate_finetuned(
@@ -20,7 +21,8 @@ def evaluate_finetuned(
     scoring: EvaluateParams | None = None,
 ) -> Scored:
     """Test-split metrics of the fine-tuned model (finetune, or finetune-wise for a folder the finetune_wise stage
-    wrote: its details then hold the chosen alpha and the val curve), and each test image's answer.
+    wrote: its details then hold the chosen alpha and the val curve, and its accuracy on the train images, at most
+    TRAIN_ACCURACY_ROWS of them), and each test image's answer.
 
     Decoded and run as fine-tuning validated it: `params` gives the batch size, decoding workers, device and
     precision; `scoring` the calibration bins and the bootstrap (the evaluate section's defaults when None).
@@ -28,6 +30,12 @@ def evaluate_finetuned(
     answers = predict_test_split(model_dir, manifest_path, data_root, params)
     config, ok = answers.config, answers.manifest.ok_rows()
     training, settings, wise = config["training"], config["params"], config.get("wise")
+    on_train = None
+    if wise:  # the mixed network's own, not the fine-tuned one's during its best epoch (what finetune's row quotes)
+        seen = predict_test_split(
+            model_dir, manifest_path, data_root, params, split="train", at_most=TRAIN_ACCURACY_ROWS
+        )
+        on_train = float((seen.proba.argmax(1) == seen.labels).mean())
     scored = model_record(
         answers.labels,
         answers.proba,
@@ -54,6 +62,7 @@ def evaluate_finetuned(
             **({"wise_alpha": wise["alpha"]} if wise else {}),
         },
         params=scoring or EvaluateParams(),
+        train_accuracy=on_train,
     )
     if wise:  # how alpha was chosen, beside the scores (details.json)
         scored.record["wise"] = {k: wise[k] for k in ("alpha", "chosen_by", "n_val", "seconds", "curve")}
