@@ -185,7 +185,7 @@ def test_model_names_are_checked_and_the_chosen_head_named_once(pipeline_run):
     heads = files(pipeline_run)
     chosen = chosen_models([CHOSEN_ON_VAL], heads)[0]
     assert chosen_models([CHOSEN_ON_VAL, chosen, "finetune"], heads) == [chosen, "finetune"]
-    valid = "valid: chosen_on_val, finetune, test_resnet-logreg"
+    valid = "valid: chosen_on_val, finetune, finetune-wise, test_resnet-logreg"
     with pytest.raises(ExportError, match=f"unknown model 'logreg'; {valid}"):
         chosen_models(["logreg"], heads)
     with pytest.raises(ConfigError, match="export.models is empty"):

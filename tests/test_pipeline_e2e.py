@@ -69,6 +69,7 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
         "warm_start",
         "finetune",
         "evaluate_finetune",
+        "finetune_wise",
         "learning_curve",
         "finetune_curve",
         "audit",
@@ -81,7 +82,7 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
     assert audit["cross_split_exact_pairs"] == 0 and "misclassified_finetune" in audit
     assert (project / "reports" / "audit" / "label_issues.png").is_file()
     assert (project / "reports" / "summary.txt").read_text().startswith("Feature extraction or fine-tuning?")
-    for model in ("test_resnet-logreg", "test_resnet-probe", "finetune"):
+    for model in ("test_resnet-logreg", "test_resnet-probe", "finetune", "finetune-wise"):
         metrics = read_record(project / "metrics" / "models" / model)
         assert metrics["n_test"] == 6 and metrics["model"] == model
         # The confusion plot holds one record per test image, and the accuracy is the share on its diagonal.
@@ -90,6 +91,10 @@ def test_repro_then_head_change_reruns_only_the_head(project: Path):
         )
         assert len(confusion) == 6
         assert metrics["accuracy"] == sum(r["actual"] == r["predicted"] for r in confusion) / 6
+    wise = json.loads((project / "metrics" / "finetune_wise" / "curve.json").read_text())
+    assert [p["alpha"] for p in wise] == [i / 10 for i in range(11)] and "| finetune-wise |" in (
+        project / "reports" / "strategy.md"
+    ).read_text()
     epochs = (project / "metrics" / "finetune" / "plots" / "metrics" / "val_loss.tsv").read_text().splitlines()
     assert epochs[0].split("\t") == ["step", "val_loss"] and len(epochs) == 2  # header and the one epoch
     extracted = read_record(project / "metrics" / "extract" / "test_resnet")

@@ -227,6 +227,29 @@ class FinetuneParams:
             _at_most("finetune", self, image_size=MAX_IMAGE_SIZE)
 
 
+# The alphas WiSE-FT scores: 0, 0.1, ..., 1 (Wortsman et al. 2022 sweep this grid).
+WISE_ALPHAS = [round(0.1 * i, 1) for i in range(11)]
+
+
+@dataclass(frozen=True)
+class FinetuneWiseParams:
+    """finetune_wise: WiSE-FT, the fine-tuned weights theta_1 mixed with those fine-tuning started from, theta_0 (the
+    pre-trained backbone + the warm_start layer): theta(alpha) = (1 - alpha) theta_0 + alpha theta_1."""
+
+    # Each alpha is scored on the val split (no training); the best val accuracy is kept (ties: the lower val log
+    # loss, then the larger alpha). In [0, 1]: 0 is the starting network, 1 the fine-tuned one.
+    alphas: list[float] = field(default_factory=lambda: list(WISE_ALPHAS))
+
+    def __post_init__(self) -> None:
+        if not self.alphas:
+            raise ConfigError("finetune_wise.alphas is empty; e.g. [0.0, 0.1, ..., 1.0] (11 values)")
+        outside = [a for a in self.alphas if not 0.0 <= a <= 1.0]
+        if outside:
+            raise ConfigError(f"finetune_wise.alphas must lie in [0, 1] (0: the start, 1: fine-tuned); got {outside}")
+        if len(set(self.alphas)) != len(self.alphas):
+            raise ConfigError(f"finetune_wise.alphas names an alpha twice: {self.alphas}")
+
+
 @dataclass(frozen=True)
 class EvaluateParams:
     ece_bins: int = 15
@@ -301,7 +324,7 @@ class AuditParams:
 @dataclass(frozen=True)
 class ExportParams:
     # Head names (see heads:), chosen_on_val (among the heads export writes, not k-NN, the chosen head) and
-    # finetune (the fine-tuned network).
+    # finetune (the fine-tuned network), finetune-wise (WiSE-FT's, the finetune_wise stage).
     models: list[str] = field(default_factory=lambda: ["chosen_on_val", "finetune"])
     opset: int = 18  # ONNX opset: torch's exporter's lowest native one (onnxruntime >= 1.14 runs it)
     batch_size: int = 32  # test images per batch in the parity check
@@ -320,6 +343,7 @@ class Params:
     extract: ExtractParams = field(default_factory=ExtractParams)
     heads: dict[str, HeadParams] = field(default_factory=lambda: {"logreg": HeadParams()})
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
+    finetune_wise: FinetuneWiseParams = field(default_factory=FinetuneWiseParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     learning_curve: LearningCurveParams = field(default_factory=LearningCurveParams)
     finetune_curve: FinetuneCurveParams = field(default_factory=FinetuneCurveParams)

@@ -37,6 +37,14 @@ class Classifier(nn.Module):
 
 FILES = ("model.safetensors", "config.json")
 FIX = "rerun finetune"
+FINETUNE = "finetune"  # the fine-tuned network's model name: metrics/models/finetune, export.models
+FINETUNE_WISE = "finetune-wise"  # WiSE-FT's (pipeline.finetuning.wise): fine-tuned weights mixed with the start
+
+
+def model_name(config: dict) -> str:
+    """The model a fine-tuned folder holds, from its config.json: finetune, or finetune-wise once WiSE-FT mixed its
+    weights (its config then records the alpha and the val curve under `wise`)."""
+    return FINETUNE_WISE if "wise" in config else FINETUNE
 
 
 class FinetuneError(PipelineError):
@@ -80,22 +88,34 @@ class TestAnswers:
 
     proba: np.ndarray  # float64 [test images, classes]
     labels: np.ndarray  # int64: each test image's class index
-    rows: list[ManifestRow]  # the test rows, in manifest order
+    rows: list[ManifestRow]  # the test rows (or those of the split asked for), in manifest order
     manifest: Manifest
     config: dict  # the model's config.json
 
 
-def predict_test_split(model_dir: Path, manifest_path: Path, data_root: Path, params: FinetuneParams) -> TestAnswers:
-    """Run the fine-tuned model on the manifest's test split, decoded and run as fine-tuning validated it (`params`:
-    batch size, decoding workers, device, precision)."""
+def predict_test_split(
+    model_dir: Path,
+    manifest_path: Path,
+    data_root: Path,
+    params: FinetuneParams,
+    *,
+    split: str = "test",
+    at_most: int | None = None,
+) -> TestAnswers:
+    """Run the fine-tuned model on the manifest's test split (or `split`: a seeded sample of `at_most` of its rows
+    when it has more), decoded and run as fine-tuning validated it (`params`: batch size, decoding workers, device,
+    precision)."""
     model, config, preprocessing = load_finetuned(model_dir)
     classes = config["classes"]
     manifest = read_manifest(manifest_path)
     if manifest.classes != classes:
         raise FinetuneError(f"{model_dir} was trained on classes {classes}, the manifest has {manifest.classes}")
-    rows = [r for r in manifest.ok_rows() if r.split == "test"]
+    rows = [r for r in manifest.ok_rows() if r.split == split]
     if not rows:
-        raise FinetuneError(f"{manifest_path} has no test images to score; set prepare.test_fraction above 0")
+        raise FinetuneError(f"{manifest_path} has no {split} images to score; set prepare.{split}_fraction above 0")
+    if at_most is not None and len(rows) > at_most:
+        kept = np.sort(np.random.default_rng(params.seed).choice(len(rows), at_most, replace=False))
+        rows = [rows[i] for i in kept]
     labels = np.array([classes.index(r.class_name) for r in rows], dtype=np.int64)
     runtime = Runtime.resolve(params.device, params.precision, option="finetune.device")
     images = Images.of_rows(data_root, rows, preprocessing.to_uint8)

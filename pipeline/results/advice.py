@@ -58,3 +58,18 @@ def choice_of_head(heads: list[TrainedHead], chosen: TrainedHead, rows: list[Mod
             "head chosen on it would report an optimistic accuracy."
         )
     return text
+
+
+def wise_words(wise: ModelRow, tuned: ModelRow, comparison: Comparison) -> str:
+    """WiSE-FT against plain fine-tuning (`comparison`: `wise` as a, `tuned` as b, on the same test images): the
+    alpha chosen on val (its details: alpha and curve), and what the test split says of it."""
+    chosen, c = wise.scores["wise"], comparison
+    val = {p["alpha"]: p["val_accuracy"] for p in chosen["curve"]}
+    at_one = f", {val[1.0]:.4f} at alpha 1 ({tuned.name})" if 1.0 in val else ""
+    return (
+        f"**WiSE-FT.** {wise.name} is {tuned.name}'s weights mixed with those it started from at alpha "
+        f"{chosen['alpha']:g}, chosen on the val split ({val[chosen['alpha']]:.4f} val accuracy{at_one}). On test: "
+        f"{_with_interval(wise)} against {_with_interval(tuned)} ({100 * c.difference:+.1f} points, exact 95% "
+        f"interval {100 * c.interval[0]:+.1f} to {100 * c.interval[1]:+.1f}; they disagree on "
+        f"{c.mcnemar.a_only + c.mcnemar.b_only} images, McNemar's p = {c.mcnemar.p_value:.3g})."
+    )

@@ -32,7 +32,8 @@ def render(
         "once for every model built on it by its extract stage (median of 5 batches of 32, on the device extraction "
         "ran on), plus each model's own output layer. Intervals: Wilson's for accuracy, a bootstrap over test images "
         "for macro-F1. The "
-        "fine-tuned model's train accuracy is the one seen during its best epoch.",
+        "fine-tuned model's train accuracy is the one seen during its best epoch (WiSE-FT's: its own on the train "
+        "images, sampled as a head's).",
         "",
         *backbones,
         "",

@@ -102,32 +102,48 @@ def _short(selection: str) -> str:
     return selection.split(" cross-validation")[0] + " CV" if "cross-validation" in selection else "val"
 
 
-def finetune_row(model_dir: Path, metrics: dict, extraction: dict[str, dict]) -> ModelRow:
-    """The fine-tuned network's row (`metrics`: its evaluate_finetune metrics). Built on a store's backbone at that
-    store's image size (`extraction`: each backbone's extract metrics by label), its inference is that same forward
-    pass, measured by extract, plus its new output layer's; otherwise its whole network's, measured by
-    evaluate_finetune."""
+# The model the finetune_wise stage writes (pipeline.finetuning.model.FINETUNE_WISE; not imported: it loads torch).
+FINETUNE_WISE = "finetune-wise"
+
+
+def finetune_row(model_dir: Path, metrics: dict, extraction: dict[str, dict], name: str = "finetune") -> ModelRow:
+    """The fine-tuned network's row (`metrics`: its evaluate_finetune metrics), or WiSE-FT's (`name` finetune-wise,
+    `model_dir` the finetune_wise stage's folder: its held-out accuracy is the chosen alpha's on val). Built on a
+    store's backbone at that store's image size (`extraction`: each backbone's extract metrics by label), its
+    inference is that same forward pass, measured by extract, plus its new output layer's; otherwise its whole
+    network's, measured by evaluate_finetune."""
     check_checksums(model_dir, ("config.json",), "rerun finetune")
     config = read_json(Path(model_dir) / "config.json")
-    training, crop = config["training"], config["preprocessing"]["crop"]
+    training, crop, wise = config["training"], config["preprocessing"]["crop"], config.get("wise")
+    if (name == FINETUNE_WISE) != (wise is not None):
+        raise PipelineError(f"{model_dir} does not hold the {name} model; run `dvc repro` so its stage writes it")
     same = [b for b, e in extraction.items() if (e.get("backbone"), e.get("image_size")) == (config["backbone"], crop)]
-    whose = "the metrics of finetune"
+    whose = f"the metrics of {name}"
     if same:
         shared = measured(extraction[same[0]], "forward_ms_per_image", f"the extract metrics of {same[0]}")
         inference = shared + measured(metrics, "head_ms_per_image", whose)
     else:
         inference = measured(metrics, "forward_ms_per_image", whose)
+    layers = f"last {config['unfrozen_blocks']} of {config['total_blocks']} blocks + new output layer"
+    chosen_on = ""
+    if wise:
+        point = next(p for p in wise["curve"] if p["alpha"] == wise["alpha"])
+        layers = f"{layers}, mixed with the start (WiSE-FT, alpha {wise['alpha']:g})"
+        chosen_on = f"{point['val_accuracy']:.4f} (val, alpha {wise['alpha']:g})"
+    seconds = float(training["train_seconds"]) + (float(wise["seconds"]) if wise else 0.0)
     return ModelRow(
-        name="finetune",
+        name=name,
         strategy="fine_tuning",
-        layers_trained=f"last {config['unfrozen_blocks']} of {config['total_blocks']} blocks + new output layer",
+        layers_trained=layers,
         params_updated=int(training["trainable_params"]),
         params_total=int(measured(metrics, "params_total", whose)),
-        train_seconds=float(training["train_seconds"]),
-        fit_seconds=float(training["train_seconds"]),
+        train_seconds=seconds,
+        fit_seconds=seconds,
         inference_ms=inference,
         scores=metrics,
-        train_accuracy=float(training["train_accuracy"]),
+        # WiSE-FT's network was scored on the train images by finetune_wise; fine-tuning's during its best epoch.
+        train_accuracy=float(metrics["train_accuracy"] if wise else training["train_accuracy"]),
+        chosen_on=chosen_on,
     )
 
 

@@ -18,11 +18,17 @@ from pipeline.core.errors import PipelineError
 from pipeline.heads.persistence import HeadFile
 from pipeline.heads.trained import chosen_head
 from pipeline.results import charts
-from pipeline.results.advice import choice_of_head, recommend
+from pipeline.results.advice import choice_of_head, recommend, wise_words
 from pipeline.results.answers import Answers, paired
 from pipeline.results.markdown import audit_section, backbone_section, per_class_accuracy, render, test_split_note
 from pipeline.results.metrics import rescored
-from pipeline.results.model_rows import ModelRow, feature_extraction_rows, finetune_row, read_model_metrics
+from pipeline.results.model_rows import (
+    FINETUNE_WISE,
+    ModelRow,
+    feature_extraction_rows,
+    finetune_row,
+    read_model_metrics,
+)
 
 
 @dataclass(frozen=True)
@@ -42,12 +48,14 @@ def build_report(
     curves: tuple[list[dict], list[dict]],
     audit: dict | None = None,
     scoring: EvaluateParams | None = None,
+    wise: Path | None = None,
 ) -> Report:
     """Markdown, its rows and its advice. `files`: every (backbone, head) pair; `extraction`: each backbone's
     extract metrics by label (cost, feature size, LogME, parameters, forward milliseconds). `answers`: each model's
     test answers, without the test images left out (their scores are then computed again, with `scoring`'s bins and
     bootstrap). `curves`: the learning curve of the chosen head (the `learning_curve` stage) and fine-tuning's on
-    subsets (the `finetune_curve` stage; empty when not asked for). `audit`: the audit stage's counts, when it ran."""
+    subsets (the `finetune_curve` stage; empty when not asked for). `audit`: the audit stage's counts, when it ran.
+    `wise`: the finetune_wise stage's model folder (WiSE-FT), a row of its own beside fine-tuning's."""
     heads, rows, classes = feature_extraction_rows(files, answers, extraction, scoring)
     curve, tuned_curve = curves
     if not curve or any("runs" not in point for point in curve):
@@ -64,9 +72,18 @@ def build_report(
         tuned = finetune_row(finetuned, tuned_metrics, extraction)
         rows.append(tuned)
         comparison = paired(answers, "finetune", chosen.model_name)
+    wise_note = []
+    if tuned is not None and wise is not None and (answers.metrics_dir / FINETUNE_WISE / "metrics.json").is_file():
+        wise_metrics = read_model_metrics(answers.metrics_dir, [FINETUNE_WISE])[FINETUNE_WISE]
+        if answers.excluded:
+            wise_metrics = rescored(wise_metrics, answers.of(FINETUNE_WISE), classes, scoring or EvaluateParams())
+        wise_row = finetune_row(wise, wise_metrics, extraction, FINETUNE_WISE)
+        rows.append(wise_row)
+        wise_note = ["", wise_words(wise_row, tuned, paired(answers, FINETUNE_WISE, "finetune"))]
     head_row = next(r for r in rows if r.name == chosen.model_name)
     advice = recommend(head_row, tuned, comparison)
-    intro = [f"**Recommendation.** {advice}", "", choice_of_head(heads, chosen, rows), *test_split_note(answers)]
+    intro = [f"**Recommendation.** {advice}", "", choice_of_head(heads, chosen, rows), *wise_note]
+    intro += test_split_note(answers)
     per_class = per_class_accuracy(answers, [r.name for r in sorted(rows, key=lambda r: -r.accuracy)], classes)
     sections = per_class + (audit_section(audit) if audit else [])
     ranking = backbone_section(extraction, heads, rows)

@@ -7,8 +7,9 @@ from pathlib import Path
 from pipeline.core.config import EvaluateParams, FinetuneParams
 from pipeline.data.loading import Runtime
 from pipeline.features.inference_cost import count_parameters, forward_ms_per_row, random_features, random_images
-from pipeline.finetuning.model import load_finetuned, predict_test_split
+from pipeline.finetuning.model import load_finetuned, model_name, predict_test_split
 from pipeline.results.metrics import Scored, model_record
+from pipeline.results.scoring import TRAIN_ACCURACY_ROWS
 
 
 def evaluate_finetuned(
@@ -19,23 +20,36 @@ def evaluate_finetuned(
     params: FinetuneParams,
     scoring: EvaluateParams | None = None,
 ) -> Scored:
-    """Test-split metrics of the fine-tuned model, and each test image's answer.
+    """Test-split metrics of the fine-tuned model (finetune, or finetune-wise for a folder the finetune_wise stage
+    wrote: its details then hold the chosen alpha and the val curve, and its accuracy on the train images, at most
+    TRAIN_ACCURACY_ROWS of them), and each test image's answer.
 
     Decoded and run as fine-tuning validated it: `params` gives the batch size, decoding workers, device and
     precision; `scoring` the calibration bins and the bootstrap (the evaluate section's defaults when None).
     """
     answers = predict_test_split(model_dir, manifest_path, data_root, params)
     config, ok = answers.config, answers.manifest.ok_rows()
-    training, settings = config["training"], config["params"]
-    return model_record(
+    training, settings, wise = config["training"], config["params"], config.get("wise")
+    on_train = None
+    if wise:  # the mixed network's own, not the fine-tuned one's during its best epoch (what finetune's row quotes)
+        seen = predict_test_split(
+            model_dir, manifest_path, data_root, params, split="train", at_most=TRAIN_ACCURACY_ROWS
+        )
+        on_train = float((seen.proba.argmax(1) == seen.labels).mean())
+    scored = model_record(
         answers.labels,
         answers.proba,
         config["classes"],
         [r.path for r in answers.rows],
-        describe={"model": "finetune", "strategy": "fine_tuning", "kind": "finetune", "backbone": config["backbone"]},
+        describe={
+            "model": model_name(config),
+            "strategy": "fine_tuning",
+            "kind": model_name(config),
+            "backbone": config["backbone"],
+        },
         sizes=(sum(r.split == "train" for r in ok), sum(r.split == "val" for r in ok)),
         trainable_params=training["trainable_params"],
-        fit_seconds=training["train_seconds"],
+        fit_seconds=round(training["train_seconds"] + (wise["seconds"] if wise else 0.0), 3),
         costs=inference_costs(model_dir, params),
         hyperparameters={
             "unfreeze": settings["unfreeze"],
@@ -45,9 +59,14 @@ def evaluate_finetuned(
             "epochs_run": training["epochs_run"],
             "best_epoch": training["best_epoch"],
             "image_size": config["preprocessing"]["crop"],
+            **({"wise_alpha": wise["alpha"]} if wise else {}),
         },
         params=scoring or EvaluateParams(),
+        train_accuracy=on_train,
     )
+    if wise:  # how alpha was chosen, beside the scores (details.json)
+        scored.record["wise"] = {k: wise[k] for k in ("alpha", "chosen_by", "n_val", "seconds", "curve")}
+    return scored
 
 
 def inference_costs(model_dir: Path, params: FinetuneParams) -> dict:

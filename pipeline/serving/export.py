@@ -23,7 +23,7 @@ from pipeline.data.manifest import ManifestRow, manifest_sha256, read_manifest
 from pipeline.data.preprocessing import Preprocessing, normalized
 from pipeline.features.backbones import backbone_of_store
 from pipeline.features.store import read_attrs
-from pipeline.finetuning.model import load_finetuned
+from pipeline.finetuning.model import FINETUNE_WISE, load_finetuned
 from pipeline.heads.estimators import CosineCentroids, TemperatureScaled, scores_per_class
 from pipeline.heads.persistence import HeadFile, head_kind, load_head, load_heads
 from pipeline.heads.trained import TrainedHead, chosen_head
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 CHOSEN_ON_VAL = "chosen_on_val"  # in export.models: the exportable head chosen_head picks (val or k-fold)
 FINETUNE = "finetune"  # in export.models: the fine-tuned network
+# FINETUNE_WISE, in export.models: WiSE-FT's network (the finetune_wise stage), exported as the fine-tuned one is
 LINEAR_HEADS = ("logreg", "ridge", "linear_svm", "centroid")  # kinds that are an affine map, then softmax
 # How far an exported model's probabilities may be from the trained model's on any test image. Two correct
 # float32 runtimes never agree bit for bit: they sum in other orders, and a head that standardises features of a
@@ -191,19 +192,25 @@ def head_exportable(head_path: Path, store_path: Path, metrics: dict) -> Exporta
     )
 
 
-def finetuned_exportable(model_dir: Path, metrics: dict, manifest_sha256: str) -> Exportable:
-    """The fine-tuned network, then softmax. It was trained on images, not on a store: no store fingerprint."""
+def finetuned_exportable(model_dir: Path, metrics: dict, manifest_sha256: str, name: str = FINETUNE) -> Exportable:
+    """The fine-tuned network (`name` finetune), or WiSE-FT's (finetune-wise), then softmax. It was trained on images,
+    not on a store: no store fingerprint."""
     model, config, preprocessing = load_finetuned(model_dir)
+    if (name == FINETUNE_WISE) != ("wise" in config):
+        raise ExportError(f"export.models: {model_dir} does not hold the {name} model; rerun its stage (dvc repro)")
     described = {
-        "model": FINETUNE,
-        "kind": FINETUNE,
+        "model": name,
+        "kind": name,
         "backbone": config["backbone"],
         "store_fingerprint": None,
         "manifest_sha256": manifest_sha256,
-        "hyperparameters": config["params"],
+        "hyperparameters": {
+            **config["params"],
+            **({"wise_alpha": config["wise"]["alpha"]} if "wise" in config else {}),
+        },
     }
     return Exportable(
-        name=FINETUNE,
+        name=name,
         deployable=Deployable(preprocessing, model, Softmax()),
         reference=finetuned_predictor(model_dir, device="cpu"),
         metadata=_metadata(described, config["classes"], preprocessing, False, metrics),
@@ -242,12 +249,12 @@ def _version(package: str) -> str | None:
 def chosen_models(requested: list[str], heads: dict[str, HeadFile]) -> list[str]:
     """export.models with chosen_on_val resolved to a model's name, each name checked before any work: a
     (backbone, head) pair of params.yaml (`heads` by model name, <backbone>-<head>) that export can write as
-    layers, or finetune."""
+    layers, finetune or finetune-wise."""
     names: list[str] = []
     for name in requested:
         if name == CHOSEN_ON_VAL:
             name = chosen_on_val(heads)
-        elif name != FINETUNE:
+        elif name not in (FINETUNE, FINETUNE_WISE):
             _check_head(name, heads)
         if name not in names:  # chosen_on_val may name a head listed too
             names.append(name)
@@ -256,7 +263,7 @@ def chosen_models(requested: list[str], heads: dict[str, HeadFile]) -> list[str]
 
 def _check_head(name: str, heads: dict[str, HeadFile]) -> None:
     if name not in heads:
-        valid = ", ".join([CHOSEN_ON_VAL, FINETUNE, *heads])
+        valid = ", ".join([CHOSEN_ON_VAL, FINETUNE, FINETUNE_WISE, *heads])
         raise ExportError(f"export.models: unknown model '{name}'; valid: {valid}")
     kind = head_kind(heads[name].path)  # a knn head is refused without reading its store
     if kind not in LINEAR_HEADS:
@@ -360,6 +367,7 @@ class Inputs:
     metrics: Path  # folder of test metrics, <model>/metrics.json and details.json
     manifest: Path
     data_root: Path
+    wise: Path | None = None  # the finetune_wise stage's model folder (WiSE-FT)
 
 
 def export_models(names: list[str], inputs: Inputs, out_dir: Path, params: ExportParams) -> dict[str, dict]:
@@ -388,8 +396,14 @@ def export_models(names: list[str], inputs: Inputs, out_dir: Path, params: Expor
 def _exportable(name: str, inputs: Inputs, manifest_hash: str) -> Exportable:
     path = inputs.metrics / name / "metrics.json"
     if not path.is_file():
-        raise ExportError(f"no test metrics for {name} ({path}); run its head or evaluate_finetune stage first")
+        raise ExportError(
+            f"no test metrics for {name} ({path}); run its head, evaluate_finetune or finetune_wise first"
+        )
     metrics = read_record(path.parent)  # the scores, and the counts (n_train, ...) in details.json beside them
     if name == FINETUNE:
         return finetuned_exportable(inputs.finetuned, metrics, manifest_hash)
+    if name == FINETUNE_WISE:
+        if inputs.wise is None:
+            raise ExportError(f"export.models names {FINETUNE_WISE}, but no WiSE-FT model folder was given (--wise)")
+        return finetuned_exportable(inputs.wise, metrics, manifest_hash, FINETUNE_WISE)
     return head_exportable(inputs.heads[name].path, inputs.heads[name].store, metrics)
