@@ -292,7 +292,7 @@ def extract_metrics(spec: Spec, written: Written) -> dict:
         seconds=assumed + written.seconds, compute_seconds=assumed, write_seconds=written.seconds,
         extraction_seconds=assumed, device="cpu", precision="fp32", fingerprint=spec.fingerprint(), label=LABEL,
         backbone=BACKBONE, image_size=IMAGE_SIZE, size_reason="synthetic", feature_dim=FEATURE_DIM,
-        logme=written.logme, backbone_params=LITE0_BACKBONE_PARAMS,
+        embedding="the backbone's own", logme=written.logme, backbone_params=LITE0_BACKBONE_PARAMS,
         forward_ms_per_image=1000 / ASSUMED_IMAGES_PER_SECOND, forward_device="cpu",
     )  # fmt: skip
     return result.record()

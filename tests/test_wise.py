@@ -31,6 +31,7 @@ from pipeline.heads.curves import learning_curve
 from pipeline.heads.persistence import HeadFile, save_head
 from pipeline.heads.selection import train_head
 from pipeline.results.answers import Answers
+from pipeline.results.few_shot import summarised
 from pipeline.results.metrics import write_model_metrics
 from pipeline.results.model_rows import FINETUNE_WISE, finetune_row
 from pipeline.results.report import build_report
@@ -276,7 +277,8 @@ def test_the_report_has_a_finetune_wise_row_and_compares_it_with_fine_tuning(run
     settings = ExtractParams.of(BACKBONE, image_size=32, num_workers=0, device="cpu")
     extracted = extract(run["manifest"], run["root"], tmp_path / "test_resnet.h5", tmp_path / "cache", settings)
     store, metrics, scoring = extracted.store, tmp_path / "metrics", EvaluateParams(bootstrap_resamples=100)
-    head = train_head(read_store(store), "logreg", HeadParams(grid={"C": [1.0]}))
+    logreg = HeadParams(grid={"C": [1.0]})
+    head = train_head(read_store(store), "logreg", logreg)
     save_head(head, tmp_path / "logreg.h5")
     features = read_store(store)
     on_train = train_accuracy(head, features)
@@ -286,7 +288,7 @@ def test_the_report_has_a_finetune_wise_row_and_compares_it_with_fine_tuning(run
     result = _wise(run, tmp_path / "wise")
     scored = evaluate_finetuned(tmp_path / "wise", run["manifest"], run["root"], params=FAST)
     write_model_metrics(metrics / FINETUNE_WISE, scored)
-    curve = learning_curve(read_store(store), head, sizes=[2], seeds=1)
+    curve = summarised(learning_curve(read_store(store), head, logreg, shots=[2], seeds=1))
     files = [HeadFile(BACKBONE, "logreg", tmp_path / "logreg.h5", store)]
     extraction = {BACKBONE: extracted.record()}
     args = (files, Answers(metrics), run["tuned"], extraction, (curve, []), None, scoring)

@@ -12,7 +12,7 @@ from pipeline.features.hdf5 import StoreError
 from pipeline.features.store import FeatureStore, read_store
 from pipeline.heads.persistence import load_head
 from pipeline.heads.trained import TrainedHead
-from pipeline.results.metrics import Scored, model_record
+from pipeline.results.metrics import TRAIN_ACCURACY_ROWS, Scored, model_record
 
 
 def evaluate_head(store_path: Path, head_path: Path, params: EvaluateParams | None = None) -> Scored:
@@ -20,13 +20,6 @@ def evaluate_head(store_path: Path, head_path: Path, params: EvaluateParams | No
     evaluate section, its defaults when None)."""
     store = read_store(store_path)
     return score_head(store, store_path, load_head(head_path, store), params)
-
-
-# The training rows a head's train accuracy (the report's overfitting gap) is computed on, at most: a seeded sample
-# beyond that, so that it costs what scoring the test split costs, not a pass over a million rows (k-NN's quadratic).
-# Train accuracy is a gauge of overfitting (its gap to test accuracy), not a result: 5,000 rows measure it within
-# about 1.4 points (95%), and spare k-NN a search of every training row at 10^5 rows and more.
-TRAIN_ACCURACY_ROWS = 5_000
 
 
 def train_accuracy(head: TrainedHead, store: FeatureStore, at_most: int = TRAIN_ACCURACY_ROWS, seed: int = 0) -> float:

@@ -8,8 +8,7 @@ from pipeline.core.config import EvaluateParams, FinetuneParams
 from pipeline.data.loading import Runtime
 from pipeline.features.inference_cost import count_parameters, forward_ms_per_row, random_features, random_images
 from pipeline.finetuning.model import load_finetuned, model_name, predict_test_split
-from pipeline.results.metrics import Scored, model_record
-from pipeline.results.scoring import TRAIN_ACCURACY_ROWS
+from pipeline.results.metrics import TRAIN_ACCURACY_ROWS, Scored, model_record
 
 
 def evaluate_finetuned(
