@@ -22,21 +22,22 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
 
-from pipeline.core.config import ExtractParams, FinetuneParams, Params, load_params
+from pipeline.core.config import BackboneParams, ExtractParams, FinetuneParams, Params, load_params
 from pipeline.data.manifest import build_manifest, write_manifest
 from pipeline.features.backbones import build_backbone
-from pipeline.features.extraction import extract
+from pipeline.features.extraction import ExtractResult, extract
 from pipeline.features.store import read_store
 from pipeline.finetuning.model import predict_test_split
 from pipeline.finetuning.training import finetune, with_input_size
 from pipeline.finetuning.warm_start import initial_layer
 from pipeline.heads.persistence import load_head, save_head
 from pipeline.heads.selection import train_head
+from pipeline.results.metrics import Scored
 from pipeline.results.scoring import evaluate_head
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,6 +80,40 @@ def reduced(
     return extract_params, tune, ", ".join(changes) or "nothing"
 
 
+@dataclass(frozen=True)
+class Start:
+    """Where a benchmark's fine-tuning runs start, as the prepare, extract, head and warm_start stages leave it."""
+
+    manifest: Path
+    counts: dict  # images per split (Manifest.counts)
+    entry: BackboneParams  # the fine-tuned backbone's extract entry, its network named
+    tune: FinetuneParams  # with its input size resolved
+    extracted: ExtractResult
+    probe: Scored  # the logistic head's test scores (the warm start's own)
+    layer: dict  # the warm_start layer
+
+
+def pipeline_start(p: Params, extract_params: ExtractParams, tune: FinetuneParams, data: Path, work: Path) -> Start:
+    """prepare's manifest of `data`, the extract stage's store (cached under work/cache), the logreg head
+    (heads.logreg) scored on test, and the warm_start stage's layer (finetune.init_head), all under `work`."""
+    label = next(iter(extract_params.backbones))
+    entry = extract_params.backbone(label)
+    work.mkdir(parents=True, exist_ok=True)
+    manifest_path, store_path, head_path = work / "manifest.csv", work / f"{label}.h5", work / "logreg.h5"
+    manifest = build_manifest(
+        data, p.prepare.val_fraction, p.prepare.test_fraction, p.prepare.seed, num_workers=p.prepare.num_workers
+    )
+    write_manifest(manifest, manifest_path)
+    extracted = extract(manifest_path, data, store_path, work / "cache", extract_params, label)
+    save_head(train_head(read_store(store_path), "logreg", p.heads["logreg"]), head_path)
+    probe = evaluate_head(store_path, head_path, p.evaluate)
+    backbone = build_backbone(entry.backbone, entry.weights_path)
+    tune = with_input_size(tune, backbone, manifest)
+    warm = load_head(head_path) if tune.init_head == "logreg" else None
+    layer = initial_layer(backbone, manifest, tune, warm, entry.weights)
+    return Start(manifest_path, manifest.counts(), entry, tune, extracted, probe, layer)
+
+
 def table(rows: list[dict]) -> str:
     """The results as a Markdown table, one row per learning rate."""
     lines = [
@@ -109,23 +144,9 @@ def main(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     p = load_params(params)
     extract_params, tune, changes = reduced(p, epochs, image_size, seed)
-    label = next(iter(extract_params.backbones))
-    entry = extract_params.backbone(label)
-    work.mkdir(parents=True, exist_ok=True)
-    manifest_path, store_path, head_path = work / "manifest.csv", work / f"{label}.h5", work / "logreg.h5"
-
-    manifest = build_manifest(
-        data, p.prepare.val_fraction, p.prepare.test_fraction, p.prepare.seed, num_workers=p.prepare.num_workers
-    )
-    write_manifest(manifest, manifest_path)
-    counts = manifest.counts()
-    extracted = extract(manifest_path, data, store_path, work / "cache", extract_params, label)
-    save_head(train_head(read_store(store_path), "logreg", p.heads["logreg"]), head_path)
-    probe = evaluate_head(store_path, head_path, p.evaluate).record["accuracy"]
-    backbone = build_backbone(entry.backbone, entry.weights_path)
-    tune = with_input_size(tune, backbone, manifest)
-    warm = load_head(head_path) if tune.init_head == "logreg" else None
-    initial = initial_layer(backbone, manifest, tune, warm, entry.weights)
+    start = pipeline_start(p, extract_params, tune, data, work)
+    manifest_path, counts, entry, tune, initial = start.manifest, start.counts, start.entry, start.tune, start.layer
+    extracted, probe = start.extracted, start.probe.record["accuracy"]
 
     rows = []
     for lr in lr_values:
