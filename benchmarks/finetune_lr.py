@@ -110,7 +110,7 @@ def pipeline_start(p: Params, extract_params: ExtractParams, tune: FinetuneParam
     backbone = build_backbone(entry.backbone, entry.weights_path)
     tune = with_input_size(tune, backbone, manifest)
     warm = load_head(head_path) if tune.init_head == "logreg" else None
-    layer = initial_layer(backbone, manifest, tune, warm, entry.weights)
+    layer = initial_layer(backbone, manifest, tune, warm, entry.weights, read_store(store_path))
     return Start(manifest_path, manifest.counts(), entry, tune, extracted, probe, layer)
 
 

@@ -18,6 +18,7 @@ from pipeline.core.config import FinetuneParams, HeadParams
 from pipeline.data.loading import Images, collate
 from pipeline.data.manifest import Manifest, ManifestRow, manifest_sha256, read_manifest
 from pipeline.features.backbones import build_backbone
+from pipeline.features.store import write_store
 from pipeline.features.surgery import ordered_blocks
 from pipeline.finetuning import epochs
 from pipeline.finetuning.checkpoint import TRAINING_PACKAGES, read_checkpoint, run_key
@@ -298,12 +299,16 @@ def test_checkpoints_are_not_resumed_across_a_change_of_pixels(data, monkeypatch
     assert run_key(backbone, FAST, manifest, layer) != key
 
 
-def _warm_start(tmp_path: Path, manifest: Path, head: Path, init_head: str) -> dict[str, torch.Tensor]:
+def _warm_start(
+    tmp_path: Path, manifest: Path, head: Path, init_head: str, features: Path | None = None
+) -> dict[str, torch.Tensor]:
     params = tmp_path / "params.yaml"
     backbones = "extract:\n  backbones:\n    test_resnet:\n      image_size: 32\n"
     params.write_text(f"{backbones}finetune:\n  init_head: {init_head}\n")
     out = tmp_path / f"layer-{head.stem}-{init_head}.safetensors"
-    args = ["--manifest", str(manifest), "--head", str(head), "--out", str(out), "--params", str(params)]
+    features = features or tmp_path / "features.h5"
+    args = ["--manifest", str(manifest), "--head", str(head), "--features", str(features), "--out", str(out)]
+    args += ["--params", str(params)]
     result = CliRunner().invoke(warm_start_stage, args)
     assert result.exit_code == 0, result.output
     return load_file(out)
@@ -313,7 +318,7 @@ def test_warm_start_stage_writes_the_same_random_layer_whatever_the_head(data, t
     """With init_head: random the logistic head is not read, so DVC sees the same bytes and keeps fine-tuning."""
     _, manifest = data
     first = _warm_start(tmp_path, manifest, tmp_path / "one.h5", "random")
-    second = _warm_start(tmp_path, manifest, tmp_path / "other.h5", "random")  # neither file exists
+    second = _warm_start(tmp_path, manifest, tmp_path / "other.h5", "random")  # none of the files exists
     assert first.keys() == {"weight", "bias"} and first["weight"].shape == (3, 96)
     assert all(torch.equal(first[k], second[k]) for k in first)
     torch.manual_seed(0)  # what finetune.seed gives: the layer nn.Linear draws after seeding
@@ -321,20 +326,37 @@ def test_warm_start_stage_writes_the_same_random_layer_whatever_the_head(data, t
     assert torch.equal(first["weight"], layer.weight.detach())
 
 
-def test_warm_start_stage_folds_in_the_logistic_head(data, tmp_path):
+def test_warm_start_stage_folds_in_the_logistic_head_fitted_on_the_train_split_alone(data, tmp_path):
+    """The head as trained was refit on train+val; the starting layer is its C fitted on train alone, since the val
+    split then chooses fine-tuning's epoch and WiSE-FT's alpha: the val labels do not move it."""
     _, manifest = data
     classes, split = read_manifest(manifest).classes, manifest_sha256(read_manifest(manifest))
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 8)
-    features = rng.normal(size=(24, 96)) + np.eye(3, 96)[labels] * 3
-    attrs = {"backbone": "test_resnet", "image_size": 32, "manifest_sha256": split}
-    store = make_store(features, labels, np.tile([0, 0, 1], 8), classes, **attrs)
+    features = (rng.normal(size=(24, 96)) + np.eye(3, 96)[labels] * 3).astype(np.float32)
+    attrs = {"backbone": "test_resnet", "image_size": 32, "manifest_sha256": split, "fingerprint": "f"}
+    splits = np.tile([0, 0, 1], 8)
+    store = make_store(features, labels, splits, classes, **attrs)
     head = train_head(store, "logreg", HeadParams(grid={"C": [1.0]}))
     save_head(head, tmp_path / "logreg.h5")
+    write_store(tmp_path / "features.h5", labels=labels, split=splits, paths=store.paths, sha256=store.sha256,
+                feature_chunks=[features], feature_dim=96, attrs={**attrs, "classes": classes})  # fmt: skip
     layer = _warm_start(tmp_path, manifest, tmp_path / "logreg.h5", "logreg")
-    expected = nn.Linear(96, 3)
-    init_from_head(expected, head)
-    assert torch.equal(layer["weight"], expected.weight.detach()) and torch.equal(layer["bias"], expected.bias.detach())
+    train = splits == 0
+    on_train = train_head(store, "logreg", HeadParams(grid={"C": [1.0]}, refit_on_train_val=False, selection="val"))
+    expected, whole = nn.Linear(96, 3), nn.Linear(96, 3)
+    init_from_head(expected, on_train)
+    init_from_head(whole, head)
+    torch.testing.assert_close(layer["weight"], expected.weight.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer["bias"], expected.bias.detach(), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(layer["weight"], whole.weight.detach(), atol=1e-3)  # not the train+val fit
+    # The val labels permuted: the same starting layer.
+    shuffled = labels.copy()
+    shuffled[~train] = np.roll(labels[~train], 1)
+    write_store(tmp_path / "shuffled.h5", labels=shuffled, split=splits, paths=store.paths, sha256=store.sha256,
+                feature_chunks=[features], feature_dim=96, attrs={**attrs, "classes": classes})  # fmt: skip
+    again = _warm_start(tmp_path, manifest, tmp_path / "logreg.h5", "logreg", tmp_path / "shuffled.h5")
+    assert torch.equal(again["weight"], layer["weight"]) and torch.equal(again["bias"], layer["bias"])
 
 
 def test_a_change_to_the_training_code_is_not_resumed(data, tmp_path, monkeypatch):

@@ -98,7 +98,8 @@ def test_a_head_is_refused_by_every_reader_once_the_data_was_split_again(run, tm
     message = one_line_error(predict(run))
     assert old[:16] in message and new[:16] in message and "rerun the head stage" in message
 
-    warm = ["--manifest", str(run.manifest), "--head", str(run.head), "--out", str(tmp_path / "layer.safetensors")]
+    warm = ["--manifest", str(run.manifest), "--head", str(run.head), "--features", str(run.store)]
+    warm += ["--out", str(tmp_path / "layer.safetensors")]
     message = one_line_error(CliRunner().invoke(warm_start_stage, [*warm, "--params", str(run.params)]))
     assert old[:16] in message and new[:16] in message and "rerun the head stage" in message
 

@@ -1,5 +1,6 @@
-"""The new layer's starting weights: seeded random ones, or the trained logistic head folded in (linear probe,
-then fine-tune), once the head is shown to have seen these classes, this split and these features."""
+"""The new layer's starting weights: seeded random ones, or the trained logistic head's chosen point fitted on the
+train split alone and folded in (linear probe, then fine-tune), once the head is shown to have seen these classes,
+this split and these features."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.core.config import FinetuneParams
+from pipeline.core.config import FinetuneParams, HeadParams
 from pipeline.data.manifest import Manifest, manifest_sha256
 from pipeline.features.backbones import Backbone
 from pipeline.features.embedding import LAST, Embedding
+from pipeline.features.store import FeatureStore
 from pipeline.finetuning.model import FinetuneError, new_layer
 from pipeline.finetuning.training import with_input_size
 from pipeline.heads.estimators import scores_per_class
+from pipeline.heads.persistence import check_trained_on
+from pipeline.heads.selection import train_head
 from pipeline.heads.trained import TrainedHead
 
 
@@ -75,22 +79,36 @@ def _as_path(value: str | Path | None) -> Path | None:
     return Path(value) if value else None
 
 
+def train_split_probe(head: TrainedHead, store: FeatureStore) -> TrainedHead:
+    """The logistic head's chosen point (its hyperparameters) fitted on the store's train split alone. The head as
+    trained was refit on train+val; but the val split chooses fine-tuning's epoch (early stopping) and WiSE-FT's
+    alpha, and a start fitted on those images would be favoured by the very images that judge it."""
+    params = HeadParams(
+        kind=head.kind, args=dict(head.hyperparameters), grid={}, refit_on_train_val=False, selection="val"
+    )
+    return train_head(store, head.name, params)
+
+
 def initial_layer(
     backbone: Backbone,
     manifest: Manifest,
     params: FinetuneParams,
     head: TrainedHead | None = None,
     weights: str | Path | None = None,
+    store: FeatureStore | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The new output layer's starting weights: seeded random ones, or the trained logistic head folded in
-    (`params.init_head: logreg`, the linear probe then fine-tune recipe), after checking that the head saw
-    the manifest's classes and split, and the features of this backbone, weights (`weights`, extract's) and
-    image size."""
+    """The new output layer's starting weights: seeded random ones, or (`params.init_head: logreg`, the linear probe
+    then fine-tune recipe) the logistic head's chosen point fitted on the train split of its `store` and folded in,
+    after checking that the head saw the manifest's classes and split, and the features of this backbone, weights
+    (`weights`, extract's) and image size."""
     layer = new_layer(backbone.feature_dim, len(manifest.classes), params.seed)
     if params.init_head == "logreg":
         if head is None:
             raise FinetuneError("finetune.init_head is logreg but no trained logreg head was given")
         crop = with_input_size(params, backbone, manifest).image_size
         check_warm_start(head, manifest.classes, manifest_sha256(manifest), backbone.name, crop, weights)
-        init_from_head(layer, head)
+        if store is None:
+            raise FinetuneError("finetune.init_head is logreg but the logreg head's feature store was not given")
+        check_trained_on(head, store.attrs, Path(f"the {head.name} head"), "its feature store")
+        init_from_head(layer, train_split_probe(head, store))
     return {name: tensor.detach().clone() for name, tensor in layer.state_dict().items()}
