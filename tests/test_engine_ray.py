@@ -22,6 +22,8 @@ import pytest
 from pipeline.core.config import ExtractParams, RayParams
 from pipeline.core.errors import ConfigError
 from pipeline.data.manifest import read_manifest
+from pipeline.features.backbones import build_backbone
+from pipeline.features.embedding import Embedding
 from pipeline.features.engines.ray_data import check_room_to_decode
 from pipeline.features.setup import Setup
 from tests.conftest import REPO, prepare_manifest, write_image_folder
@@ -78,12 +80,12 @@ def images(tmp_path_factory) -> Path:
     return root
 
 
-def _work(parent: Path, name: str, root: Path, engine: str) -> Path:
+def _work(parent: Path, name: str, root: Path, engine: str, entry: str = "{image_size: 64}") -> Path:
     work = parent / name
     work.mkdir()
     prepare_manifest(root, work / "manifest.csv")
     (work / "params.yaml").write_text(
-        "extract:\n  backbones:\n    test_efficientnet: {image_size: 64}\n  device: cpu\n  batch_size: 8\n"
+        f"extract:\n  backbones:\n    test_efficientnet: {entry}\n  device: cpu\n  batch_size: 8\n"
         f"  engine: {engine}\n  ray:\n    actors: 1\n    cpus_per_actor: 1\n    decode_batch: 3\n"
     )
     return work
@@ -139,6 +141,20 @@ def test_ray_writes_the_store_the_local_engine_writes_and_reruns_compute_nothing
     _assert_same_store(local_store, work / "features.h5")
     again = _run(work, images, ray_address)
     assert again.returncode == 0 and "(0 computed, 150 reused)" in again.stdout
+
+
+@pytest.mark.integration
+def test_ray_computes_the_embedding_options_as_the_local_engine_does(tmp_path, images, ray_address):
+    """The actors run the same Embedder: flip-averaged, two blocks pooled and concatenated, the same store."""
+    entry = "{image_size: 64, tta: flip, layers: [-2, -1]}"
+    works = [_work(tmp_path, engine, images, engine, entry) for engine in ("local", "ray")]
+    for work in works:
+        done = _run(work, images, ray_address)
+        assert done.returncode == 0, done.stderr
+    _assert_same_store(*(work / "features.h5" for work in works))
+    expected = build_backbone("test_efficientnet", embedding=Embedding("flip", (-2, -1))).embedding_dim
+    with h5py.File(works[1] / "features.h5", "r") as f:
+        assert f["features"].shape == (150, expected) and expected > 256  # two blocks, not the network's own 256
 
 
 def _embedding_actors() -> list[int]:
