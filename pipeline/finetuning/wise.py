@@ -24,7 +24,7 @@ from pipeline.core.device import Runtime
 from pipeline.data.loading import Images, image_batches
 from pipeline.data.manifest import read_manifest
 from pipeline.features.backbones import Backbone, build_backbone
-from pipeline.finetuning.model import Classifier, FinetuneError, load_finetuned, model_name, save_finetuned
+from pipeline.finetuning.model import FINETUNE, Classifier, FinetuneError, load_finetuned, model_name, save_finetuned
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def check_pair(
         )
     if config["classes"] != classes:
         raise FinetuneError(f"{model_dir} was trained on classes {config['classes']}, the manifest has {classes}")
-    if model_name(config) != "finetune":
+    if model_name(config) != FINETUNE:
         raise FinetuneError(f"{model_dir} holds WiSE-FT weights already; give it the finetune stage's model folder")
     check_same_layout(start.state_dict(), tuned)
     blocks = backbone.blocks()

@@ -23,7 +23,7 @@ from pipeline.data.manifest import ManifestRow, manifest_sha256, read_manifest
 from pipeline.data.preprocessing import Preprocessing, normalized
 from pipeline.features.backbones import backbone_of_store
 from pipeline.features.store import read_attrs
-from pipeline.finetuning.model import FINETUNE_WISE, load_finetuned
+from pipeline.finetuning.model import FINETUNE, FINETUNE_WISE, load_finetuned, model_name
 from pipeline.heads.estimators import CosineCentroids, TemperatureScaled, scores_per_class
 from pipeline.heads.persistence import HeadFile, head_kind, load_head, load_heads
 from pipeline.heads.trained import TrainedHead, chosen_head
@@ -33,8 +33,6 @@ from pipeline.serving.predict import Predictor, finetuned_predictor, head_predic
 log = logging.getLogger(__name__)
 
 CHOSEN_ON_VAL = "chosen_on_val"  # in export.models: the exportable head chosen_head picks (val or k-fold)
-FINETUNE = "finetune"  # in export.models: the fine-tuned network
-# FINETUNE_WISE, in export.models: WiSE-FT's network (the finetune_wise stage), exported as the fine-tuned one is
 LINEAR_HEADS = ("logreg", "ridge", "linear_svm", "centroid")  # kinds that are an affine map, then softmax
 # How far an exported model's probabilities may be from the trained model's on any test image. Two correct
 # float32 runtimes never agree bit for bit: they sum in other orders, and a head that standardises features of a
@@ -196,7 +194,7 @@ def finetuned_exportable(model_dir: Path, metrics: dict, manifest_sha256: str, n
     """The fine-tuned network (`name` finetune), or WiSE-FT's (finetune-wise), then softmax. It was trained on images,
     not on a store: no store fingerprint."""
     model, config, preprocessing = load_finetuned(model_dir)
-    if (name == FINETUNE_WISE) != ("wise" in config):
+    if model_name(config) != name:
         raise ExportError(f"export.models: {model_dir} does not hold the {name} model; rerun its stage (dvc repro)")
     described = {
         "model": name,
