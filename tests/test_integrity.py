@@ -9,6 +9,7 @@ extract, the head by the head stage's code, the model by finetune.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,9 +18,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 from pipeline.cli import main as transfer
+from pipeline.core import integrity
 from pipeline.core.config import ExtractParams, FinetuneParams, HeadParams
 from pipeline.core.errors import PipelineError
-from pipeline.core.integrity import DamagedFile
+from pipeline.core.integrity import SEAL_LINE, DamagedFile, check_seal, seal
 from pipeline.data.manifest import build_manifest, write_manifest
 from pipeline.features.extraction import extract
 from pipeline.features.hdf5 import StoreError, load_arrays, save_arrays
@@ -185,3 +187,31 @@ def test_a_damaged_fine_tuned_model_is_one_line_error(run, tmp_path):
     (tmp_path / "ft" / "SHA256SUMS").unlink()  # as models were saved before they carried checksums
     with pytest.raises(PipelineError, match=r"ft has no SHA256SUMS \(saved by an older version\); rerun finetune"):
         load_finetuned(tmp_path / "ft")
+
+
+def test_a_large_file_is_hashed_once_in_a_process_until_it_changes(tmp_path, monkeypatch):
+    """A stage opens its store several times; at 10^6 rows each hash costs seconds. The second check of the same
+    intact file reads nothing; a byte changed since (its times with it) is caught; a small file is always hashed."""
+    monkeypatch.setattr(integrity, "_checked", set())
+    hashed = []
+    real = integrity.sha256_file
+    monkeypatch.setattr(integrity, "sha256_file", lambda path, start=0: hashed.append(path) or real(path, start))
+    big, small = tmp_path / "big.bin", tmp_path / "small.bin"
+    for path, size in ((big, integrity.REMEMBER_FROM_BYTES), (small, 4096)):
+        with open(path, "wb") as raw:
+            raw.truncate(SEAL_LINE + size)  # zeros, sparse: quick to write and to hash
+        seal(path)
+    hashed.clear()
+
+    check_seal(big), check_seal(big), check_seal(small), check_seal(small)
+    assert hashed == [big, small, small]
+
+    before = big.stat()
+    with open(big, "r+b") as raw:
+        raw.seek(SEAL_LINE + 12345)
+        raw.write(b"\x01")
+    # The write moves its times, but maybe not past the clock's step: moved by hand, as any later write would.
+    os.utime(big, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    with pytest.raises(DamagedFile, match="damaged or truncated"):
+        check_seal(big)
+    assert hashed[-1] == big and len(hashed) == 4

@@ -24,6 +24,14 @@ SEAL = b"transfer-pipeline sha256 "
 SEAL_LINE = len(SEAL) + 64 + 1  # the seal line's bytes: the smallest header
 CHECKSUMS = "SHA256SUMS"
 
+# A file whose seal was checked in this process is not hashed again while it is the same file: the same device,
+# inode, size, and modification and change times. A stage opens its feature store several times (its split sizes,
+# then its rows, then the test rows; each reader of the store's attributes once more), and at 10^6 rows each hash
+# of 5 GB takes seconds. Only from this size: file times move in steps of a few milliseconds, within which a small
+# file can be written again unseen, and hashing a small one costs less than a step.
+REMEMBER_FROM_BYTES = 64 << 20
+_checked: set[tuple] = set()
+
 
 class DamagedFile(PipelineError):
     """A file's bytes are not the ones written: its recorded sha256 does not match, or it is cut short."""
@@ -54,8 +62,12 @@ def is_sealed(path: Path) -> bool:
 
 def check_seal(path: Path, header: int = SEAL_LINE, fix: str = "", kind: str = "sealed file") -> None:
     """`DamagedFile` unless the file starts with a seal whose digest is that of its bytes after `header`; the
-    message names the `kind` of file expected and ends with `fix`."""
+    message names the `kind` of file expected and ends with `fix`. A large file found intact before in this process,
+    and the same file since (`REMEMBER_FROM_BYTES`), is not hashed again."""
     then = f"; {fix}" if fix else ""
+    identity = _identity(path, header)
+    if identity in _checked:
+        return
     with open(path, "rb") as raw:
         head = raw.read(header)
     if not head.startswith(SEAL):
@@ -69,6 +81,14 @@ def check_seal(path: Path, header: int = SEAL_LINE, fix: str = "", kind: str = "
             f"{path} is damaged or truncated: its bytes hash to sha256 {actual[:16]}, it was written as "
             f"{recorded[:16]}{then}"
         )
+    if identity[4] >= REMEMBER_FROM_BYTES:
+        _checked.add(identity)
+
+
+def _identity(path: Path, header: int) -> tuple:
+    """What says a file is the one checked before: its path and header, and its device, inode, size and times."""
+    st = os.stat(path)
+    return (os.path.realpath(path), header, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def set_aside(path: Path, what: str, why: object, then: str) -> Path:
