@@ -29,9 +29,8 @@ READ_BLOCK_ROWS = 1 << 13
 
 @dataclass
 class FeatureStore:
-    """A feature store read into memory: row i of every array is usable manifest row i, in store order; or, when
-    `read_store` was given some splits, the rows of those splits grouped by split (train, val, test), each split's
-    in store order."""
+    """A feature store read into memory: row i of every array is usable manifest row i (of the splits read, in
+    store order, when `read_store` was given some)."""
 
     features: np.ndarray  # float32 [N, D]
     labels: np.ndarray  # int64 [N]
@@ -49,20 +48,19 @@ class FeatureStore:
         return str(self.attrs["fingerprint"])
 
     def subset(self, *splits: str) -> tuple[np.ndarray, np.ndarray]:
-        """Features and labels of the rows in the given splits, in the order of the arrays: views of them (no copy)
-        when those rows are one run of consecutive rows (every row; one split of a store read by splits)."""
-        rows = self.rows(*splits)
-        if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
-            run = slice(int(rows[0]), int(rows[-1]) + 1)
-            return self.features[run], self.labels[run]
-        return self.features[rows], self.labels[rows]
+        """Features and labels of the rows in the given splits, in store order: the arrays themselves (no copy)
+        when every row is in them."""
+        mask = np.isin(self.split, [SPLIT_CODES[s] for s in splits])
+        if mask.all():
+            return self.features, self.labels
+        return self.features[mask], self.labels[mask]
 
     def rows(self, *splits: str) -> np.ndarray:
-        """Row numbers of the rows in the given splits, in the order of the arrays (the rows of `subset`)."""
+        """Row numbers of the rows in the given splits, in store order (the rows of `subset`)."""
         return np.flatnonzero(np.isin(self.split, [SPLIT_CODES[s] for s in splits]))
 
     def paths_of(self, *splits: str) -> list[str]:
-        """Image paths of the rows in the given splits, in the order of `subset`."""
+        """Image paths of the rows in the given splits, in store order (the order of `subset`)."""
         mask = np.isin(self.split, [SPLIT_CODES[s] for s in splits])
         return [path for path, keep in zip(self.paths, mask, strict=True) if keep]
 
@@ -131,52 +129,38 @@ def read_store(
     splits: Sequence[str] | None = None,
 ) -> FeatureStore:
     """Read a store, or only the rows of `splits` (a head trains on train and val, then scores test: the features of
-    the others never enter memory), refusing one built by another model or for other classes, or a damaged one.
-    The rows of `splits` come grouped by split, each split in store order, so that each split's rows are a view of
-    the features (`FeatureStore.subset`), not a copy of them: what a head holds at 10^6 rows is the store."""
+    the others never enter memory), refusing one built by another model or for other classes, or a damaged one."""
     with _open(path, STORE_FIX) as f:
         attrs = _decode_attrs(f.attrs)
         check_matches(path, attrs, expect_fingerprint, expect_classes)
         _check_declared_sizes(path, f, STORE_FIX)
         try:
             split = f["split"][:]
-            codes = sorted(SPLIT_CODES.values()) if splits is None else sorted({SPLIT_CODES[s] for s in splits})
-            order = (
-                np.arange(len(split))
-                if splits is None
-                else np.concatenate([np.flatnonzero(split == code) for code in codes] + [np.empty(0, dtype=np.int64)])
-            )
-            whole = len(order) == len(split) and np.array_equal(order, np.arange(len(split)))
-            paths = f["paths"][:]
+            keep = np.ones(len(split), bool) if splits is None else np.isin(split, [SPLIT_CODES[s] for s in splits])
+            paths = [p.decode() if isinstance(p, bytes) else p for p in f["paths"][:]]
             return FeatureStore(
-                features=f["features"][:] if whole else _rows(f["features"], split, codes),
-                labels=f["labels"][:][order],
-                split=split[order],
-                paths=[p.decode() if isinstance(p, bytes) else p for p in paths[order]],
-                sha256=[h.decode() for h in f["sha256"][:][order]],
+                features=f["features"][:] if keep.all() else _rows(f["features"], keep),
+                labels=f["labels"][:][keep],
+                split=split[keep],
+                paths=[p for p, k in zip(paths, keep, strict=True) if k],
+                sha256=[h.decode() for h, k in zip(f["sha256"][:], keep, strict=True) if k],
                 attrs=attrs,
             )
         except (OSError, KeyError) as err:  # fletcher32 failed, or a dataset is missing
             raise StoreError(f"{path}: cannot be read as a feature store ({err}); {STORE_FIX}") from err
 
 
-def _rows(dataset: h5py.Dataset, split: np.ndarray, codes: list[int]) -> np.ndarray:
-    """The rows of `dataset` whose split is one of `codes`, grouped by split in that order (each in store order),
-    read a block at a time into one array: memory holds them and one block, never the whole dataset."""
-    counts = [int(np.sum(split == code)) for code in codes]
-    out = np.empty((sum(counts), dataset.shape[1]), dtype=dataset.dtype)
-    filled = dict(zip(codes, np.cumsum([0] + counts[:-1]).tolist(), strict=True))
-    wanted_any = np.isin(split, codes)
-    for start in range(0, len(split), READ_BLOCK_ROWS):
-        if not wanted_any[start : start + READ_BLOCK_ROWS].any():
-            continue
-        block = dataset[start : start + READ_BLOCK_ROWS]
-        for code in codes:
-            wanted = split[start : start + len(block)] == code
-            n = int(wanted.sum())
-            if n:
-                out[filled[code] : filled[code] + n] = block[wanted]
-                filled[code] += n
+def _rows(dataset: h5py.Dataset, keep: np.ndarray) -> np.ndarray:
+    """The rows of `dataset` where `keep` is true, read a block at a time into one array: memory holds them and
+    one block, never the whole dataset."""
+    out = np.empty((int(keep.sum()), dataset.shape[1]), dtype=dataset.dtype)
+    filled = 0
+    for start in range(0, len(keep), READ_BLOCK_ROWS):
+        wanted = keep[start : start + READ_BLOCK_ROWS]
+        if wanted.any():
+            block = dataset[start : start + len(wanted)][wanted]
+            out[filled : filled + len(block)] = block
+            filled += len(block)
     return out
 
 
