@@ -86,3 +86,55 @@ def test_a_manifest_row_leading_out_of_the_data_root_stops_the_run_before_it_is_
     dataset = Images.of_rows(image_folder, [row], build_backbone("test_resnet").preprocessing.to_uint8)
     with pytest.raises(DataError, match="outside_root"):
         dataset[0]
+
+
+def test_every_blas_pool_but_numpys_gets_one_thread_so_idle_threads_do_not_take_the_cores():
+    """numpy and scipy wheels each bring an OpenBLAS; L-BFGS alternates between them, and one's idle threads wait
+    busily while the other's work (the sample's logistic head: 8.6 s with both at 2 threads, 0.8 s with scipy's at
+    1). numpy's keeps its threads for the large products."""
+    import numpy
+    import scipy.linalg  # noqa: F401 (scipy's BLAS loaded, as in a head stage)
+    from threadpoolctl import ThreadpoolController
+
+    from pipeline.core.threads import one_blas_pool
+
+    def blas() -> list:
+        return ThreadpoolController().select(user_api="blas").lib_controllers
+
+    libraries = blas()
+    before = {lib.filepath: lib.num_threads for lib in libraries}
+    numpy_dirs = {Path(numpy.__file__).parent, Path(numpy.__file__).parent.with_name("numpy.libs")}
+    try:
+        limited = one_blas_pool()
+        after = {lib.filepath: lib.num_threads for lib in blas()}
+    finally:
+        for lib in libraries:
+            lib.set_num_threads(before[lib.filepath])
+    if len(before) < 2:
+        pytest.skip("one BLAS library here: nothing to settle")
+    for path, threads in before.items():
+        if Path(path).parent in numpy_dirs:
+            assert after[path] == threads
+        else:
+            assert after[path] == 1
+    others = [Path(path).name for path, n in before.items() if Path(path).parent not in numpy_dirs and n > 1]
+    assert sorted(limited) == sorted(others)
+
+
+def test_every_command_settles_the_blas_pools_first(monkeypatch):
+    import click
+    from click.testing import CliRunner
+
+    from pipeline.core import threads
+    from pipeline.core.errors import user_errors
+
+    calls = []
+    monkeypatch.setattr(threads, "one_blas_pool", lambda: calls.append("settled") or [])
+
+    @click.command()
+    @user_errors
+    def command() -> None:
+        calls.append("ran")
+
+    assert CliRunner().invoke(command).exit_code == 0
+    assert calls == ["settled", "ran"]

@@ -25,11 +25,15 @@ class DataError(PipelineError):
 
 
 def user_errors(command: F) -> F:
-    """Wrap a click command: set up logging, and turn a `PipelineError` into click's one-line error (exit 1)."""
+    """Wrap a click command: set up logging and the BLAS threads (`one_blas_pool`), and turn a `PipelineError`
+    into click's one-line error (exit 1)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        from pipeline.core.threads import one_blas_pool  # imports numpy and scipy: not at this module's import
+
+        one_blas_pool()
         try:
             return command(*args, **kwargs)
         except PipelineError as err:
