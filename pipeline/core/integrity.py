@@ -65,7 +65,8 @@ def check_seal(path: Path, header: int = SEAL_LINE, fix: str = "", kind: str = "
     message names the `kind` of file expected and ends with `fix`. A large file found intact before in this process,
     and the same file since (`REMEMBER_FROM_BYTES`), is not hashed again."""
     then = f"; {fix}" if fix else ""
-    identity = _identity(path, header)
+    st = os.stat(path)  # what says a file is the one checked before
+    identity = (os.path.realpath(path), header, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if identity in _checked:
         return
     with open(path, "rb") as raw:
@@ -81,14 +82,8 @@ def check_seal(path: Path, header: int = SEAL_LINE, fix: str = "", kind: str = "
             f"{path} is damaged or truncated: its bytes hash to sha256 {actual[:16]}, it was written as "
             f"{recorded[:16]}{then}"
         )
-    if identity[4] >= REMEMBER_FROM_BYTES:
+    if st.st_size >= REMEMBER_FROM_BYTES:
         _checked.add(identity)
-
-
-def _identity(path: Path, header: int) -> tuple:
-    """What says a file is the one checked before: its path and header, and its device, inode, size and times."""
-    st = os.stat(path)
-    return (os.path.realpath(path), header, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def set_aside(path: Path, what: str, why: object, then: str) -> Path:

@@ -11,6 +11,7 @@ from pipeline.core.config import FinetuneParams
 from pipeline.data.manifest import Manifest, read_manifest, write_manifest
 from pipeline.features.backbones import build_backbone
 from pipeline.finetuning.model import predict_test_split
+from pipeline.finetuning.names import FINETUNE
 from pipeline.finetuning.training import finetune, with_input_size
 
 
@@ -52,5 +53,5 @@ def finetune_curve(
         finetune(subset, data_root, backbone, tuned, model, work / "checkpoints", weights=weights)
         answers = predict_test_split(model, subset, data_root, tuned)
         accuracy = float((answers.proba.argmax(1) == answers.labels).mean())
-        points.append({"model": "finetune", "per_class": size, "label": str(size), "accuracy": accuracy, "std": 0.0})
+        points.append({"model": FINETUNE, "per_class": size, "label": str(size), "accuracy": accuracy, "std": 0.0})
     return points

@@ -37,14 +37,6 @@ class Classifier(nn.Module):
 
 FILES = ("model.safetensors", "config.json")
 FIX = "rerun finetune"
-FINETUNE = "finetune"  # the fine-tuned network's model name: metrics/models/finetune, export.models
-FINETUNE_WISE = "finetune-wise"  # WiSE-FT's (pipeline.finetuning.wise): fine-tuned weights mixed with the start
-
-
-def model_name(config: dict) -> str:
-    """The model a fine-tuned folder holds, from its config.json: finetune, or finetune-wise once WiSE-FT mixed its
-    weights (its config then records the alpha and the val curve under `wise`)."""
-    return FINETUNE_WISE if "wise" in config else FINETUNE
 
 
 class FinetuneError(PipelineError):

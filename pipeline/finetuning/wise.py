@@ -24,7 +24,8 @@ from pipeline.core.device import Runtime
 from pipeline.data.loading import Images, image_batches
 from pipeline.data.manifest import read_manifest
 from pipeline.features.backbones import Backbone, build_backbone
-from pipeline.finetuning.model import FINETUNE, Classifier, FinetuneError, load_finetuned, model_name, save_finetuned
+from pipeline.finetuning.model import Classifier, FinetuneError, load_finetuned, save_finetuned
+from pipeline.finetuning.names import FINETUNE, model_name
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.integrity import check_checksums
 from pipeline.core.io import read_json, read_record
 from pipeline.features.store import FeatureStore, read_store
+from pipeline.finetuning.names import FINETUNE, FINETUNE_WISE
 from pipeline.heads.persistence import HeadFile, load_head
 from pipeline.heads.trained import TrainedHead, held_out
 from pipeline.results.answers import Answers
@@ -102,11 +103,7 @@ def _short(selection: str) -> str:
     return selection.split(" cross-validation")[0] + " CV" if "cross-validation" in selection else "val"
 
 
-# The model the finetune_wise stage writes (pipeline.finetuning.model.FINETUNE_WISE; not imported: it loads torch).
-FINETUNE_WISE = "finetune-wise"
-
-
-def finetune_row(model_dir: Path, metrics: dict, extraction: dict[str, dict], name: str = "finetune") -> ModelRow:
+def finetune_row(model_dir: Path, metrics: dict, extraction: dict[str, dict], name: str = FINETUNE) -> ModelRow:
     """The fine-tuned network's row (`metrics`: its evaluate_finetune metrics), or WiSE-FT's (`name` finetune-wise,
     `model_dir` the finetune_wise stage's folder: its held-out accuracy is the chosen alpha's on val). Built on a
     store's backbone at that store's image size (`extraction`: each backbone's extract metrics by label), its

@@ -15,6 +15,7 @@ import numpy as np
 
 from pipeline.core.config import EvaluateParams
 from pipeline.core.errors import PipelineError
+from pipeline.finetuning.names import FINETUNE, FINETUNE_WISE
 from pipeline.heads.persistence import HeadFile
 from pipeline.heads.trained import chosen_head
 from pipeline.results import charts
@@ -22,13 +23,7 @@ from pipeline.results.advice import choice_of_head, recommend, wise_words
 from pipeline.results.answers import Answers, paired
 from pipeline.results.markdown import audit_section, backbone_section, per_class_accuracy, render, test_split_note
 from pipeline.results.metrics import rescored
-from pipeline.results.model_rows import (
-    FINETUNE_WISE,
-    ModelRow,
-    feature_extraction_rows,
-    finetune_row,
-    read_model_metrics,
-)
+from pipeline.results.model_rows import ModelRow, feature_extraction_rows, finetune_row, read_model_metrics
 
 
 @dataclass(frozen=True)
@@ -65,13 +60,13 @@ def build_report(
         )
     chosen = chosen_head(heads)
     tuned, comparison = None, None
-    if finetuned is not None and (answers.metrics_dir / "finetune" / "metrics.json").is_file():
-        tuned_metrics = read_model_metrics(answers.metrics_dir, ["finetune"])["finetune"]
+    if finetuned is not None and (answers.metrics_dir / FINETUNE / "metrics.json").is_file():
+        tuned_metrics = read_model_metrics(answers.metrics_dir, [FINETUNE])[FINETUNE]
         if answers.excluded:
-            tuned_metrics = rescored(tuned_metrics, answers.of("finetune"), classes, scoring or EvaluateParams())
+            tuned_metrics = rescored(tuned_metrics, answers.of(FINETUNE), classes, scoring or EvaluateParams())
         tuned = finetune_row(finetuned, tuned_metrics, extraction)
         rows.append(tuned)
-        comparison = paired(answers, "finetune", chosen.model_name)
+        comparison = paired(answers, FINETUNE, chosen.model_name)
     wise_note = []
     if tuned is not None and wise is not None and (answers.metrics_dir / FINETUNE_WISE / "metrics.json").is_file():
         wise_metrics = read_model_metrics(answers.metrics_dir, [FINETUNE_WISE])[FINETUNE_WISE]
@@ -79,7 +74,7 @@ def build_report(
             wise_metrics = rescored(wise_metrics, answers.of(FINETUNE_WISE), classes, scoring or EvaluateParams())
         wise_row = finetune_row(wise, wise_metrics, extraction, FINETUNE_WISE)
         rows.append(wise_row)
-        wise_note = ["", wise_words(wise_row, tuned, paired(answers, FINETUNE_WISE, "finetune"))]
+        wise_note = ["", wise_words(wise_row, tuned, paired(answers, FINETUNE_WISE, FINETUNE))]
     head_row = next(r for r in rows if r.name == chosen.model_name)
     advice = recommend(head_row, tuned, comparison)
     intro = [f"**Recommendation.** {advice}", "", choice_of_head(heads, chosen, rows), *wise_note]

@@ -7,7 +7,8 @@ from pathlib import Path
 from pipeline.core.config import EvaluateParams, FinetuneParams
 from pipeline.data.loading import Runtime
 from pipeline.features.inference_cost import count_parameters, forward_ms_per_row, random_features, random_images
-from pipeline.finetuning.model import load_finetuned, model_name, predict_test_split
+from pipeline.finetuning.model import load_finetuned, predict_test_split
+from pipeline.finetuning.names import model_name
 from pipeline.results.metrics import TRAIN_ACCURACY_ROWS, Scored, model_record
 
 

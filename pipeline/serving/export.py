@@ -23,7 +23,8 @@ from pipeline.data.manifest import ManifestRow, manifest_sha256, read_manifest
 from pipeline.data.preprocessing import Preprocessing, normalized
 from pipeline.features.backbones import backbone_of_store
 from pipeline.features.store import read_attrs
-from pipeline.finetuning.model import FINETUNE, FINETUNE_WISE, load_finetuned, model_name
+from pipeline.finetuning.model import load_finetuned
+from pipeline.finetuning.names import FINETUNE, FINETUNE_WISE, model_name
 from pipeline.heads.estimators import CosineCentroids, TemperatureScaled, scores_per_class
 from pipeline.heads.persistence import HeadFile, head_kind, load_head, load_heads
 from pipeline.heads.trained import TrainedHead, chosen_head
